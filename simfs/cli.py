@@ -1,0 +1,250 @@
+"""``simfs PRIVATE ROOT [-o OPTS] [-f] [-d]``: mount a private area at a root.
+
+Role: parse the command line and the ``-o`` options (the same words fuse3's
+mount helper passes for ``mount -t fuse.simfs`` and fstab lines), check what can
+be checked before mounting, then either serve in the foreground (``-f``) or
+fork: the parent returns 0 once the mount is usable, or prints why it failed
+and returns 1.
+
+Concurrency: runs before any trio loop exists; the fork happens before trio
+starts, and the child alone runs the loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import faulthandler
+import logging
+import logging.handlers
+import os
+import resource
+import sys
+
+from . import __version__
+
+log = logging.getLogger("simfs")
+
+# Options handed to libfuse as they are (mount flags and FUSE options).
+FUSE_FLAGS = {"ro", "rw", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime",
+              "noatime", "diratime", "nodiratime", "relatime", "norelatime",
+              "strictatime", "nostrictatime", "lazytime", "nolazytime", "sync",
+              "async", "dirsync", "allow_other", "default_permissions"}
+FUSE_VALUED = {"fsname", "subtype", "max_read"}
+# Words mount(8)/fstab may pass that mean nothing to a running filesystem.
+IGNORED = {"defaults", "auto", "noauto", "user", "users", "nouser", "owner", "group",
+           "nofail", "_netdev", "loop"}
+SIMFS_VALUED = {"quotaid", "quotafile", "log", "checkpoint"}
+
+
+class UsageError(Exception):
+    pass
+
+
+def parse_options(words: list[str], private: str) -> tuple[set[str], dict[str, str]]:
+    """Split ``-o`` words into libfuse options and simfs's own."""
+    fuse = {"allow_other", "default_permissions", f"fsname={private}", "subtype=simfs"}
+    own: dict[str, str] = {}
+    for opt in words:
+        key, eq, val = opt.partition("=")
+        if not key:
+            continue
+        if key in FUSE_FLAGS and not eq:
+            fuse.add(key)
+        elif key in FUSE_VALUED and eq:
+            fuse = {o for o in fuse if not o.startswith(key + "=")}
+            fuse.add(opt)
+        elif key in SIMFS_VALUED and eq:
+            own[key] = val
+        elif key == "debug" and not eq:
+            own["debug"] = "1"
+        elif key in IGNORED or key.startswith("x-") or key == "comment":
+            continue
+        else:
+            raise UsageError(f"unknown mount option: {opt}")
+    if "quotaid" in own:
+        q = own["quotaid"]
+        if not q.isdigit() or int(q) <= 0:
+            raise UsageError(f"quotaid must be a positive integer, not {q!r}")
+    if "checkpoint" in own:
+        try:
+            if float(own["checkpoint"]) <= 0:
+                raise ValueError
+        except ValueError:
+            raise UsageError(f"checkpoint must be a positive number of seconds, "
+                             f"not {own['checkpoint']!r}") from None
+    return fuse, own
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="simfs",
+        description="Mount a container's private area at its root with per-container "
+                    "disk quotas (vzquota) and a statfs that shows the quota.",
+        epilog="Options for -o: quotaid=N (account and enforce quota id N), "
+               "quotafile=FILE, checkpoint=SECS (save usage this often, default 30), "
+               "log=FILE, debug; and the usual mount options (ro, rw, dev, suid, exec, "
+               "noatime, allow_other, fsname=, ...). Default: nodev,nosuid. "
+               "Exit status: 0 mounted, 1 the mount failed, 2 usage error.")
+    p.add_argument("private", help="the private area (backing directory)")
+    p.add_argument("root", help="the mount point")
+    p.add_argument("-o", dest="options", action="append", default=[],
+                   metavar="OPTS", help="comma-separated mount options")
+    p.add_argument("-f", dest="foreground", action="store_true",
+                   help="stay in the foreground")
+    p.add_argument("-d", dest="debug", action="store_true",
+                   help="debug logging (implies -f)")
+    p.add_argument("-V", "--version", action="version", version=f"simfs {__version__}")
+    return p
+
+
+def is_mountpoint(path: str) -> bool:
+    real = os.path.realpath(path)
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                mp = line.split()[4].encode().decode("unicode_escape")
+                if mp == real:
+                    return True
+    except OSError:
+        return os.path.ismount(path)
+    return False
+
+
+def precheck(private: str, root: str) -> None:
+    from .mount import MountError
+    if not os.path.isdir(private):
+        what = "does not exist" if not os.path.exists(private) else "is not a directory"
+        raise MountError(f"private area {private} {what}")
+    if not os.path.exists(root):
+        raise MountError(f"mount point {root} does not exist")
+    if not os.path.isdir(root):
+        raise MountError(f"mount point {root} is not a directory")
+    if is_mountpoint(root):
+        raise MountError(f"{root} is already a mount point")
+    if not os.path.exists("/dev/fuse"):
+        raise MountError("/dev/fuse is missing: load the fuse module (modprobe fuse)")
+
+
+def setup_logging(debug: bool, logfile: str | None, daemon: bool) -> None:
+    root = logging.getLogger()
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    fmt = logging.Formatter("%(asctime)s simfs[%(process)d] %(levelname)s %(name)s: %(message)s")
+    if logfile:
+        h: logging.Handler = logging.FileHandler(logfile)
+    elif daemon and os.path.exists("/dev/log"):
+        h = logging.handlers.SysLogHandler(address="/dev/log")
+        fmt = logging.Formatter("simfs[%(process)d]: %(levelname)s %(message)s")
+    elif daemon:
+        h = logging.NullHandler()
+    else:
+        h = logging.StreamHandler(sys.stderr)
+    h.setFormatter(fmt)
+    root.handlers[:] = [h]
+
+
+def raise_fd_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        with open("/proc/sys/fs/nr_open") as f:
+            top = int(f.read())
+    except (OSError, ValueError):
+        top = hard
+    for want in (top, hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, want))
+            return
+        except (ValueError, OSError):
+            continue
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    words = [w for o in args.options for w in o.split(",")]
+    try:
+        fuse_opts, own = parse_options(words, os.path.abspath(args.private))
+    except UsageError as e:
+        print(f"simfs: {e}", file=sys.stderr)
+        return 2
+    debug = args.debug or "debug" in own
+    foreground = args.foreground or args.debug
+    from .mount import Mount, MountError
+    try:
+        precheck(args.private, args.root)
+    except MountError as e:
+        print(f"simfs: {e}", file=sys.stderr)
+        return 1
+    os.umask(0)
+    raise_fd_limit()
+    m = Mount(os.path.abspath(args.private), os.path.abspath(args.root), fuse_opts,
+              quotaid=int(own["quotaid"]) if "quotaid" in own else None,
+              quotafile=own.get("quotafile"),
+              checkpoint=float(own.get("checkpoint", 30)))
+    if foreground:
+        setup_logging(debug, own.get("log"), daemon=False)
+        faulthandler.enable()
+        return run(m, None)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(w)
+        with os.fdopen(r, "rb") as pipe:
+            msg = pipe.read().decode(errors="replace")
+        if msg == "ok":
+            return 0
+        print(f"simfs: {msg or 'the mount daemon died during start-up'}", file=sys.stderr)
+        return 1
+    os.close(r)
+    os.setsid()
+    setup_logging(debug, own.get("log"), daemon=True)
+    code = run(m, w)
+    os._exit(code)
+
+
+def run(m, ready_fd: int | None) -> int:
+    """Prepare, mount, report readiness on ``ready_fd`` (daemon) and serve."""
+    import trio
+
+    from .mount import MountError
+
+    def tell(msg: str) -> None:
+        if ready_fd is not None:
+            os.write(ready_fd, msg.encode())
+            os.close(ready_fd)
+    try:
+        m.prepare()
+        try:
+            m.fuse_init()
+        except BaseException:
+            m.abort()
+            raise
+    except MountError as e:
+        log.error("%s", e)
+        tell(str(e))
+        if ready_fd is None:
+            print(f"simfs: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:
+        log.exception("start-up failed")
+        tell(f"start-up failed: {e}")
+        if ready_fd is None:
+            print(f"simfs: start-up failed: {e}", file=sys.stderr)
+        return 1
+    log.info("mounted %s at %s%s", m.private, m.root,
+             f" with quota id {m.quotaid}" if m.quotaid else "")
+    if ready_fd is not None:
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        os.close(devnull)
+        tell("ok")
+    try:
+        trio.run(m.serve)
+    except BaseException:
+        log.exception("the mount failed")
+        return 1
+    log.info("unmounted %s", m.root)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""The backing tree, reached only through file descriptors.
+
+Role: the system calls simfs makes on the private area that Python's ``os`` does
+not offer directly (renameat2, fchownat/utimensat on an ``O_PATH`` descriptor),
+the ``/proc/self/fd`` re-open path, and the hole arithmetic that tells how many
+new blocks a write would allocate.  Everything here raises ``OSError`` only and
+knows nothing of FUSE or of quotas.
+
+Safety: callers pass a directory descriptor plus one name component (the kernel
+never sends a name with ``/``), or an ``O_PATH`` descriptor of the inode itself;
+no path of the private area is ever resolved from the host's root, so a symlink
+in the container can never lead the daemon outside it.
+
+Concurrency: stateless functions; safe from any thread.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+AT_FDCWD = -100
+AT_SYMLINK_NOFOLLOW = 0x100
+AT_EMPTY_PATH = 0x1000
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+UTIME_NOW = (1 << 30) - 1
+UTIME_OMIT = (1 << 30) - 2
+
+OPATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+def _check(res: int, what: str) -> None:
+    if res != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"{what}: {os.strerror(e)}")
+
+
+def proc_path(fd: int) -> str:
+    """The magic link that re-opens the inode behind ``fd`` (an O_PATH fd)."""
+    return f"/proc/self/fd/{fd}"
+
+
+def renameat2(olddirfd: int, oldname: bytes, newdirfd: int, newname: bytes,
+              flags: int = 0) -> None:
+    _check(_libc.renameat2(olddirfd, oldname, newdirfd, newname, flags), "renameat2")
+
+
+def fchown_path(fd: int, uid: int, gid: int) -> None:
+    """chown the inode behind an O_PATH fd (symlinks included, never followed)."""
+    _check(_libc.fchownat(fd, b"", uid, gid, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW),
+           "fchownat")
+
+
+def utimens_path(fd: int, atime_ns: int | None, mtime_ns: int | None,
+                 atime_now: bool = False, mtime_now: bool = False) -> None:
+    """Set times on the inode behind an O_PATH fd.  None = leave unchanged."""
+    ts = (_Timespec * 2)()
+    for i, (ns, now) in enumerate(((atime_ns, atime_now), (mtime_ns, mtime_now))):
+        if now:
+            ts[i].tv_sec, ts[i].tv_nsec = 0, UTIME_NOW
+        elif ns is None:
+            ts[i].tv_sec, ts[i].tv_nsec = 0, UTIME_OMIT
+        else:
+            ts[i].tv_sec, ts[i].tv_nsec = divmod(ns, 1_000_000_000)
+    _check(_libc.utimensat(fd, b"", ts, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW), "utimensat")
+
+
+def readlink_path(fd: int) -> bytes:
+    """The target of the symlink behind an O_PATH fd (readlinkat, empty name)."""
+    buf = ctypes.create_string_buffer(4096)
+    n = _libc.readlinkat(fd, b"", buf, len(buf))
+    if n < 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"readlinkat: {os.strerror(e)}")
+    return buf.raw[:n]
+
+
+def open_path(name: bytes, dir_fd: int) -> int:
+    """An O_PATH descriptor of ``name`` in ``dir_fd``, never following a symlink."""
+    return os.open(name, OPATH_FLAGS, dir_fd=dir_fd)
+
+
+def reopen(fd: int, flags: int, mode: int = 0) -> int:
+    """A fresh descriptor of the inode behind O_PATH ``fd`` with the caller's flags."""
+    return os.open(proc_path(fd), flags | os.O_CLOEXEC, mode)
+
+
+def holes(fd: int, start: int, end: int, bs: int) -> list[tuple[int, int]]:
+    """Block-aligned hole intervals of ``fd`` intersecting [start, end): the blocks
+    a write of that range would have to allocate."""
+    a = start - start % bs
+    z = -(-end // bs) * bs
+    size = os.fstat(fd).st_size
+    out: list[tuple[int, int]] = []
+    pos = a
+    while pos < z:
+        if pos >= size:
+            out.append((pos, z))
+            break
+        try:
+            h = os.lseek(fd, pos, os.SEEK_HOLE)
+        except OSError as e:
+            if e.errno == errno.ENXIO:
+                out.append((pos, z))
+                break
+            raise
+        if h >= z:
+            break
+        h -= h % bs
+        try:
+            d = os.lseek(fd, h, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno != errno.ENXIO:
+                raise
+            d = z
+        d = min(z, -(-d // bs) * bs)
+        if d > h:
+            out.append((h, d))
+        pos = max(d, h + bs)
+    return out
+
+
+def fit_prefix(hole_list: list[tuple[int, int]], off: int, n: int, room: int,
+               bs: int) -> int:
+    """The longest prefix of a write of ``n`` bytes at ``off`` whose new blocks
+    (``hole_list``, from ``holes``) cost at most ``room`` bytes."""
+    left = room
+    for hs, he in hole_list:
+        size = he - hs
+        if size <= left:
+            left -= size
+            continue
+        limit = hs + (left // bs) * bs
+        return max(0, min(n, limit - off))
+    return n
+
+
+def span(off: int, n: int, bs: int) -> int:
+    """Upper bound of the bytes a write of ``n`` bytes at ``off`` may allocate."""
+    return (-(-(off + n) // bs) - off // bs) * bs

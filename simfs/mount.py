@@ -1,0 +1,233 @@
+"""The life of one mount: open the private area, start its quota, mount, serve
+FUSE requests and the control channel, checkpoint, and stop cleanly.
+
+Role: wiring.  ``Mount.prepare`` does everything that can fail before the
+mount exists (so ``simfs`` can report it and exit non-zero); ``Mount.serve``
+runs the trio tasks: pyfuse3's request loop, the control server, the
+checkpoint timer and the signal handler (SIGTERM/SIGINT/SIGHUP end the loop).
+Only after the request loop ended normally is the quota file marked as
+cleanly stopped; after a crash it still says "mounted", and the next start
+recounts.
+
+Concurrency: everything runs on one trio loop; scans run in a worker thread and
+only their result is applied on the loop (``LiveQuota.finish_recalc``).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import logging
+import os
+import signal
+from dataclasses import dataclass, field
+
+import pyfuse3
+import trio
+
+from vzquota import control
+from vzquota.errors import EC_LIVE, VzError
+from vzquota.qfile import QuotaFile
+from vzquota.scan import ScanResult, scan
+from vzquota.service import LiveQuota
+
+from .ops import SimOperations
+
+log = logging.getLogger(__name__)
+
+RECALC_PASSES = 5
+
+
+class MountError(Exception):
+    """A mount that cannot start: the message is for the user."""
+
+
+@dataclass
+class Mount:
+    private: str
+    root: str
+    fuse_options: set[str]
+    quotaid: int | None = None
+    quotafile: str | None = None
+    checkpoint: float = 30.0
+    ops: SimOperations | None = None
+    live: LiveQuota | None = None
+    _locks: list[int] = field(default_factory=list)
+
+    # ---- before mounting -------------------------------------------------------
+
+    def _lock(self, path: str, what: str) -> None:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                raise MountError(f"{what} is already mounted by another simfs") from None
+            raise
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._locks.append(fd)
+
+    def prepare(self) -> None:
+        """Open and lock the private area, load and start the quota."""
+        try:
+            root_fd = os.open(self.private, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise MountError(f"private area {self.private} does not exist") from None
+        except NotADirectoryError:
+            raise MountError(f"private area {self.private} is not a directory") from None
+        st = os.fstat(root_fd)
+        control.ensure_run_dir()
+        self._lock(os.path.join(control.run_dir(), f"private-{st.st_dev}-{st.st_ino}.lock"),
+                   f"private area {self.private}")
+        if self.quotaid is not None:
+            self._lock(control.lock_path(self.quotaid), f"quota id {self.quotaid}")
+            qf = QuotaFile.for_id(self.quotaid, self.quotafile)
+            if not qf.exists():
+                raise MountError(f"no quota file for id {self.quotaid} ({qf.path}); "
+                                 f"create it first with: vzquota init {self.quotaid} "
+                                 f"-p {self.private} -b ... -B ... -i ... -I ... -e ... -n ...")
+            try:
+                self.live = LiveQuota(qf, os.path.abspath(self.private), self._scan)
+                self.live.start()
+            except VzError as e:
+                raise MountError(e.message) from None
+        self.ops = SimOperations(root_fd)
+        if self.live is not None:
+            self.live.orphans = self._orphans
+            self.ops.quota = self.live.engine
+
+    def _scan(self) -> ScanResult:
+        return scan(self.private, per_id=True)
+
+    def _orphans(self) -> list[tuple[int, int, int]]:
+        """Files unlinked but still open: charged although no scan sees them."""
+        return [(i.uid, i.gid, i.space) for i in self.ops.table.inodes.values()
+                if i.unlinked and i.opens > 0]
+
+    def abort(self) -> None:
+        """Undo ``prepare`` when the mount itself could not be made."""
+        if self.live is not None and self.live.engine is not None:
+            self.live.stop()
+        for fd in self._locks:
+            os.close(fd)
+        self._locks.clear()
+
+    def fuse_init(self) -> None:
+        pyfuse3.init(self.ops, self.root, self.fuse_options)
+
+    # ---- serving ---------------------------------------------------------------
+
+    async def serve(self) -> None:
+        clean = False
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._signals, nursery.cancel_scope)
+                if self.live is not None:
+                    nursery.start_soon(self._control)
+                    nursery.start_soon(self._checkpoints)
+                await pyfuse3.main()
+                clean = True
+                nursery.cancel_scope.cancel()
+        finally:
+            if self.live is not None and clean:
+                try:
+                    self.live.stop()
+                except Exception:
+                    log.exception("saving the quota file at stop failed")
+            pyfuse3.close(unmount=clean)
+            if self.live is not None:
+                try:
+                    os.unlink(control.socket_path(self.quotaid))
+                except OSError:
+                    pass
+            for fd in self._locks:
+                os.close(fd)
+            self.ops.table.close_all()
+
+    async def _signals(self, scope: trio.CancelScope) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+            async for sig in sigs:
+                log.info("signal %d: stopping", sig)
+                pyfuse3.terminate()
+
+    async def _checkpoints(self) -> None:
+        while True:
+            await trio.sleep(self.checkpoint)
+            try:
+                self.live.checkpoint()
+            except Exception:
+                log.exception("quota checkpoint failed")
+
+    async def _control(self) -> None:
+        path = control.socket_path(self.quotaid)
+        try:
+            os.unlink(path)      # stale: we hold the id's lock
+        except FileNotFoundError:
+            pass
+        sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+        await sock.bind(path)
+        os.chmod(path, 0o600)
+        sock.listen(16)
+        async with trio.open_nursery() as nursery:
+            while True:
+                conn, _ = await sock.accept()
+                nursery.start_soon(self._client, conn)
+
+    async def _client(self, conn) -> None:
+        with conn:
+            try:
+                if not control.peer_allowed(conn):
+                    log.warning("control: refused a peer that is not the host's root")
+                    return
+                buf = b""
+                with trio.move_on_after(30):
+                    while not buf.endswith(b"\n") and len(buf) < control.MAX_LINE:
+                        chunk = await conn.recv(65536)
+                        if not chunk:
+                            break
+                        buf += chunk
+                reply = await self._answer(buf)
+                await conn.send(control.encode(reply))
+            except OSError as e:
+                log.debug("control connection failed: %s", e)
+
+    async def _answer(self, buf: bytes) -> dict:
+        try:
+            req = json.loads(buf)
+            if not isinstance(req, dict):
+                raise ValueError("not an object")
+        except ValueError:
+            return {"ok": False, "code": EC_LIVE, "message": "malformed request"}
+        live = self.live
+        try:
+            reply = live.handle(req)
+            if req.get("cmd") == "drop":
+                self.live = None
+            self.ops.quota = live.engine
+            if live.recalc_wanted:
+                live.recalc_wanted = False
+                await self.recalc()
+                reply = live.reply()
+            return reply
+        except VzError as e:
+            return {"ok": False, "code": e.code, "message": e.message}
+        except Exception as e:
+            log.exception("control request %r failed", req.get("cmd"))
+            return {"ok": False, "code": EC_LIVE, "message": f"internal error: {e}"}
+
+    async def recalc(self) -> None:
+        """Recount while serving; exact once writers are quiet (a pass that saw
+        changes under it is repeated, up to RECALC_PASSES)."""
+        live = self.live
+        for n in range(RECALC_PASSES):
+            if live.engine is None:
+                return
+            gen = live.engine.generation
+            result = await trio.to_thread.run_sync(self._scan)
+            last = n == RECALC_PASSES - 1
+            if live.finish_recalc(result, live.engine.generation if last else gen):
+                log.info("quota %d: recounted (pass %d)", self.quotaid, n + 1)
+                return

@@ -1,0 +1,607 @@
+"""The FUSE request handlers: translate each request into calls on the backing
+tree (``lower``, ``inodes``) and on the quota engine (``vzquota.engine``).
+
+Role: translation only.  The quota engine decides; this module reserves before
+every allocating backing call, commits what the backing filesystem really
+allocated (``st_blocks`` after minus before), releases on failure, and frees on
+unlink/rmdir/truncate/rename-over (an unlinked file still open stays charged
+until its last release).  Every handler goes through ``errno_boundary``, the one
+place where ``OSError`` becomes its errno, a quota refusal becomes ``EDQUOT`` and
+anything unexpected is logged with its traceback and answered with ``EIO``.
+
+Concurrency: pyfuse3 runs handlers as trio tasks on one thread.  Handlers do
+their backing I/O inline (pread/pwrite are fast and offloading measured slower);
+only fsync goes to a worker thread.  No handler awaits between a reservation
+and its commit or release, so a charge is never seen half done.  The kernel
+write-back cache stays off so that ``EDQUOT`` is returned by write(2) itself.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import json
+import logging
+import os
+import stat
+from dataclasses import dataclass
+from typing import Callable
+
+import pyfuse3
+import trio
+from pyfuse3 import FUSEError
+
+from vzquota.engine import QuotaEngine
+from vzquota.errors import QuotaExceeded
+from vzquota.model import GROUP, USER
+
+from . import lower
+from .inodes import ROOT, Inode, InodeTable
+from .statfs import host_figures, quota_figures
+
+log = logging.getLogger(__name__)
+
+QUOTA_XATTR = b"user.vzquota"   # read-only, virtual, on the root only
+TIMEOUT = 10.0                  # entry/attr cache: every change comes through us
+
+
+def errno_boundary(fn: Callable) -> Callable:
+    """The one errno boundary: only FUSEError may leave a handler."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: "SimOperations", *args):
+        try:
+            return await fn(self, *args)
+        except FUSEError:
+            raise
+        except QuotaExceeded:
+            raise FUSEError(errno.EDQUOT) from None
+        except OSError as e:
+            raise FUSEError(e.errno or errno.EIO) from None
+        except Exception:
+            log.exception("unexpected error in %s%r", fn.__name__, args[:2])
+            raise FUSEError(errno.EIO) from None
+    return wrapper
+
+
+@dataclass
+class Handle:
+    fd: int
+    inode: Inode
+
+
+@dataclass
+class DirHandle:
+    inode: Inode
+    entries: list[bytes]
+
+
+class SimOperations(pyfuse3.Operations):
+    """Passthrough of ``root_fd``'s tree with quota enforcement."""
+
+    enable_writeback_cache = False
+
+    def __init__(self, root_fd: int):
+        super().__init__()
+        self.table = InodeTable(root_fd)
+        self.bsize = os.fstatvfs(root_fd).f_bsize or 4096
+        self.quota: QuotaEngine | None = None
+        self.handles: dict[int, Handle | DirHandle] = {}
+        self._next_fh = 1
+
+    # ---- helpers -------------------------------------------------------------
+
+    def _attrs(self, st: os.stat_result, ino: int | None = None) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = self.table.fuse_ino(st.st_ino) if ino is None else ino
+        a.generation = 0
+        a.entry_timeout = TIMEOUT
+        a.attr_timeout = TIMEOUT
+        a.st_mode = st.st_mode
+        a.st_nlink = st.st_nlink
+        a.st_uid = st.st_uid
+        a.st_gid = st.st_gid
+        a.st_rdev = st.st_rdev
+        a.st_size = st.st_size
+        a.st_blksize = st.st_blksize
+        a.st_blocks = st.st_blocks
+        a.st_atime_ns = st.st_atime_ns
+        a.st_mtime_ns = st.st_mtime_ns
+        a.st_ctime_ns = st.st_ctime_ns
+        return a
+
+    def _new_fh(self, h: Handle | DirHandle) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        self.handles[fh] = h
+        return fh
+
+    def _reconcile(self, inode: Inode, st: os.stat_result) -> None:
+        """Charge the difference between what the inode allocates now and what
+        was charged for it (a directory that grew, a truncate, delayed blocks)."""
+        new = st.st_blocks * 512
+        delta = new - inode.space
+        inode.space = new
+        inode.mode = st.st_mode
+        if delta and self.quota is not None and not inode.unlinked:
+            self.quota.charge(inode.uid, inode.gid, delta)
+
+    def _reconcile_dir(self, parent: Inode) -> None:
+        self._reconcile(parent, os.fstat(parent.fd))
+
+    def _new_owner(self, parent: Inode, ctx) -> tuple[int, int, bool]:
+        """uid, gid of a new node and whether its parent is setgid."""
+        pst = os.fstat(parent.fd)
+        if pst.st_mode & stat.S_ISGID:
+            return ctx.uid, pst.st_gid, True
+        return ctx.uid, ctx.gid, False
+
+    def _reserve(self, uid: int, gid: int, space: int = 0, inodes: int = 0):
+        if self.quota is None:
+            return None
+        return self.quota.reserve(uid, gid, space, inodes)
+
+    def _release(self, res) -> None:
+        if res is not None and self.quota is not None:
+            self.quota.release(res)
+
+    def _make_node(self, parent: Inode, name: bytes, ctx, space: int,
+                   make: Callable[[int, int], None]) -> tuple[Inode, os.stat_result]:
+        """Reserve one inode (and ``space``), run ``make(uid, gid)`` which creates
+        ``name`` in ``parent``, give it to the caller, commit what it took."""
+        uid, gid, _ = self._new_owner(parent, ctx)
+        res = self._reserve(uid, gid, space, 1)
+        try:
+            make(uid, gid)
+            try:
+                os.chown(name, uid, gid, dir_fd=parent.fd, follow_symlinks=False)
+                fd = lower.open_path(name, parent.fd)
+            except BaseException:
+                self._unmake(parent, name)
+                raise
+        except BaseException:
+            self._release(res)
+            raise
+        st = os.fstat(fd)
+        inode = self.table.adopt(fd, st)
+        if res is not None:
+            self.quota.commit(res, st.st_blocks * 512, 1)
+        inode.space, inode.uid, inode.gid = st.st_blocks * 512, st.st_uid, st.st_gid
+        self._reconcile_dir(parent)
+        return inode, st
+
+    @staticmethod
+    def _unmake(parent: Inode, name: bytes) -> None:
+        try:
+            os.unlink(name, dir_fd=parent.fd)
+        except IsADirectoryError:
+            os.rmdir(name, dir_fd=parent.fd)
+        except OSError:
+            pass
+
+    def _gone(self, st: os.stat_result) -> None:
+        """A name whose inode (``st``, taken before) lost its last link."""
+        inode = self.table.find(st.st_ino)
+        if inode is not None and inode.opens > 0:
+            inode.unlinked = True     # charged until the last release
+            return
+        space = inode.space if inode is not None else st.st_blocks * 512
+        uid = inode.uid if inode is not None else st.st_uid
+        gid = inode.gid if inode is not None else st.st_gid
+        if inode is not None:
+            inode.unlinked = True
+            inode.space = 0
+        if self.quota is not None:
+            self.quota.free(uid, gid, space, 1)
+
+    def _last_link(self, st: os.stat_result) -> bool:
+        return stat.S_ISDIR(st.st_mode) or st.st_nlink <= 1
+
+    # ---- lookup and attributes ---------------------------------------------
+
+    @errno_boundary
+    async def lookup(self, parent_inode, name, ctx):
+        parent = self.table.get(parent_inode)
+        if name == b".." and parent_inode != ROOT:
+            fd = lower.open_path(b"..", parent.fd)
+            st = os.fstat(fd)
+            inode = self.table.adopt(fd, st)
+            return self._attrs(st, inode.ino)
+        inode, st = self.table.lookup(parent, name)
+        return self._attrs(st, inode.ino)
+
+    async def forget(self, inode_list):
+        for ino, n in inode_list:
+            try:
+                self.table.forget(ino, n)
+            except Exception:
+                log.exception("forget of inode %d failed", ino)
+
+    @errno_boundary
+    async def getattr(self, inode, ctx):
+        node = self.table.get(inode)
+        return self._attrs(os.fstat(node.fd), node.ino)
+
+    @errno_boundary
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        node = self.table.get(inode)
+        h = self.handles.get(fh) if fh is not None else None
+        if fields.update_uid or fields.update_gid:
+            st = os.fstat(node.fd)
+            uid = attr.st_uid if fields.update_uid else st.st_uid
+            gid = attr.st_gid if fields.update_gid else st.st_gid
+            if self.quota is not None and not node.unlinked:
+                self.quota.transfer(node.uid, node.gid, uid, gid, node.space, 1)
+            try:
+                lower.fchown_path(node.fd, uid if fields.update_uid else -1,
+                                  gid if fields.update_gid else -1)
+            except BaseException:
+                if self.quota is not None and not node.unlinked:
+                    self.quota.transfer(uid, gid, node.uid, node.gid, node.space, 1,
+                                        force=True)
+                raise
+            node.uid, node.gid = uid, gid
+        if fields.update_mode:
+            if stat.S_ISLNK(node.mode):
+                raise OSError(errno.EOPNOTSUPP, "chmod of a symlink")
+            os.chmod(lower.proc_path(node.fd), stat.S_IMODE(attr.st_mode))
+        if fields.update_size:
+            if isinstance(h, Handle):
+                os.ftruncate(h.fd, attr.st_size)
+            else:
+                fd = lower.reopen(node.fd, os.O_WRONLY)
+                try:
+                    os.ftruncate(fd, attr.st_size)
+                finally:
+                    os.close(fd)
+        if fields.update_atime or fields.update_mtime:
+            lower.utimens_path(
+                node.fd,
+                attr.st_atime_ns if fields.update_atime else None,
+                attr.st_mtime_ns if fields.update_mtime else None)
+        st = os.fstat(node.fd)
+        if fields.update_size:
+            self._reconcile(node, st)
+        return self._attrs(st, node.ino)
+
+    @errno_boundary
+    async def readlink(self, inode, ctx):
+        node = self.table.get(inode)
+        return lower.readlink_path(node.fd)
+
+    # ---- creating nodes ----------------------------------------------------
+
+    @errno_boundary
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        parent = self.table.get(parent_inode)
+        perm = mode & ~ctx.umask
+        inode, st = self._make_node(
+            parent, name, ctx, 0,
+            lambda uid, gid: os.mknod(name, perm, rdev, dir_fd=parent.fd))
+        return self._attrs(st, inode.ino)
+
+    @errno_boundary
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        parent = self.table.get(parent_inode)
+        perm = stat.S_IMODE(mode) & ~ctx.umask
+
+        def make(uid: int, gid: int) -> None:
+            os.mkdir(name, perm, dir_fd=parent.fd)
+        inode, st = self._make_node(parent, name, ctx, self.bsize, make)
+        _, _, sgid = self._new_owner(parent, ctx)
+        want = perm | (stat.S_ISGID if sgid else 0)
+        if stat.S_IMODE(st.st_mode) != want:
+            os.chmod(lower.proc_path(inode.fd), want)
+            st = os.fstat(inode.fd)
+        return self._attrs(st, inode.ino)
+
+    @errno_boundary
+    async def symlink(self, parent_inode, name, target, ctx):
+        parent = self.table.get(parent_inode)
+        space = self.bsize if len(target) >= 60 else 0
+        inode, st = self._make_node(
+            parent, name, ctx, space,
+            lambda uid, gid: os.symlink(target, name, dir_fd=parent.fd))
+        return self._attrs(st, inode.ino)
+
+    @errno_boundary
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        parent = self.table.get(parent_inode)
+        perm = stat.S_IMODE(mode) & ~ctx.umask
+        fds: list[int] = []
+
+        def make(uid: int, gid: int) -> None:
+            fl = (flags & ~(os.O_DIRECT | os.O_NOFOLLOW)) | os.O_CREAT | os.O_EXCL
+            fds.append(os.open(name, fl | os.O_NOFOLLOW | os.O_CLOEXEC, perm,
+                               dir_fd=parent.fd))
+        try:
+            inode, st = self._make_node(parent, name, ctx, 0, make)
+            if stat.S_IMODE(st.st_mode) != perm:
+                os.chmod(lower.proc_path(inode.fd), perm)
+                st = os.fstat(inode.fd)
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        inode.opens += 1
+        fh = self._new_fh(Handle(fds[0], inode))
+        return self._file_info(fh, flags), self._attrs(st, inode.ino)
+
+    @errno_boundary
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        node = self.table.get(inode)
+        parent = self.table.get(new_parent_inode)
+        os.link(lower.proc_path(node.fd), new_name, dst_dir_fd=parent.fd,
+                follow_symlinks=True)
+        st = os.fstat(node.fd)
+        node.lookups += 1
+        self._reconcile_dir(parent)
+        return self._attrs(st, node.ino)
+
+    # ---- removing and renaming --------------------------------------------
+
+    @errno_boundary
+    async def unlink(self, parent_inode, name, ctx):
+        parent = self.table.get(parent_inode)
+        st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+        os.unlink(name, dir_fd=parent.fd)
+        if self._last_link(st):
+            self._gone(st)
+        self._reconcile_dir(parent)
+
+    @errno_boundary
+    async def rmdir(self, parent_inode, name, ctx):
+        parent = self.table.get(parent_inode)
+        st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+        os.rmdir(name, dir_fd=parent.fd)
+        self._gone(st)
+        self._reconcile_dir(parent)
+
+    @errno_boundary
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new,
+                     flags, ctx):
+        old = self.table.get(parent_inode_old)
+        new = self.table.get(parent_inode_new)
+        victim = None
+        if not flags & (lower.RENAME_EXCHANGE | lower.RENAME_NOREPLACE):
+            try:
+                victim = os.stat(name_new, dir_fd=new.fd, follow_symlinks=False)
+                src = os.stat(name_old, dir_fd=old.fd, follow_symlinks=False)
+                if (src.st_ino, src.st_dev) == (victim.st_ino, victim.st_dev):
+                    victim = None     # two links of one inode: rename does nothing
+            except FileNotFoundError:
+                victim = None
+        lower.renameat2(old.fd, name_old, new.fd, name_new, flags)
+        if victim is not None and self._last_link(victim):
+            self._gone(victim)
+        self._reconcile_dir(old)
+        if new is not old:
+            self._reconcile_dir(new)
+
+    # ---- files ---------------------------------------------------------------
+
+    def _file_info(self, fh: int, flags: int) -> pyfuse3.FileInfo:
+        fi = pyfuse3.FileInfo(fh=fh)
+        if flags & os.O_DIRECT:
+            fi.direct_io = True
+        else:
+            fi.keep_cache = True
+        return fi
+
+    @errno_boundary
+    async def open(self, inode, flags, ctx):
+        node = self.table.get(inode)
+        fl = flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_DIRECT)
+        fd = lower.reopen(node.fd, fl)
+        node.opens += 1
+        fh = self._new_fh(Handle(fd, node))
+        if flags & os.O_TRUNC:
+            self._reconcile(node, os.fstat(fd))
+        return self._file_info(fh, flags)
+
+    @errno_boundary
+    async def read(self, fh, off, size):
+        return os.pread(self.handles[fh].fd, size, off)
+
+    @errno_boundary
+    async def write(self, fh, off, buf):
+        h = self.handles[fh]
+        q = self.quota
+        if q is None:
+            return os.pwrite(h.fd, buf, off)
+        node = h.inode
+        n = len(buf)
+        uid, gid = node.uid, node.gid
+        try:
+            res = q.reserve(uid, gid, lower.span(off, n, self.bsize))
+        except QuotaExceeded:
+            # Slow path: only the blocks not yet allocated cost anything; write
+            # the longest prefix that fits (a short write), or refuse.
+            need = lower.holes(h.fd, off, off + n, self.bsize)
+            cost = sum(e - s for s, e in need)
+            if cost > q.room(uid, gid):
+                n = lower.fit_prefix(need, off, n, q.room(uid, gid), self.bsize)
+                if n <= 0:
+                    raise
+                cost = sum(e - s for s, e in lower.holes(h.fd, off, off + n, self.bsize))
+            res = q.reserve(uid, gid, cost)
+        try:
+            written = os.pwrite(h.fd, buf if n == len(buf) else buf[:n], off)
+            new = os.fstat(h.fd).st_blocks * 512
+        except BaseException:
+            q.release(res)
+            raise
+        q.commit(res, new - node.space)
+        node.space = new
+        return written
+
+    @errno_boundary
+    async def flush(self, fh):
+        pass
+
+    @errno_boundary
+    async def release(self, fh):
+        h = self.handles.pop(fh)
+        node = h.inode
+        try:
+            if node.opens == 1:
+                self._reconcile(node, os.fstat(h.fd))
+        finally:
+            os.close(h.fd)
+            node.opens -= 1
+        if node.opens == 0:
+            if node.unlinked and node.space >= 0:
+                if self.quota is not None:
+                    self.quota.free(node.uid, node.gid, node.space, 1)
+                node.space = 0
+                node.unlinked = True
+            if node.lookups <= 0:
+                self.table.drop(node)
+
+    @errno_boundary
+    async def fsync(self, fh, datasync):
+        h = self.handles[fh]
+        await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, h.fd)
+        self._reconcile(h.inode, os.fstat(h.fd))
+
+    # ---- directories ---------------------------------------------------------
+
+    @errno_boundary
+    async def opendir(self, inode, ctx):
+        node = self.table.get(inode)
+        fd = lower.reopen(node.fd, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            with os.scandir(fd) as it:
+                names = [os.fsencode(e.name) for e in it]
+        finally:
+            os.close(fd)
+        return self._new_fh(DirHandle(node, names))
+
+    @errno_boundary
+    async def readdir(self, fh, start_id, token):
+        h = self.handles[fh]
+        dfd = h.inode.fd
+        names = h.entries
+        for i in range(start_id, len(names)):
+            name = names[i]
+            try:
+                fd = lower.open_path(name, dfd)
+            except FileNotFoundError:
+                continue
+            st = os.fstat(fd)
+            if st.st_dev != self.table.dev:
+                os.close(fd)
+                continue
+            if not pyfuse3.readdir_reply(token, name, self._attrs(st), i + 1):
+                os.close(fd)
+                return
+            self.table.adopt(fd, st)
+
+    @errno_boundary
+    async def releasedir(self, fh):
+        del self.handles[fh]
+
+    @errno_boundary
+    async def fsyncdir(self, fh, datasync):
+        h = self.handles[fh]
+        fd = lower.reopen(h.inode.fd, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            await trio.to_thread.run_sync(os.fsync, fd)
+        finally:
+            os.close(fd)
+
+    # ---- filesystem ----------------------------------------------------------
+
+    @errno_boundary
+    async def statfs(self, ctx):
+        lst = os.statvfs(self.table.root.fd)
+        q = self.quota
+        if q is None:
+            f = host_figures(lst)
+        else:
+            l1 = q.state.level1
+            f = quota_figures(lst, l1.space.soft, l1.space.usage, l1.inodes.soft,
+                              l1.inodes.usage)
+        out = pyfuse3.StatvfsData()
+        for k, v in vars(f).items():
+            setattr(out, k, v)
+        return out
+
+    @errno_boundary
+    async def access(self, inode, mode, ctx):
+        node = self.table.get(inode)
+        st = os.fstat(node.fd)
+        if ctx.uid == 0:
+            return not (mode & os.X_OK) or bool(st.st_mode & 0o111) or stat.S_ISDIR(st.st_mode)
+        if st.st_uid == ctx.uid:
+            bits = (st.st_mode >> 6) & 7
+        elif st.st_gid == ctx.gid or st.st_gid in pyfuse3.get_sup_groups(ctx.pid):
+            bits = (st.st_mode >> 3) & 7
+        else:
+            bits = st.st_mode & 7
+        return (bits & mode) == mode
+
+    # ---- extended attributes ------------------------------------------------
+
+    def _xattr_path(self, node: Inode) -> str:
+        if stat.S_ISLNK(node.mode):
+            raise OSError(errno.EPERM, "xattrs of a symlink")
+        return lower.proc_path(node.fd)
+
+    @errno_boundary
+    async def setxattr(self, inode, name, value, ctx):
+        if inode == ROOT and name == QUOTA_XATTR:
+            raise OSError(errno.EPERM, "read-only quota attribute")
+        os.setxattr(self._xattr_path(self.table.get(inode)), name, value)
+
+    @errno_boundary
+    async def getxattr(self, inode, name, ctx):
+        if inode == ROOT and name == QUOTA_XATTR:
+            return self.quota_report(ctx)
+        node = self.table.get(inode)
+        if stat.S_ISLNK(node.mode):
+            raise OSError(errno.ENODATA, "no xattrs on symlinks")
+        return os.getxattr(self._xattr_path(node), name)
+
+    @errno_boundary
+    async def listxattr(self, inode, ctx):
+        node = self.table.get(inode)
+        if stat.S_ISLNK(node.mode):
+            return []
+        return [os.fsencode(n) for n in os.listxattr(self._xattr_path(node))]
+
+    @errno_boundary
+    async def removexattr(self, inode, name, ctx):
+        if inode == ROOT and name == QUOTA_XATTR:
+            raise OSError(errno.EPERM, "read-only quota attribute")
+        os.removexattr(self._xattr_path(self.table.get(inode)), name)
+
+    def quota_report(self, ctx) -> bytes:
+        """The caller's own view of the quota, as JSON: the container's 1st level,
+        and the 2nd-level objects of the caller's uid and gids (root sees all)."""
+        q = self.quota
+        if q is None:
+            raise OSError(errno.ENODATA, "quota is off")
+        st = q.state
+
+        def obj(o, graces=None) -> dict:
+            return {"blocks": {"usage": -(-o.space.usage // 1024), "soft": o.space.soft // 1024,
+                               "hard": o.space.hard // 1024, "deadline": o.space.deadline},
+                    "inodes": {"usage": o.inodes.usage, "soft": o.inodes.soft,
+                               "hard": o.inodes.hard, "deadline": o.inodes.deadline}}
+        out = {"quotaid": st.qid, "now": q.now(), "container": obj(st.level1),
+               "grace": {"blocks": st.grace1.space, "inodes": st.grace1.inodes},
+               "ugid": {"active": q.ugid_active}}
+        if q.ugid_active:
+            if ctx.uid == 0:
+                uids, gids = set(st.users), set(st.groups)
+            else:
+                uids = {ctx.uid}
+                gids = {ctx.gid} | set(pyfuse3.get_sup_groups(ctx.pid))
+            for kind, ids in ((USER, uids), (GROUP, gids)):
+                table = st.table(kind)
+                g = st.grace2(kind)
+                out[kind + "s"] = {str(i): obj(table[i]) for i in sorted(ids) if i in table}
+                out[kind + "_grace"] = {"blocks": g.space, "inodes": g.inodes}
+        return json.dumps(out, sort_keys=True).encode() + b"\n"
+
