@@ -39,7 +39,6 @@ MAX_FDS = 64                 # directory fds held at once besides the root's
 PROGRESS_EVERY = 10_000      # inodes between progress() calls (checked per directory)
 
 _OPEN_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_S_IFMT, _S_IFDIR = 0o170000, 0o040000
 _GONE = (errno.ENOENT, errno.ENOTDIR, errno.ELOOP)  # vanished / replaced meanwhile
 
 
@@ -127,7 +126,7 @@ def scan(path: str, per_id: bool = True,
                             continue
                         if st.st_dev != dev:
                             raise CrossDevice(_path(stack, len(stack) - 1, e.name))
-                        if st.st_mode & _S_IFMT == _S_IFDIR:
+                        if st.st_mode & 0o170000 == 0o040000:   # S_ISDIR
                             todo.append((e.name, st.st_ino))
                         elif st.st_nlink > 1:
                             ino = st.st_ino

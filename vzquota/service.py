@@ -156,6 +156,8 @@ class LiveQuota:
         ``recalc_wanted``; the mount runs it and calls ``finish_recalc``."""
         cmd = req.get("cmd")
         st = self.state
+        if cmd == "ping":
+            return self.reply()
         if cmd == "stat":
             if self.engine is None:
                 raise VzError(EC_NOTRUN, "Quota accounting is off, try vzquota show id")

@@ -1,0 +1,263 @@
+"""Tests of vzquota.scan on real temporary trees (run as root: chown, mount)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+from vzquota import scan as scanmod
+from vzquota.errors import EC_EXDEV, CrossDevice
+from vzquota.scan import scan
+
+
+def du_bytes(path) -> int:
+    out = subprocess.run(["du", "-s", "--block-size=1", str(path)], check=True,
+                         capture_output=True, text=True).stdout
+    return int(out.split()[0])
+
+
+def find_inodes(path) -> int:
+    """Distinct inodes of the tree, as `find -printf %i | sort -u | wc -l`."""
+    out = subprocess.run(["find", str(path), "-printf", "%i\\n"], check=True,
+                         capture_output=True, text=True).stdout
+    return len(set(out.split()))
+
+
+def alloc(*paths) -> int:
+    return sum(os.lstat(p).st_blocks * 512 for p in paths)
+
+
+def write(path, data=b"x" * 10000):
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def check_totals(path, res=None):
+    res = res or scan(str(path))
+    assert res.space == du_bytes(path)
+    assert res.inodes == find_inodes(path)
+    assert sum(v[0] for v in res.users.values()) == res.space
+    assert sum(v[1] for v in res.users.values()) == res.inodes
+    assert sum(v[0] for v in res.groups.values()) == res.space
+    assert sum(v[1] for v in res.groups.values()) == res.inodes
+    return res
+
+
+def test_empty_root_counts_itself(tmp_path):
+    res = scan(str(tmp_path))
+    assert res.inodes == 1
+    assert res.space == alloc(tmp_path)
+    check_totals(tmp_path)
+
+
+def test_files_dirs_fifo_symlink(tmp_path):
+    (tmp_path / "d" / "e").mkdir(parents=True)
+    write(tmp_path / "d" / "f")
+    os.mkfifo(tmp_path / "d" / "e" / "fifo")
+    os.symlink("f", tmp_path / "d" / "link")
+    res = check_totals(tmp_path)
+    assert res.inodes == 6
+    assert res.space == alloc(tmp_path, tmp_path / "d", tmp_path / "d" / "e",
+                              tmp_path / "d" / "f", tmp_path / "d" / "link")
+
+
+def test_hard_links_once(tmp_path):
+    write(tmp_path / "a")
+    (tmp_path / "sub").mkdir()
+    os.link(tmp_path / "a", tmp_path / "b")
+    os.link(tmp_path / "a", tmp_path / "sub" / "c")
+    res = check_totals(tmp_path)
+    assert res.inodes == 3
+    assert res.space == alloc(tmp_path, tmp_path / "sub", tmp_path / "a")
+
+
+def test_sparse_file_counts_allocated(tmp_path):
+    with open(tmp_path / "sparse", "wb") as f:
+        f.truncate(1 << 30)
+        f.seek(1 << 20)
+        f.write(b"y" * 4096)
+    res = check_totals(tmp_path)
+    assert res.space == alloc(tmp_path, tmp_path / "sparse")
+    assert res.space < 1 << 20
+
+
+def test_symlink_not_followed(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    write(outside / "big", b"z" * (4 << 20))
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    os.symlink(outside / "big", tree / "to_file")
+    os.symlink(outside, tree / "to_dir")
+    res = check_totals(tree)
+    assert res.inodes == 3
+    assert res.space == alloc(tree, tree / "to_file", tree / "to_dir")
+    assert res.space < 1 << 20
+
+
+def test_per_uid_gid_attribution(tmp_path):
+    os.chown(tmp_path, 0, 0)
+    write(tmp_path / "u1", b"a" * 20000)
+    os.chown(tmp_path / "u1", 1001, 2001)
+    (tmp_path / "d").mkdir()
+    os.chown(tmp_path / "d", 1001, 2002)
+    write(tmp_path / "d" / "u2")
+    os.chown(tmp_path / "d" / "u2", 1002, 2001)
+    os.symlink("u2", tmp_path / "d" / "l")
+    os.chown(tmp_path / "d" / "l", 1002, 2002, follow_symlinks=False)
+    res = check_totals(tmp_path)
+    a = alloc
+    assert res.users == {
+        0: [a(tmp_path), 1],
+        1001: [a(tmp_path / "u1", tmp_path / "d"), 2],
+        1002: [a(tmp_path / "d" / "u2", tmp_path / "d" / "l"), 2],
+    }
+    assert res.groups == {
+        0: [a(tmp_path), 1],
+        2001: [a(tmp_path / "u1", tmp_path / "d" / "u2"), 2],
+        2002: [a(tmp_path / "d", tmp_path / "d" / "l"), 2],
+    }
+
+
+def test_per_id_off(tmp_path):
+    write(tmp_path / "f")
+    res = scan(str(tmp_path), per_id=False)
+    assert res.users == {} and res.groups == {}
+    assert res.inodes == 2 and res.space == du_bytes(tmp_path)
+
+
+def test_mount_point_raises_cross_device(tmp_path):
+    mnt = tmp_path / "a" / "mnt"
+    mnt.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(mnt)], check=True)
+    try:
+        with pytest.raises(CrossDevice) as ei:
+            scan(str(tmp_path))
+        assert ei.value.code == EC_EXDEV
+        assert ei.value.path == f"{tmp_path}/a/mnt"
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+    check_totals(tmp_path)
+
+
+def test_missing_root(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        scan(str(tmp_path / "nope"))
+
+
+def test_root_not_a_directory(tmp_path):
+    write(tmp_path / "f")
+    with pytest.raises(NotADirectoryError):
+        scan(str(tmp_path / "f"))
+
+
+def _nfds():
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.fixture
+def rm_rf():
+    """Removes paths with GNU rm: shutil.rmtree in 3.11 recurses per level."""
+    paths = []
+    yield paths.append
+    for p in paths:
+        subprocess.run(["rm", "-rf", str(p)], check=True)
+
+
+def test_deep_tree(tmp_path, rm_rf, monkeypatch):
+    depth = 3000
+    tree = tmp_path / "deep"
+    tree.mkdir()
+    rm_rf(tree)
+    fd = os.open(tree, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for i in range(depth):            # the path is far beyond PATH_MAX
+            os.mkdir("d", dir_fd=fd)
+            if i % 100 == 0:
+                os.close(os.open(f"f{i}", os.O_CREAT | os.O_WRONLY, dir_fd=fd))
+            new = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = new
+    finally:
+        os.close(fd)
+    peak = []
+    base = _nfds()
+    monkeypatch.setattr(scanmod, "PROGRESS_EVERY", 1)
+    res = scan(str(tree), progress=lambda n: peak.append(_nfds() - base))
+    assert res.inodes == 1 + depth + depth // 100
+    assert max(peak) <= 3                 # a chain needs one fd at a time
+    check_totals(tree, res)
+    assert _nfds() == base
+
+
+def test_fd_budget_eviction(tmp_path, monkeypatch):
+    """A comb: each level holds leaf dirs and the next level, so parents stay
+    pending while the walk goes deeper; the fd budget forces evict + reopen."""
+    monkeypatch.setattr(scanmod, "MAX_FDS", 4)
+    monkeypatch.setattr(scanmod, "PROGRESS_EVERY", 1)
+    reopens = []
+    real_reopen = scanmod._reopen
+    monkeypatch.setattr(scanmod, "_reopen",
+                        lambda *a: reopens.append(1) or real_reopen(*a))
+    d = tmp_path
+    for i in range(150):
+        for leaf in ("a", "b", "c"):
+            (d / leaf).mkdir()
+            write(d / leaf / "f", b"q")
+        d = d / "z"
+        d.mkdir()
+    base = _nfds()
+    peak = []
+    res = scan(str(tmp_path), progress=lambda n: peak.append(_nfds() - base))
+    check_totals(tmp_path, res)
+    assert res.inodes == 1 + 150 * 7
+    assert max(peak) <= 4 + 1
+    assert reopens                         # the budget was actually exercised
+    assert _nfds() == base
+
+
+def test_vanishing_entries_are_skipped(tmp_path, monkeypatch):
+    for i in range(20):
+        (tmp_path / f"d{i}").mkdir()
+        write(tmp_path / f"d{i}" / "f")
+    gone = []
+
+    def progress(n):
+        if not gone:                      # after the root is read: delete the rest
+            gone.append(1)
+            subprocess.run(["rm", "-rf"] + [str(tmp_path / f"d{i}") for i in range(20)],
+                           check=True)
+
+    monkeypatch.setattr(scanmod, "PROGRESS_EVERY", 1)
+    res = scan(str(tmp_path), progress=progress)
+    assert gone
+    assert 21 <= res.inodes <= 41          # the root + listed dirs + what was read
+
+
+def test_progress_called_sparingly(tmp_path, monkeypatch):
+    monkeypatch.setattr(scanmod, "PROGRESS_EVERY", 500)
+    for i in range(30):
+        (tmp_path / f"d{i}").mkdir()
+        for j in range(100):
+            (tmp_path / f"d{i}" / f"f{j}").touch()
+    calls = []
+    res = scan(str(tmp_path), progress=calls.append)
+    assert res.inodes == 1 + 30 * 101
+    assert 1 < len(calls) <= res.inodes // 500
+    assert calls == sorted(calls)
+
+
+def test_mixed_tree_matches_du_and_find(tmp_path):
+    for i in range(40):
+        d = tmp_path / f"d{i % 7}" / f"s{i}"
+        d.mkdir(parents=True, exist_ok=True)
+        write(d / "f", b"w" * (i * 1000))
+        if i % 3 == 0:
+            os.link(d / "f", d / "hl")
+        if i % 4 == 0:
+            os.symlink("f", d / "sl")
+        if i % 5 == 0:
+            os.mkfifo(d / "p")
+    check_totals(tmp_path)
