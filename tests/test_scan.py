@@ -261,3 +261,21 @@ def test_mixed_tree_matches_du_and_find(tmp_path):
         if i % 5 == 0:
             os.mkfifo(d / "p")
     check_totals(tmp_path)
+
+
+def test_directory_removed_after_open(tmp_path, monkeypatch):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    write(tmp_path / "b" / "f")
+    real_open = scanmod._open_dir
+
+    def open_then_remove(stack, depth, name, ino, dev):
+        fd = real_open(stack, depth, name, ino, dev)
+        if name == "a":
+            os.rmdir(tmp_path / "a")      # reading the open fd now fails ENOENT
+        return fd
+
+    monkeypatch.setattr(scanmod, "_open_dir", open_then_remove)
+    res = scan(str(tmp_path))
+    assert res.inodes == 4                # root, a (counted when listed), b, b/f
+    assert not (tmp_path / "a").exists()

@@ -113,37 +113,34 @@ def scan(path: str, per_id: bool = True,
         while True:
             # -- read the current directory to the end --------------------------
             todo = frame.todo
-            try:
-                it = os.scandir(frame.fd)
-            except FileNotFoundError:
-                it = None
-            if it is not None:
-                with it:
-                    for e in it:
-                        try:
-                            st = e.stat(follow_symlinks=False)
-                        except FileNotFoundError:
+            # (a directory removed since we opened it just reads empty: glibc maps
+            # getdents ENOENT to end-of-directory)
+            with os.scandir(frame.fd) as it:
+                for e in it:
+                    try:
+                        st = e.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue
+                    if st.st_dev != dev:
+                        raise CrossDevice(_path(stack, len(stack) - 1, e.name))
+                    if st.st_mode & 0o170000 == 0o040000:   # S_ISDIR
+                        todo.append((e.name, st.st_ino))
+                    elif st.st_nlink > 1:
+                        ino = st.st_ino
+                        if ino in seen:
                             continue
-                        if st.st_dev != dev:
-                            raise CrossDevice(_path(stack, len(stack) - 1, e.name))
-                        if st.st_mode & 0o170000 == 0o040000:   # S_ISDIR
-                            todo.append((e.name, st.st_ino))
-                        elif st.st_nlink > 1:
-                            ino = st.st_ino
-                            if ino in seen:
-                                continue
-                            seen.add(ino)
-                        b = st.st_blocks
-                        blocks += b
-                        inodes += 1
-                        if per_id:
-                            k = st.st_uid << 32 | st.st_gid
-                            a = ids.get(k)
-                            if a is None:
-                                ids[k] = [b, 1]
-                            else:
-                                a[0] += b
-                                a[1] += 1
+                        seen.add(ino)
+                    b = st.st_blocks
+                    blocks += b
+                    inodes += 1
+                    if per_id:
+                        k = st.st_uid << 32 | st.st_gid
+                        a = ids.get(k)
+                        if a is None:
+                            ids[k] = [b, 1]
+                        else:
+                            a[0] += b
+                            a[1] += 1
             if progress is not None and inodes >= next_report:
                 progress(inodes)
                 next_report = inodes + PROGRESS_EVERY
