@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import signal
+import socket
 from dataclasses import dataclass, field
 
 import pyfuse3
@@ -54,6 +55,7 @@ class Mount:
     ops: SimOperations | None = None
     live: LiveQuota | None = None
     _locks: list[int] = field(default_factory=list)
+    _sock: socket.socket | None = None
 
     # ---- before mounting -------------------------------------------------------
 
@@ -98,6 +100,7 @@ class Mount:
         if self.live is not None:
             self.live.orphans = self._orphans
             self.ops.quota = self.live.engine
+            self._listen()
 
     def _scan(self) -> ScanResult:
         return scan(self.private, per_id=True)
@@ -111,6 +114,9 @@ class Mount:
         """Undo ``prepare`` when the mount itself could not be made."""
         if self.live is not None and self.live.engine is not None:
             self.live.stop()
+        if self._sock is not None:
+            self._sock.close()
+            os.unlink(control.socket_path(self.quotaid))
         for fd in self._locks:
             os.close(fd)
         self._locks.clear()
@@ -161,16 +167,22 @@ class Mount:
             except Exception:
                 log.exception("quota checkpoint failed")
 
-    async def _control(self) -> None:
+    def _listen(self) -> None:
+        """Bind the control socket before the mount appears, so that whoever
+        sees the mount can reach its quota at once."""
         path = control.socket_path(self.quotaid)
         try:
             os.unlink(path)      # stale: we hold the id's lock
         except FileNotFoundError:
             pass
-        sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
-        await sock.bind(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.bind(path)
         os.chmod(path, 0o600)
         sock.listen(16)
+        self._sock = sock
+
+    async def _control(self) -> None:
+        sock = trio.socket.from_stdlib_socket(self._sock)
         async with trio.open_nursery() as nursery:
             while True:
                 conn, _ = await sock.accept()

@@ -9,7 +9,9 @@ reason) elsewhere.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+import tempfile
 import sys
 import time
 from pathlib import Path
@@ -118,7 +120,7 @@ def fuse():
 
 
 @pytest.fixture
-def mounter(fuse, tmp_path):
+def mounter(fuse, world_tmp, tmp_path):
     """``mounter(private, root, *options)`` starts a mount; every mount is
     unmounted at teardown, and its log must hold no traceback or error."""
     mounts: list[SimMount] = []
@@ -136,17 +138,24 @@ def mounter(fuse, tmp_path):
 
 
 @pytest.fixture
-def area(tmp_path):
+def world_tmp():
+    """A scratch directory every uid can traverse (pytest's own are 0700, and
+    concurrent pytest sessions reset them), removed after the mounts in it."""
+    d = Path(tempfile.mkdtemp(prefix="simfs-test-", dir="/tmp"))
+    os.chmod(d, 0o755)
+    yield d
+    with open("/proc/self/mountinfo") as f:
+        busy = [line.split()[4] for line in f if line.split()[4].startswith(str(d))]
+    for mp in reversed(busy):
+        subprocess.run(["umount", "-l", mp], check=False, stderr=subprocess.DEVNULL)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def area(world_tmp):
     """A private area and a mount point."""
-    # Let other uids reach the mount (pytest makes its directories 0700).
-    d = tmp_path
-    while d != d.parent and d.name and not str(d) in ("/tmp", "/"):
-        os.chmod(d, 0o755)
-        if d.name.startswith("pytest-of-"):
-            break
-        d = d.parent
-    private = tmp_path / "private"
-    root = tmp_path / "root"
+    private = world_tmp / "private"
+    root = world_tmp / "root"
     private.mkdir()
     root.mkdir()
     return private, root
@@ -175,6 +184,11 @@ def as_user(uid: int, gid: int, *cmd: str, cwd: str | None = None,
                           capture_output=True, text=True, cwd=cwd)
 
 
+# A Python other uids can execute (the venv's may sit under root's 0700 home).
+USER_PYTHON = next((p for p in ("/usr/bin/python3", "/usr/local/bin/python3")
+                    if os.access(p, os.X_OK)), sys.executable)
+
+
 def py_as(uid: int, gid: int, code: str, *args: str) -> subprocess.CompletedProcess:
-    """Run a Python snippet as uid:gid."""
-    return as_user(uid, gid, sys.executable, "-c", code, *args)
+    """Run a stdlib-only Python snippet as uid:gid."""
+    return as_user(uid, gid, USER_PYTHON, "-c", code, *args)
