@@ -95,7 +95,9 @@ def parse_command(cmd: str, args: list[str]) -> dict:
     if not args or not args[0].isdigit() or int(args[0]) <= 0:
         raise usage_error(f"{cmd}: a positive numeric quota id is required")
     o: dict = {"qid": int(args[0]), "limits": {}}
-    shortopts = "b:B:i:I:e:n:s:u:c:p:fRtg:" if cmd != "setlimit2" else "c:u:g:tf"
+    shortopts = "b:B:i:I:e:n:s:u:c:p:fRtg:"
+    if cmd == "setlimit2":     # with -t, -u/-g only say which type's graces
+        shortopts = "c:ugtf" if "-t" in args else "c:u:g:tf"
     try:
         opts, rest = getopt.gnu_getopt(args[1:], shortopts, list(LONG))
     except getopt.GetoptError as e:
@@ -106,7 +108,8 @@ def parse_command(cmd: str, args: list[str]) -> dict:
             if opt.startswith("--") else opt
         if cmd == "setlimit2" and opt in ("-u", "-g"):
             o["kind"] = "user" if opt == "-u" else "group"
-            o["ugid"] = val
+            if val:
+                o["ugid"] = val
         elif opt == "-b":
             lim["bsoft"] = _num(val, parse_blocks, "block soft limit")
         elif opt == "-B":
@@ -169,6 +172,8 @@ def do_scan(path: str, out: Out):
 def rescan(st: QuotaState, path: str | None, out: Out) -> None:
     if not path:
         raise VzError(EC_NOPATH, f"Quota path for id {st.qid} is not known; give it with -p")
+    if not os.path.isdir(path):
+        raise VzError(EC_NOPATH, f"Quota path {path} for id {st.qid} is not a directory")
     r = do_scan(path, out)
     QuotaEngine(st).set_usage(r.space, r.inodes, r.users, r.groups)
     st.path = path
@@ -276,7 +281,7 @@ def cmd_setlimit2(o: dict, out: Out) -> int:
     rest = o["rest"]
     req: dict = {"kind": o.get("kind", "user")}
     if o.get("t"):
-        args = ([o["ugid"]] if "ugid" in o else []) + rest
+        args = rest
         if len(args) != 2:
             raise usage_error("setlimit2 -t: two grace times are required (block inode)")
         req["bgrace"] = _num(args[0], parse_time, "block grace time")
