@@ -56,6 +56,7 @@ class Mount:
     live: LiveQuota | None = None
     _locks: list[int] = field(default_factory=list)
     _sock: socket.socket | None = None
+    _control_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
 
     # ---- before mounting -------------------------------------------------------
 
@@ -163,7 +164,8 @@ class Mount:
         while True:
             await trio.sleep(self.checkpoint)
             try:
-                self.live.checkpoint()
+                if self.live is not None:
+                    self.live.checkpoint()
             except Exception:
                 log.exception("quota checkpoint failed")
 
@@ -183,10 +185,18 @@ class Mount:
 
     async def _control(self) -> None:
         sock = trio.socket.from_stdlib_socket(self._sock)
-        async with trio.open_nursery() as nursery:
-            while True:
-                conn, _ = await sock.accept()
-                nursery.start_soon(self._client, conn)
+        with self._control_scope:
+            async with trio.open_nursery() as nursery:
+                while True:
+                    conn, _ = await sock.accept()
+                    nursery.start_soon(self._client, conn)
+        # The quota was dropped: the mount goes on as a plain passthrough.
+        sock.close()
+        self._sock = None
+        try:
+            os.unlink(control.socket_path(self.quotaid))
+        except OSError:
+            pass
 
     async def _client(self, conn) -> None:
         with conn:
@@ -203,6 +213,8 @@ class Mount:
                         buf += chunk
                 reply = await self._answer(buf)
                 await conn.send(control.encode(reply))
+                if self.live is None:
+                    self._control_scope.cancel()
             except OSError as e:
                 log.debug("control connection failed: %s", e)
 
@@ -214,6 +226,8 @@ class Mount:
         except ValueError:
             return {"ok": False, "code": EC_LIVE, "message": "malformed request"}
         live = self.live
+        if live is None:
+            return {"ok": False, "code": EC_LIVE, "message": "the quota was dropped"}
         try:
             reply = live.handle(req)
             if req.get("cmd") == "drop":

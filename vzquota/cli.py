@@ -333,8 +333,8 @@ def cmd_stat(o: dict, out: Out, batch: bool) -> int:
 
 def cmd_show(o: dict, out: Out, batch: bool) -> int:
     st = quota_file(o).load()
-    print_state(st, int(time.time()), o, batch, active=st.mounted and st.ugid_on,
-                live_figures=False)
+    print_state(st, int(time.time()), o, batch,
+                active=st.mounted and st.ugid_on and st.ugid_limit > 0, live_figures=False)
     if st.dirty:
         return EC_QUOTADIRTY
     return 0

@@ -156,6 +156,8 @@ class LiveQuota:
         ``recalc_wanted``; the mount runs it and calls ``finish_recalc``."""
         cmd = req.get("cmd")
         st = self.state
+        if isinstance(req.get("limits"), dict):
+            req["limits"].pop("path", None)     # a live mount's path is its own
         if cmd == "ping":
             return self.reply()
         if cmd == "stat":
