@@ -104,7 +104,10 @@ class Mount:
             self._listen()
 
     def _scan(self) -> ScanResult:
-        return scan(self.private, per_id=True)
+        def progress(inodes: int) -> None:
+            log.info("quota %d: recounting %s: %d inodes so far", self.quotaid,
+                     self.private, inodes)
+        return scan(self.private, per_id=True, progress=progress)
 
     def _orphans(self) -> list[tuple[int, int, int]]:
         """Files unlinked but still open: charged although no scan sees them."""
