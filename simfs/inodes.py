@@ -31,7 +31,7 @@ ROOT = 1
 
 class Inode:
     __slots__ = ("ino", "fd", "lookups", "opens", "space", "uid", "gid", "mode",
-                 "unlinked")
+                 "unlinked", "freed")
 
     def __init__(self, ino: int, fd: int, st: os.stat_result):
         self.ino = ino
@@ -42,7 +42,8 @@ class Inode:
         self.uid = st.st_uid      # owner the quota charges
         self.gid = st.st_gid
         self.mode = st.st_mode
-        self.unlinked = False     # last name gone while open: free at last release
+        self.unlinked = False     # its last name is gone
+        self.freed = False        # and the quota has given back what it held
 
     @property
     def is_dir(self) -> bool:

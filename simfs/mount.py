@@ -257,6 +257,7 @@ class Mount:
             gen = live.engine.generation
             result = await trio.to_thread.run_sync(self._scan)
             last = n == RECALC_PASSES - 1
+            self.ops.refresh()     # no await from here to the apply
             if live.finish_recalc(result, live.engine.generation if last else gen):
                 log.info("quota %d: recounted (pass %d)", self.quotaid, n + 1)
                 return
