@@ -123,8 +123,15 @@ class SimOperations(pyfuse3.Operations):
         delta = new - inode.space
         inode.space = new
         inode.mode = st.st_mode
-        if delta and self.quota is not None and not inode.unlinked:
+        if delta and self.quota is not None and not inode.freed:
             self.quota.charge(inode.uid, inode.gid, delta)
+
+    def refresh(self) -> None:
+        """Re-read what every known inode allocates (after a recount: writes
+        made while quota was off were not followed)."""
+        for inode in self.table.inodes.values():
+            st = os.fstat(inode.fd)
+            inode.space, inode.uid, inode.gid = st.st_blocks * 512, st.st_uid, st.st_gid
 
     def _reconcile_dir(self, parent: Inode) -> None:
         self._reconcile(parent, os.fstat(parent.fd))
@@ -182,17 +189,20 @@ class SimOperations(pyfuse3.Operations):
     def _gone(self, st: os.stat_result) -> None:
         """A name whose inode (``st``, taken before) lost its last link."""
         inode = self.table.find(st.st_ino)
-        if inode is not None and inode.opens > 0:
-            inode.unlinked = True     # charged until the last release
+        if inode is None:
+            if self.quota is not None:
+                self.quota.free(st.st_uid, st.st_gid, st.st_blocks * 512, 1)
             return
-        space = inode.space if inode is not None else st.st_blocks * 512
-        uid = inode.uid if inode is not None else st.st_uid
-        gid = inode.gid if inode is not None else st.st_gid
-        if inode is not None:
-            inode.unlinked = True
-            inode.space = 0
-        if self.quota is not None:
-            self.quota.free(uid, gid, space, 1)
+        inode.unlinked = True
+        if inode.opens == 0:          # else charged until the last release
+            self._free(inode)
+
+    def _free(self, inode: Inode) -> None:
+        """Give back what a gone inode held, once."""
+        if not inode.freed:
+            inode.freed = True
+            if self.quota is not None:
+                self.quota.free(inode.uid, inode.gid, inode.space, 1)
 
     def _last_link(self, st: os.stat_result) -> bool:
         return stat.S_ISDIR(st.st_mode) or st.st_nlink <= 1
@@ -230,13 +240,13 @@ class SimOperations(pyfuse3.Operations):
             st = os.fstat(node.fd)
             uid = attr.st_uid if fields.update_uid else st.st_uid
             gid = attr.st_gid if fields.update_gid else st.st_gid
-            if self.quota is not None and not node.unlinked:
+            if self.quota is not None and not node.freed:
                 self.quota.transfer(node.uid, node.gid, uid, gid, node.space, 1)
             try:
                 lower.fchown_path(node.fd, uid if fields.update_uid else -1,
                                   gid if fields.update_gid else -1)
             except BaseException:
-                if self.quota is not None and not node.unlinked:
+                if self.quota is not None and not node.freed:
                     self.quota.transfer(uid, gid, node.uid, node.gid, node.space, 1,
                                         force=True)
                 raise
@@ -391,7 +401,9 @@ class SimOperations(pyfuse3.Operations):
     @errno_boundary
     async def open(self, inode, flags, ctx):
         node = self.table.get(inode)
-        fl = flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_DIRECT)
+        # O_NOFOLLOW would refuse the /proc/self/fd magic link itself (ELOOP):
+        # the inode is already resolved without following anything.
+        fl = flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_DIRECT | os.O_NOFOLLOW)
         fd = lower.reopen(node.fd, fl)
         node.opens += 1
         fh = self._new_fh(Handle(fd, node))
@@ -407,9 +419,9 @@ class SimOperations(pyfuse3.Operations):
     async def write(self, fh, off, buf):
         h = self.handles[fh]
         q = self.quota
-        if q is None:
-            return os.pwrite(h.fd, buf, off)
         node = h.inode
+        if q is None or node.freed:
+            return os.pwrite(h.fd, buf, off)
         n = len(buf)
         uid, gid = node.uid, node.gid
         try:
@@ -450,11 +462,8 @@ class SimOperations(pyfuse3.Operations):
             os.close(h.fd)
             node.opens -= 1
         if node.opens == 0:
-            if node.unlinked and node.space >= 0:
-                if self.quota is not None:
-                    self.quota.free(node.uid, node.gid, node.space, 1)
-                node.space = 0
-                node.unlinked = True
+            if node.unlinked:
+                self._free(node)
             if node.lookups <= 0:
                 self.table.drop(node)
 
@@ -472,7 +481,7 @@ class SimOperations(pyfuse3.Operations):
         fd = lower.reopen(node.fd, os.O_RDONLY | os.O_DIRECTORY)
         try:
             with os.scandir(fd) as it:
-                names = [os.fsencode(e.name) for e in it]
+                names = [b".", b".."] + [os.fsencode(e.name) for e in it]
         finally:
             os.close(fd)
         return self._new_fh(DirHandle(node, names))
@@ -484,6 +493,15 @@ class SimOperations(pyfuse3.Operations):
         names = h.entries
         for i in range(start_id, len(names)):
             name = names[i]
+            if name in (b".", b".."):
+                # listed as a local directory lists them; never lookup-counted
+                if name == b"." or h.inode.ino == ROOT:
+                    st = os.fstat(dfd)
+                else:
+                    st = os.stat(b"..", dir_fd=dfd, follow_symlinks=False)
+                if not pyfuse3.readdir_reply(token, name, self._attrs(st), i + 1):
+                    return
+                continue
             try:
                 fd = lower.open_path(name, dfd)
             except FileNotFoundError:
