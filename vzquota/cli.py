@@ -181,6 +181,16 @@ def rescan(st: QuotaState, path: str | None, out: Out) -> None:
     st.mounted = False
 
 
+def update_file(o: dict, change) -> int:
+    """Offline read-modify-write of the quota file under its lock."""
+    qf = quota_file(o)
+    with qf.lock():
+        st = qf.load()
+        change(st)
+        qf.save(st)
+    return 0
+
+
 def live(o: dict, cmd: str, **args) -> dict | None:
     return control.request(o["qid"], cmd, **args)
 
@@ -218,9 +228,8 @@ def _live_any(o: dict) -> bool:
 def cmd_on(o: dict, out: Out) -> int:
     if live(o, "on", limits=o["limits"]) is not None:
         return 0
-    qf = quota_file(o)
-    with qf.lock():
-        st = qf.load()
+
+    def change(st: QuotaState) -> None:
         if st.on and not o.get("force"):
             raise VzError(EC_RUN, f"Quota is already running for id {o['qid']}")
         apply_limits(st, o["limits"])
@@ -231,21 +240,18 @@ def cmd_on(o: dict, out: Out) -> int:
             rescan(st, o["limits"].get("path") or st.path, out)
         QuotaEngine(st).refresh_timers()
         st.on = True
-        qf.save(st)
-    return 0
+    return update_file(o, change)
 
 
 def cmd_off(o: dict, out: Out) -> int:
     if live(o, "off") is not None:
         return 0
-    qf = quota_file(o)
-    with qf.lock():
-        st = qf.load()
+
+    def change(st: QuotaState) -> None:
         if not st.on:
             raise VzError(EC_NOTRUN, f"Quota is not running for id {o['qid']}")
         st.on = False
-        qf.save(st)
-    return 0
+    return update_file(o, change)
 
 
 def cmd_drop(o: dict, out: Out) -> int:
@@ -266,15 +272,13 @@ def cmd_setlimit(o: dict, out: Out) -> int:
         raise usage_error("setlimit: give at least one limit or flag")
     if live(o, "setlimit", limits=o["limits"], force=bool(o.get("force"))) is not None:
         return 0
-    qf = quota_file(o)
-    with qf.lock():
-        st = qf.load()
+
+    def change(st: QuotaState) -> None:
         apply_limits(st, o["limits"])
         if o.get("force"):
             st.dirty = True
         QuotaEngine(st).refresh_timers()
-        qf.save(st)
-    return 0
+    return update_file(o, change)
 
 
 def cmd_setlimit2(o: dict, out: Out) -> int:
@@ -298,13 +302,11 @@ def cmd_setlimit2(o: dict, out: Out) -> int:
         req["ihard"] = _num(rest[3], parse_count, "inode hard limit")
     if live(o, "setlimit2", **req) is not None:
         return 0
-    qf = quota_file(o)
-    with qf.lock():
-        st = qf.load()
+
+    def change(st: QuotaState) -> None:
         apply_limits2(st, req)
         QuotaEngine(st).refresh_timers()
-        qf.save(st)
-    return 0
+    return update_file(o, change)
 
 
 def cmd_reload2(o: dict, out: Out) -> int:
@@ -343,12 +345,7 @@ def cmd_show(o: dict, out: Out, batch: bool) -> int:
 def cmd_recalc(o: dict, out: Out) -> int:
     if live(o, "recalc") is not None:
         return 0
-    qf = quota_file(o)
-    with qf.lock():
-        st = qf.load()
-        rescan(st, o["limits"].get("path") or st.path, out)
-        qf.save(st)
-    return 0
+    return update_file(o, lambda st: rescan(st, o["limits"].get("path") or st.path, out))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -170,6 +170,10 @@ class QuotaFile:
     def for_id(cls, qid: int, path: str | None = None) -> "QuotaFile":
         return cls(qid, path or default_path(qid))
 
+    def missing(self) -> VzError:
+        return VzError(EC_NOQUOTAFILE, f"Can't open quota file for id {self.qid}, maybe "
+                       "you need to reinitialize quota: No such file or directory")
+
     def exists(self) -> bool:
         return os.path.exists(self.path)
 
@@ -178,9 +182,7 @@ class QuotaFile:
             with open(self.path, "rb") as f:
                 data = f.read(1 << 26)
         except FileNotFoundError:
-            raise VzError(EC_NOQUOTAFILE, f"Can't open quota file for id {self.qid}, "
-                          "maybe you need to reinitialize quota: No such file or directory"
-                          ) from None
+            raise self.missing() from None
         except OSError as e:
             raise VzError(EC_QUOTAFILE, f"Can't read quota file {self.path}: "
                           f"{e.strerror}") from None
@@ -223,9 +225,7 @@ class QuotaFile:
         try:
             os.unlink(self.path)
         except FileNotFoundError:
-            raise VzError(EC_NOQUOTAFILE, f"Can't open quota file for id {self.qid}, "
-                          "maybe you need to reinitialize quota: No such file or directory"
-                          ) from None
+            raise self.missing() from None
         except OSError as e:
             raise VzError(EC_SYSERR, f"Can't remove quota file {self.path}: "
                           f"{e.strerror}") from None
