@@ -78,7 +78,7 @@ def test_usage_errors_are_2(private):
 
 def test_suffixes_and_unlimited(private):
     vzquota("init", QID, "-p", str(private), "-b", "1G", "-B", "unlimited", "-i", "10000",
-            if False else "10000", "-I", "unlimited", "-e", "1w", "-n", "2d")
+            "-I", "unlimited", "-e", "1w", "-n", "2d")
     out = vzquota("-b", "show", QID).stdout.split()
     assert out[1] == str(1024 * 1024)
     assert out[2] == str(2**63 - 1)
