@@ -562,8 +562,8 @@ class SimOperations(pyfuse3.Operations):
     # ---- extended attributes ------------------------------------------------
 
     def _xattr_path(self, node: Inode) -> str:
-        if stat.S_ISLNK(node.mode):
-            raise OSError(errno.EPERM, "xattrs of a symlink")
+        # The magic link resolves to the inode itself; for a symlink that is the
+        # symlink (never its target), which then behaves as with l*xattr(2).
         return lower.proc_path(node.fd)
 
     @errno_boundary
@@ -577,15 +577,11 @@ class SimOperations(pyfuse3.Operations):
         if inode == ROOT and name == QUOTA_XATTR:
             return self.quota_report(ctx)
         node = self.table.get(inode)
-        if stat.S_ISLNK(node.mode):
-            raise OSError(errno.ENODATA, "no xattrs on symlinks")
         return os.getxattr(self._xattr_path(node), name)
 
     @errno_boundary
     async def listxattr(self, inode, ctx):
         node = self.table.get(inode)
-        if stat.S_ISLNK(node.mode):
-            return []
         return [os.fsencode(n) for n in os.listxattr(self._xattr_path(node))]
 
     @errno_boundary
