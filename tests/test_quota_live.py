@@ -151,3 +151,16 @@ def test_on_live_when_already_on_is_5(mounter, area):
     while vzquota("stat", QID, check=False).returncode != 6:
         assert time.monotonic() < deadline
         time.sleep(0.05)
+
+
+def test_usage_is_checkpointed_while_mounted(mounter, area):
+    private, root = area
+    init(private)
+    vzquota("on", QID)
+    mounter(private, root, f"quotaid={QID}", "checkpoint=0.2")
+    (root / "c").write_bytes(b"c" * (100 * K))
+    want = -(-usage()[0] // K)          # control.request(save=False) leaves the file
+    deadline = time.monotonic() + 10
+    while int(vzquota("-b", "show", QID).stdout.split()[0]) != want:
+        assert time.monotonic() < deadline, "usage never reached the quota file"
+        time.sleep(0.05)
