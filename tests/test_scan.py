@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 
@@ -279,3 +280,168 @@ def test_directory_removed_after_open(tmp_path, monkeypatch):
     res = scan(str(tmp_path))
     assert res.inodes == 4                # root, a (counted when listed), b, b/f
     assert not (tmp_path / "a").exists()
+
+
+# -- the parallel walk (forced on small trees) -------------------------------------
+
+@pytest.fixture(params=["fork", "spawn"])
+def parallel(request, monkeypatch):
+    """Every scan() goes parallel right after reading the root, 2 workers."""
+    monkeypatch.setattr(scanmod, "WORKERS", 2)
+    monkeypatch.setattr(scanmod, "PARALLEL_MIN", 0)
+    monkeypatch.setattr(scanmod, "PARALLEL_MIN_SPAWN", 0)
+    monkeypatch.setattr(scanmod, "START", request.param)
+    monkeypatch.setattr(scanmod, "BATCH_MAX", 1)     # many small hand-overs
+    return request.param
+
+
+def _no_children():
+    with pytest.raises(ChildProcessError):
+        os.waitpid(-1, os.WNOHANG)
+
+
+def _build_mixed(root, n=40):
+    for i in range(n):
+        d = root / f"d{i % 7}" / f"s{i}"
+        d.mkdir(parents=True, exist_ok=True)
+        write(d / "f", b"w" * (i * 1000))
+        if i % 3 == 0:
+            os.link(d / "f", d / "hl")
+        if i % 4 == 0:
+            os.symlink("f", d / "sl")
+        if i % 5 == 0:
+            os.mkfifo(d / "p")
+
+
+def test_parallel_matches_sequential(tmp_path, parallel, monkeypatch):
+    _build_mixed(tmp_path)
+    os.chown(tmp_path / "d1", 1234, 5678)
+    base = _nfds()
+    spawned = []
+    real = scanmod._Worker
+    monkeypatch.setattr(scanmod, "_Worker", lambda m: spawned.append(m) or real(m))
+    res = check_totals(tmp_path)
+    assert spawned == [parallel, parallel]
+    assert _nfds() == base
+    _no_children()
+    monkeypatch.setattr(scanmod, "WORKERS", 1)
+    assert scan(str(tmp_path)) == res
+
+
+def test_parallel_hard_links_across_workers_count_once(tmp_path, parallel):
+    write(tmp_path / "orig", b"h" * 50000)
+    for i in range(30):                   # one link per unit: units go to both workers
+        (tmp_path / f"d{i}").mkdir()
+        os.link(tmp_path / "orig", tmp_path / f"d{i}" / "link")
+        write(tmp_path / f"d{i}" / "own")
+    res = check_totals(tmp_path)
+    assert res.inodes == 1 + 1 + 30 * 2
+    assert res.users[0][0] == res.space
+
+
+def test_parallel_cross_device_from_worker(tmp_path, parallel, monkeypatch):
+    monkeypatch.setattr(scanmod, "UNITS_PER_WORKER", 0)   # no split: a worker meets it
+    mnt = tmp_path / "a" / "b" / "mnt"
+    mnt.mkdir(parents=True)
+    (tmp_path / "c").mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(mnt)], check=True)
+    base = _nfds()
+    try:
+        with pytest.raises(CrossDevice) as ei:
+            scan(str(tmp_path))
+        assert ei.value.code == EC_EXDEV
+        assert ei.value.path == f"{tmp_path}/a/b/mnt"
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+    assert _nfds() == base
+    _no_children()
+
+
+def test_parallel_cross_device_while_splitting(tmp_path, parallel):
+    mnt = tmp_path / "a" / "mnt"
+    mnt.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(mnt)], check=True)
+    try:
+        with pytest.raises(CrossDevice) as ei:
+            scan(str(tmp_path))
+        assert ei.value.path == f"{tmp_path}/a/mnt"
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+    _no_children()
+
+
+# The fault is injected by monkeypatching, which only a forked worker inherits.
+@pytest.mark.parametrize("parallel", ["fork"], indirect=True)
+def test_parallel_worker_oserror_propagates(tmp_path, parallel, monkeypatch):
+    monkeypatch.setattr(scanmod, "UNITS_PER_WORKER", 0)
+    (tmp_path / "a" / "bad").mkdir(parents=True)
+    real_open = scanmod._open_dir
+
+    def failing(stack, depth, name, ino, dev):
+        if name == "bad":
+            raise OSError(errno.EIO, "Input/output error", "bad")
+        return real_open(stack, depth, name, ino, dev)
+
+    monkeypatch.setattr(scanmod, "_open_dir", failing)
+    with pytest.raises(OSError) as ei:
+        scan(str(tmp_path))
+    assert ei.value.errno == errno.EIO and ei.value.filename == "bad"
+    _no_children()
+
+
+def test_parallel_vanishing_entries_are_skipped(tmp_path, parallel, monkeypatch):
+    for i in range(20):
+        (tmp_path / f"d{i}").mkdir()
+        write(tmp_path / f"d{i}" / "f")
+    gone = []
+
+    def progress(n):
+        if not gone:                      # after the root is read: delete the rest
+            gone.append(1)
+            subprocess.run(["rm", "-rf"] + [str(tmp_path / f"d{i}") for i in range(20)],
+                           check=True)
+
+    monkeypatch.setattr(scanmod, "PROGRESS_EVERY", 1)
+    res = scan(str(tmp_path), progress=progress)
+    assert gone
+    assert 21 <= res.inodes <= 41
+    _no_children()
+
+
+def test_parallel_progress_and_fd_budget(tmp_path, parallel, monkeypatch):
+    """The comb of test_fd_budget_eviction, walked by workers with a tiny budget."""
+    monkeypatch.setattr(scanmod, "MAX_FDS", 4)
+    monkeypatch.setattr(scanmod, "PROGRESS_EVERY", 100)
+    monkeypatch.setattr(scanmod, "UNITS_PER_WORKER", 0)
+    d = tmp_path
+    for i in range(100):
+        for leaf in ("a", "b", "c"):
+            (d / leaf).mkdir()
+            write(d / leaf / "f", b"q")
+        d = d / "z"
+        d.mkdir()
+    calls = []
+    res = scan(str(tmp_path), progress=calls.append)
+    check_totals(tmp_path, res)
+    assert res.inodes == 1 + 100 * 7
+    assert calls and calls == sorted(calls)
+
+
+def test_small_tree_stays_in_process(tmp_path, monkeypatch):
+    monkeypatch.setattr(scanmod, "WORKERS", 2)
+    monkeypatch.setattr(scanmod, "_Worker", lambda m: pytest.fail("worker started"))
+    _build_mixed(tmp_path)
+    check_totals(tmp_path)
+
+
+def test_start_method_auto(monkeypatch):
+    import threading
+    assert scanmod._start_method() == "fork"          # pytest runs single-threaded
+    ev = threading.Event()
+    t = threading.Thread(target=ev.wait)
+    t.start()
+    try:
+        assert scanmod._start_method() is None        # threads: no fork, sequential
+    finally:
+        ev.set()
+        t.join()

@@ -6,11 +6,18 @@ in ~N/100 directories (with some hard links and symlinks) in a temp dir, or uses
 the tree given with ``--tree``; checks that scan()'s space equals
 ``du -s --block-size=1`` and its inode count equals ``find | wc -l`` (minus
 extra hard links); times both warm (best of 3) and, with ``--cold`` (root),
-after ``echo 3 > /proc/sys/vm/drop_caches``.
+after ``echo 3 > /proc/sys/vm/drop_caches``. ``--repeat R`` repeats every
+measurement R times (du and scan() alternating, so load from other processes
+hits both alike) and prints the median of the per-round timings and ratios.
+``--workers`` / ``--start`` set ``vzquota.scan.WORKERS`` / ``START`` (e.g.
+``--workers 1`` for the sequential walk, ``--start spawn`` for the daemon's way
+of starting workers).
 
-Concurrency: single-threaded; nothing else should write the tree meanwhile.
+Concurrency: single-threaded (scan() may fork worker processes); nothing else
+should write the tree meanwhile.
 
     python tools/bench_scan.py [-n 100000] [--tree DIR] [--cold] [--no-per-id]
+                               [--repeat R] [--workers N] [--start fork|spawn]
 """
 
 from __future__ import annotations
@@ -18,12 +25,14 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from vzquota import scan as scanmod  # noqa: E402
 from vzquota.scan import scan  # noqa: E402
 
 
@@ -78,7 +87,14 @@ def main() -> int:
     ap.add_argument("--tree", help="scan this existing tree instead of building one")
     ap.add_argument("--cold", action="store_true", help="also time with dropped caches")
     ap.add_argument("--no-per-id", action="store_true", help="scan(per_id=False)")
+    ap.add_argument("--repeat", type=int, default=1, help="rounds; report medians")
+    ap.add_argument("--workers", type=int, help="vzquota.scan.WORKERS")
+    ap.add_argument("--start", choices=("fork", "spawn"), help="vzquota.scan.START")
     args = ap.parse_args()
+    if args.workers is not None:
+        scanmod.WORKERS = args.workers
+    if args.start:
+        scanmod.START = args.start
     per_id = not args.no_per_id
 
     tmp = None
@@ -100,18 +116,26 @@ def main() -> int:
             assert sum(v[1] for v in res.groups.values()) == res.inodes
         print(f"check ok: space {res.space} B = du -s -B1, inodes {res.inodes} = find")
 
-        rows = [("warm", best(lambda: du_bytes(tree)), best(lambda: scan(tree, per_id)))]
-        if args.cold:
-            def cold(fn):
-                drop_caches()
-                t = time.perf_counter()
-                fn()
-                return time.perf_counter() - t
-            rows.append(("cold", cold(lambda: du_bytes(tree)),
-                         cold(lambda: scan(tree, per_id))))
-        print(f"{'cache':<6} {'du -s':>9} {'scan()':>9} {'ratio':>7}")
-        for name, t_du, t_scan in rows:
-            print(f"{name:<6} {t_du:>8.3f}s {t_scan:>8.3f}s {t_scan / t_du:>6.2f}x")
+        def cold(fn):
+            drop_caches()
+            t = time.perf_counter()
+            fn()
+            return time.perf_counter() - t
+
+        kinds = [("warm", best)] + ([("cold", cold)] if args.cold else [])
+        rounds: dict[str, list[tuple[float, float]]] = {k: [] for k, _ in kinds}
+        for _ in range(args.repeat):
+            for name, timer in kinds:
+                rounds[name].append((timer(lambda: du_bytes(tree)),
+                                     timer(lambda: scan(tree, per_id))))
+        med = statistics.median
+        print(f"{'cache':<6} {'du -s':>9} {'scan()':>9} {'ratio':>7}"
+              + ("   (medians of %d rounds; ratio = median of per-round ratios)"
+                 % args.repeat if args.repeat > 1 else ""))
+        for name, rs in rounds.items():
+            t_du, t_scan = med(r[0] for r in rs), med(r[1] for r in rs)
+            ratio = med(r[1] / r[0] for r in rs)
+            print(f"{name:<6} {t_du:>8.3f}s {t_scan:>8.3f}s {ratio:>6.2f}x")
     finally:
         if tmp:
             shutil.rmtree(tmp)
