@@ -219,7 +219,8 @@ def test_fd_budget_eviction(tmp_path, monkeypatch):
     assert _nfds() == base
 
 
-def test_vanishing_entries_are_skipped(tmp_path, monkeypatch):
+def _vanish_during_scan(tmp_path, monkeypatch):
+    """Scan 20 dirs that are deleted as soon as the root has been read."""
     for i in range(20):
         (tmp_path / f"d{i}").mkdir()
         write(tmp_path / f"d{i}" / "f")
@@ -234,6 +235,11 @@ def test_vanishing_entries_are_skipped(tmp_path, monkeypatch):
     monkeypatch.setattr(scanmod, "PROGRESS_EVERY", 1)
     res = scan(str(tmp_path), progress=progress)
     assert gone
+    return res
+
+
+def test_vanishing_entries_are_skipped(tmp_path, monkeypatch):
+    res = _vanish_during_scan(tmp_path, monkeypatch)
     assert 21 <= res.inodes <= 41          # the root + listed dirs + what was read
 
 
@@ -390,20 +396,7 @@ def test_parallel_worker_oserror_propagates(tmp_path, parallel, monkeypatch):
 
 
 def test_parallel_vanishing_entries_are_skipped(tmp_path, parallel, monkeypatch):
-    for i in range(20):
-        (tmp_path / f"d{i}").mkdir()
-        write(tmp_path / f"d{i}" / "f")
-    gone = []
-
-    def progress(n):
-        if not gone:                      # after the root is read: delete the rest
-            gone.append(1)
-            subprocess.run(["rm", "-rf"] + [str(tmp_path / f"d{i}") for i in range(20)],
-                           check=True)
-
-    monkeypatch.setattr(scanmod, "PROGRESS_EVERY", 1)
-    res = scan(str(tmp_path), progress=progress)
-    assert gone
+    res = _vanish_during_scan(tmp_path, monkeypatch)
     assert 21 <= res.inodes <= 41
     _no_children()
 
