@@ -136,12 +136,12 @@ class SimOperations(pyfuse3.Operations):
     def _reconcile_dir(self, parent: Inode) -> None:
         self._reconcile(parent, os.fstat(parent.fd))
 
-    def _new_owner(self, parent: Inode, ctx) -> tuple[int, int, bool]:
-        """uid, gid of a new node and whether its parent is setgid."""
+    def _new_owner(self, parent: Inode, ctx) -> tuple[int, int]:
+        """uid, gid of a new node: the caller's, or the setgid parent's group."""
         pst = os.fstat(parent.fd)
         if pst.st_mode & stat.S_ISGID:
-            return ctx.uid, pst.st_gid, True
-        return ctx.uid, ctx.gid, False
+            return ctx.uid, pst.st_gid
+        return ctx.uid, ctx.gid
 
     def _reserve(self, uid: int, gid: int, space: int = 0, inodes: int = 0):
         if self.quota is None:
@@ -156,7 +156,7 @@ class SimOperations(pyfuse3.Operations):
                    make: Callable[[int, int], None]) -> tuple[Inode, os.stat_result]:
         """Reserve one inode (and ``space``), run ``make(uid, gid)`` which creates
         ``name`` in ``parent``, give it to the caller, commit what it took."""
-        uid, gid, _ = self._new_owner(parent, ctx)
+        uid, gid = self._new_owner(parent, ctx)
         res = self._reserve(uid, gid, space, 1)
         try:
             make(uid, gid)
@@ -298,8 +298,8 @@ class SimOperations(pyfuse3.Operations):
         def make(uid: int, gid: int) -> None:
             os.mkdir(name, perm, dir_fd=parent.fd)
         inode, st = self._make_node(parent, name, ctx, self.bsize, make)
-        _, _, sgid = self._new_owner(parent, ctx)
-        want = perm | (stat.S_ISGID if sgid else 0)
+        # a new directory under a setgid one inherits the bit (parent's mode is cached)
+        want = perm | (stat.S_ISGID if parent.mode & stat.S_ISGID else 0)
         if stat.S_IMODE(st.st_mode) != want:
             os.chmod(lower.proc_path(inode.fd), want)
             st = os.fstat(inode.fd)

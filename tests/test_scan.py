@@ -257,16 +257,7 @@ def test_progress_called_sparingly(tmp_path, monkeypatch):
 
 
 def test_mixed_tree_matches_du_and_find(tmp_path):
-    for i in range(40):
-        d = tmp_path / f"d{i % 7}" / f"s{i}"
-        d.mkdir(parents=True, exist_ok=True)
-        write(d / "f", b"w" * (i * 1000))
-        if i % 3 == 0:
-            os.link(d / "f", d / "hl")
-        if i % 4 == 0:
-            os.symlink("f", d / "sl")
-        if i % 5 == 0:
-            os.mkfifo(d / "p")
+    _build_mixed(tmp_path)
     check_totals(tmp_path)
 
 
