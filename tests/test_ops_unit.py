@@ -147,10 +147,10 @@ async def test_lookup_dotdot_of_subdir(ops, backing):
     assert (await lookup(ops, b"..", d)).st_ino == ROOT
 
 
-async def test_lookup_missing_is_enoent(ops):
-    with pytest.raises(FUSEError) as ei:
-        await lookup(ops, b"nope")
-    assert errno_of(ei) == errno.ENOENT
+async def test_lookup_missing_is_a_cached_negative_entry(ops):
+    a = await lookup(ops, b"nope")
+    assert a.st_ino == 0 and a.entry_timeout > 0
+    assert list(ops.table.inodes) == [ROOT]
 
 
 async def test_getattr_of_unknown_inode_is_estale(ops):
@@ -204,7 +204,9 @@ async def test_create_write_read_flush_fsync_release(ops, backing):
     assert await ops.read(fh, 0, 100) == b"hello there"
     assert await ops.read(fh, 6, 3) == b"the"
     assert await ops.read(fh, 100, 10) == b""
-    await ops.flush(fh)
+    with pytest.raises(FUSEError) as ei:    # the kernel then stops sending FLUSH
+        await ops.flush(fh)
+    assert errno_of(ei) == errno.ENOSYS
     await ops.fsync(fh, False)
     await ops.fsync(fh, True)
     node = ops.table.inodes[a.st_ino]
