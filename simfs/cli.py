@@ -13,6 +13,7 @@ starts, and the child alone runs the loop.
 from __future__ import annotations
 
 import argparse
+import errno
 import faulthandler
 import logging
 import logging.handlers
@@ -34,6 +35,9 @@ FUSE_VALUED = {"fsname", "subtype", "max_read"}
 IGNORED = {"defaults", "auto", "noauto", "user", "users", "nouser", "owner", "group",
            "nofail", "_netdev", "loop"}
 SIMFS_VALUED = {"quotaid", "quotafile", "log", "checkpoint"}
+# The source df and /proc/mounts show, inside the container too (as OpenVZ
+# showed): never the host's private path.
+DEFAULT_FSNAME = "/dev/simfs"
 
 
 class UsageError(Exception):
@@ -42,7 +46,8 @@ class UsageError(Exception):
 
 def parse_options(words: list[str], private: str) -> tuple[set[str], dict[str, str]]:
     """Split ``-o`` words into libfuse options and simfs's own."""
-    fuse = {"allow_other", "default_permissions", f"fsname={private}", "subtype=simfs"}
+    fuse = {"allow_other", "default_permissions", f"fsname={DEFAULT_FSNAME}",
+            "subtype=simfs"}
     own: dict[str, str] = {}
     for opt in words:
         key, eq, val = opt.partition("=")
@@ -83,7 +88,8 @@ def parser() -> argparse.ArgumentParser:
         epilog="Options for -o: quotaid=N (account and enforce quota id N), "
                "quotafile=FILE, checkpoint=SECS (save usage this often, default 30), "
                "log=FILE, debug; and the usual mount options (ro, rw, dev, suid, exec, "
-               "noatime, allow_other, fsname=, ...). Default: nodev,nosuid. "
+               "noatime, allow_other, fsname=, ...). Default: nodev,nosuid, "
+               "fsname=/dev/simfs. "
                "Exit status: 0 mounted, 1 the mount failed, 2 usage error.")
     p.add_argument("private", help="the private area (backing directory)")
     p.add_argument("root", help="the mount point")
@@ -110,8 +116,27 @@ def is_mountpoint(path: str) -> bool:
     return False
 
 
+def dead_mount(path: str) -> bool:
+    """True when ``path`` is a FUSE mount whose daemon is gone."""
+    try:
+        os.stat(path)
+        os.statvfs(path)     # the root's attributes may be cached; statfs is not
+    except OSError as e:
+        return e.errno == errno.ENOTCONN
+    return False
+
+
+def dead_mount_message(path: str) -> str:
+    return (f"{path} is a dead mount (Transport endpoint is not connected): the simfs "
+            f"daemon that served it is gone; clear it with 'umount -l {path}' "
+            "and mount again")
+
+
 def precheck(private: str, root: str) -> None:
     from .mount import MountError
+    for path in (root, private):
+        if dead_mount(path):
+            raise MountError(dead_mount_message(path))
     if not os.path.isdir(private):
         what = "does not exist" if not os.path.exists(private) else "is not a directory"
         raise MountError(f"private area {private} {what}")
@@ -165,6 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"simfs: {e}", file=sys.stderr)
         return 2
+    if os.geteuid() != 0:
+        print("simfs: must be run as root (it mounts, and serves every uid of the "
+              "container)", file=sys.stderr)
+        return 1
     debug = args.debug or "debug" in own
     foreground = args.foreground or args.debug
     from .mount import Mount, MountError

@@ -54,24 +54,45 @@ class Mount:
     checkpoint: float = 30.0
     ops: SimOperations | None = None
     live: LiveQuota | None = None
-    _locks: list[int] = field(default_factory=list)
+    _locks: list[tuple[int, str]] = field(default_factory=list)
     _sock: socket.socket | None = None
     _control_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
 
     # ---- before mounting -------------------------------------------------------
 
     def _lock(self, path: str, what: str) -> None:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
+        """Hold an flock on ``path`` for the mount's life.  The file is removed
+        at stop (``_unlock``), so a lock taken on a file that was unlinked
+        meanwhile is retried on the new one."""
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                os.close(fd)
+                if e.errno in (errno.EAGAIN, errno.EACCES):
+                    raise MountError(f"{what} is already mounted by another simfs") from None
+                raise
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
             os.close(fd)
-            if e.errno in (errno.EAGAIN, errno.EACCES):
-                raise MountError(f"{what} is already mounted by another simfs") from None
-            raise
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
-        self._locks.append(fd)
+        self._locks.append((fd, path))
+
+    def _unlock(self) -> None:
+        """Remove and release the lock files (unlink first, while held)."""
+        for fd, path in self._locks:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+            os.close(fd)
+        self._locks.clear()
 
     def prepare(self) -> None:
         """Open and lock the private area, load and start the quota."""
@@ -121,9 +142,7 @@ class Mount:
         if self._sock is not None:
             self._sock.close()
             os.unlink(control.socket_path(self.quotaid))
-        for fd in self._locks:
-            os.close(fd)
-        self._locks.clear()
+        self._unlock()
 
     def fuse_init(self) -> None:
         pyfuse3.init(self.ops, self.root, self.fuse_options)
@@ -153,8 +172,7 @@ class Mount:
                     os.unlink(control.socket_path(self.quotaid))
                 except OSError:
                     pass
-            for fd in self._locks:
-                os.close(fd)
+            self._unlock()
             self.ops.table.close_all()
 
     async def _signals(self, scope: trio.CancelScope) -> None:

@@ -230,7 +230,9 @@ def cmd_on(o: dict, out: Out) -> int:
         return 0
 
     def change(st: QuotaState) -> None:
-        if st.on and not o.get("force"):
+        # No mount answered for the id: a file that still says "mounted" was
+        # left by a mount that died (crash, kill -9, reboot), whatever "on" says.
+        if st.on and not st.mounted and not o.get("force"):
             raise VzError(EC_RUN, f"Quota is already running for id {o['qid']}")
         apply_limits(st, o["limits"])
         if st.dirty or st.mounted or o.get("force"):
@@ -377,6 +379,9 @@ def main(argv: list[str] | None = None) -> int:
         cmd = argv[i]
         if cmd not in COMMANDS:
             raise usage_error(f"unknown command '{cmd}'")
+        if os.geteuid() != 0:
+            raise VzError(EC_SYSERR, "vzquota must be run as root (the host's root "
+                          "owns the quota files and the live mounts)")
         o = parse_command(cmd, argv[i + 1:])
         if cmd == "stat":
             return cmd_stat(o, out, batch)
