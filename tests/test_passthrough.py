@@ -1034,7 +1034,7 @@ def test_statfs_is_the_host_filesystems(mounted):
     r = subprocess.run(["df", "-P", str(root)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     line = r.stdout.splitlines()[1].split()
-    assert line[0] == str(private) and line[-1] == str(root)
+    assert line[0] == "/dev/simfs" and line[-1] == str(root)
     assert int(line[1]) == b.f_blocks * b.f_frsize // 1024
     r = subprocess.run(["df", "-i", str(root)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
