@@ -48,6 +48,11 @@ log = logging.getLogger(__name__)
 
 QUOTA_XATTR = b"user.vzquota"   # read-only, virtual, on the root only
 COUNTS_XATTR = b"trusted.simfs.requests"   # read-only, virtual, root only: request counts
+# POSIX ACLs: the kernel checks only the mode bits (default_permissions; pyfuse3
+# cannot ask for FUSE_POSIX_ACL), so an ACL would be stored and shown but not
+# enforced.  The mount behaves as a filesystem without ACL support: these are
+# refused with EOPNOTSUPP, and ACLs already in the private area are not shown.
+ACL_XATTRS = frozenset((b"system.posix_acl_access", b"system.posix_acl_default"))
 TIMEOUT = 10.0                  # entry/attr cache: every change comes through us
 
 
@@ -590,10 +595,16 @@ class SimOperations(pyfuse3.Operations):
         # symlink (never its target), which then behaves as with l*xattr(2).
         return lower.proc_path(node.fd)
 
+    @staticmethod
+    def _no_acl(name: bytes) -> None:
+        if name in ACL_XATTRS:
+            raise OSError(errno.EOPNOTSUPP, "POSIX ACLs are not supported")
+
     @errno_boundary
     async def setxattr(self, inode, name, value, ctx):
         if inode == ROOT and name in (QUOTA_XATTR, COUNTS_XATTR):
             raise OSError(errno.EPERM, "read-only virtual attribute")
+        self._no_acl(name)
         os.setxattr(self._xattr_path(self.table.get(inode)), name, value)
 
     @errno_boundary
@@ -603,18 +614,21 @@ class SimOperations(pyfuse3.Operations):
         if inode == ROOT and name == COUNTS_XATTR:
             # trusted.*: the kernel lets only the host's CAP_SYS_ADMIN ask
             return json.dumps(self.counts, sort_keys=True).encode() + b"\n"
+        self._no_acl(name)
         node = self.table.get(inode)
         return os.getxattr(self._xattr_path(node), name)
 
     @errno_boundary
     async def listxattr(self, inode, ctx):
         node = self.table.get(inode)
-        return [os.fsencode(n) for n in os.listxattr(self._xattr_path(node))]
+        names = (os.fsencode(n) for n in os.listxattr(self._xattr_path(node)))
+        return [n for n in names if n not in ACL_XATTRS]
 
     @errno_boundary
     async def removexattr(self, inode, name, ctx):
         if inode == ROOT and name in (QUOTA_XATTR, COUNTS_XATTR):
             raise OSError(errno.EPERM, "read-only virtual attribute")
+        self._no_acl(name)
         os.removexattr(self._xattr_path(self.table.get(inode)), name)
 
     def quota_report(self, ctx) -> bytes:

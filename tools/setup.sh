@@ -24,7 +24,7 @@ apt_install() {
 }
 
 need=()
-for pkg in fuse3 libfuse3-dev pkg-config gcc attr groff-base; do
+for pkg in fuse3 libfuse3-dev pkg-config gcc attr acl groff-base; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 [ ${#need[@]} -eq 0 ] || apt_install "${need[@]}"
