@@ -131,9 +131,10 @@ class Mount:
         return scan(self.private, per_id=True, progress=progress)
 
     def _orphans(self) -> list[tuple[int, int, int]]:
-        """Files unlinked but still open: charged although no scan sees them."""
+        """Inodes unlinked but still reachable by the kernel (open, or held by
+        a lookup reference): charged although no scan sees them."""
         return [(i.uid, i.gid, i.space) for i in self.ops.table.inodes.values()
-                if i.unlinked and i.opens > 0]
+                if i.unlinked and not i.freed]
 
     def abort(self) -> None:
         """Undo ``prepare`` when the mount itself could not be made."""

@@ -4,8 +4,10 @@ tree (``lower``, ``inodes``) and on the quota engine (``vzquota.engine``).
 Role: translation only.  The quota engine decides; this module reserves before
 every allocating backing call, commits what the backing filesystem really
 allocated (``st_blocks`` after minus before), releases on failure, and frees on
-unlink/rmdir/truncate/rename-over (an unlinked file still open stays charged
-until its last release).  Every handler goes through ``errno_boundary``, the one
+unlink/rmdir/truncate/rename-over.  An unlinked inode the kernel can still
+reach (an open handle, or a lookup reference through which /proc/PID/fd reopens
+it) stays charged, and every write to it is reserved as any other; it is freed
+exactly once, when it leaves the inode table (its FORGET or last release).  Every handler goes through ``errno_boundary``, the one
 place where ``OSError`` becomes its errno, a quota refusal becomes ``EDQUOT`` and
 anything unexpected is logged with its traceback and answered with ``EIO``.
 It also counts the requests answered per operation (``counts``, shown to the
@@ -204,14 +206,19 @@ class SimOperations(pyfuse3.Operations):
             pass
 
     def _gone(self, st: os.stat_result) -> None:
-        """A name whose inode (``st``, taken before) lost its last link."""
+        """A name whose inode (``st``, taken before) lost its last link.  An inode
+        the kernel still holds (a lookup reference, an open handle) can be
+        reopened through /proc/PID/fd: it stays charged until ``_dropped``."""
         inode = self.table.find(st.st_ino)
         if inode is None:
             if self.quota is not None:
                 self.quota.free(st.st_uid, st.st_gid, st.st_blocks * 512, 1)
             return
         inode.unlinked = True
-        if inode.opens == 0:          # else charged until the last release
+
+    def _dropped(self, inode: Inode | None) -> None:
+        """The kernel can no longer reach ``inode`` (left the table)."""
+        if inode is not None and inode.unlinked:
             self._free(inode)
 
     def _free(self, inode: Inode) -> None:
@@ -249,7 +256,7 @@ class SimOperations(pyfuse3.Operations):
         self.counts["forget"] += 1
         for ino, n in inode_list:
             try:
-                self.table.forget(ino, n)
+                self._dropped(self.table.forget(ino, n))
             except Exception:
                 log.exception("forget of inode %d failed", ino)
 
@@ -446,7 +453,7 @@ class SimOperations(pyfuse3.Operations):
         h = self.handles[fh]
         q = self.quota
         node = h.inode
-        if q is None or node.freed:
+        if q is None:
             return os.pwrite(h.fd, buf, off)
         n = len(buf)
         uid, gid = node.uid, node.gid
@@ -490,11 +497,9 @@ class SimOperations(pyfuse3.Operations):
         finally:
             os.close(h.fd)
             node.opens -= 1
-        if node.opens == 0:
-            if node.unlinked:
-                self._free(node)
-            if node.lookups <= 0:
-                self.table.drop(node)
+        if node.opens == 0 and node.lookups <= 0:
+            self.table.drop(node)
+            self._dropped(node)
 
     @errno_boundary
     async def fsync(self, fh, datasync):

@@ -40,9 +40,18 @@ def usage() -> tuple[int, int]:
     return l1[0][0], l1[1][0]
 
 
+def wait_for(cond, timeout: float = 10.0) -> None:
+    """Wait until ``cond()`` holds: an unlinked inode is freed at the kernel's
+    FORGET, which comes asynchronously (soon after the unlink or last close)."""
+    deadline = time.monotonic() + timeout
+    while not cond() and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
 def assert_exact(private) -> None:
     """Live usage equals a fresh scan of the private area."""
     r = scan(str(private))
+    wait_for(lambda: usage() == (r.space, r.inodes))
     assert usage() == (r.space, r.inodes)
 
 
@@ -126,6 +135,7 @@ def test_soft_limit_grace_expiry_and_reset(qmount):
         time.sleep(0.2)
     os.unlink(root / "c") if (root / "c").exists() else None
     os.unlink(root / "a")                          # strictly below soft again
+    wait_for(lambda: live()["level1"][0][3] == 0)
     assert live()["level1"][0][3] == 0             # timer cleared
     (root / "d").write_bytes(b"d" * (8 * K))       # allowed again
     assert_exact(private)
@@ -198,6 +208,7 @@ def test_link_is_free_and_hard_links_count_once(qmount):
     assert usage()[1] == before[1]
     assert_exact(private)
     os.unlink(root / "g")
+    wait_for(lambda: usage()[1] == before[1] - 1)
     assert usage()[1] == before[1] - 1
     assert_exact(private)
 

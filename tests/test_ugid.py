@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,11 @@ def per_id(table: list) -> dict[int, tuple[int, int]]:
 
 def assert_exact(private) -> None:
     r = scan(str(private))
+    # an unlinked inode is freed at the kernel's asynchronous FORGET
+    deadline = time.monotonic() + 10
+    while (live()["state"]["level1"][1][0] != r.inodes
+           and time.monotonic() < deadline):
+        time.sleep(0.02)
     st = live()["state"]
     assert (st["level1"][0][0], st["level1"][1][0]) == (r.space, r.inodes)
     assert per_id(st["users"]) == {u: tuple(v) for u, v in r.users.items()}
