@@ -48,6 +48,7 @@ from .statfs import host_figures, quota_figures
 
 log = logging.getLogger(__name__)
 
+DIR_GROWTH = 4                  # blocks reserved for a directory taking a new name
 QUOTA_XATTR = b"user.vzquota"   # read-only, virtual, on the root only
 COUNTS_XATTR = b"trusted.simfs.requests"   # read-only, virtual, root only: request counts
 # POSIX ACLs: the kernel checks only the mode bits (default_permissions; pyfuse3
@@ -101,6 +102,10 @@ class SimOperations(pyfuse3.Operations):
         super().__init__()
         self.table = InodeTable(root_fd)
         self.bsize = os.fstatvfs(root_fd).f_bsize or 4096
+        # What a directory may grow by when it takes one more name (ext4's
+        # switch to an indexed directory adds 2 blocks); raised to the largest
+        # growth seen, so the reservation stays an upper bound.
+        self.dir_growth = DIR_GROWTH * self.bsize
         self.quota: QuotaEngine | None = None
         self.handles: dict[int, Handle | DirHandle] = {}
         self._next_fh = 1
@@ -155,6 +160,18 @@ class SimOperations(pyfuse3.Operations):
     def _reconcile_dir(self, parent: Inode) -> None:
         self._reconcile(parent, os.fstat(parent.fd))
 
+    def _reserve_dir(self, parent: Inode):
+        """Before a call that adds a name to ``parent``: hold what the directory
+        may grow by, for its owner (QuotaExceeded when that does not fit)."""
+        return self._reserve(parent.uid, parent.gid, self.dir_growth)
+
+    def _settle_dir(self, parent: Inode, res) -> None:
+        """After it: charge what the directory really grew by."""
+        self._release(res)
+        before = parent.space
+        self._reconcile_dir(parent)
+        self.dir_growth = max(self.dir_growth, parent.space - before)
+
     def _new_owner(self, parent: Inode, ctx) -> tuple[int, int]:
         """uid, gid of a new node: the caller's, or the setgid parent's group."""
         pst = os.fstat(parent.fd)
@@ -176,7 +193,12 @@ class SimOperations(pyfuse3.Operations):
         """Reserve one inode (and ``space``), run ``make(uid, gid)`` which creates
         ``name`` in ``parent``, give it to the caller, commit what it took."""
         uid, gid = self._new_owner(parent, ctx)
-        res = self._reserve(uid, gid, space, 1)
+        dres = self._reserve_dir(parent)
+        try:
+            res = self._reserve(uid, gid, space, 1)
+        except BaseException:
+            self._release(dres)
+            raise
         try:
             make(uid, gid)
             try:
@@ -187,13 +209,14 @@ class SimOperations(pyfuse3.Operations):
                 raise
         except BaseException:
             self._release(res)
+            self._release(dres)
             raise
         st = os.fstat(fd)
         inode = self.table.adopt(fd, st)
         if res is not None:
             self.quota.commit(res, st.st_blocks * 512, 1)
         inode.space, inode.uid, inode.gid = st.st_blocks * 512, st.st_uid, st.st_gid
-        self._reconcile_dir(parent)
+        self._settle_dir(parent, dres)
         return inode, st
 
     @staticmethod
@@ -374,11 +397,16 @@ class SimOperations(pyfuse3.Operations):
     async def link(self, inode, new_parent_inode, new_name, ctx):
         node = self.table.get(inode)
         parent = self.table.get(new_parent_inode)
-        os.link(lower.proc_path(node.fd), new_name, dst_dir_fd=parent.fd,
-                follow_symlinks=True)
+        dres = self._reserve_dir(parent)
+        try:
+            os.link(lower.proc_path(node.fd), new_name, dst_dir_fd=parent.fd,
+                    follow_symlinks=True)
+        except BaseException:
+            self._release(dres)
+            raise
         st = os.fstat(node.fd)
         node.lookups += 1
-        self._reconcile_dir(parent)
+        self._settle_dir(parent, dres)
         return self._attrs(st, node.ino)
 
     # ---- removing and renaming --------------------------------------------
@@ -406,20 +434,27 @@ class SimOperations(pyfuse3.Operations):
         old = self.table.get(parent_inode_old)
         new = self.table.get(parent_inode_new)
         victim = None
-        if not flags & (lower.RENAME_EXCHANGE | lower.RENAME_NOREPLACE):
+        adds = not flags & lower.RENAME_EXCHANGE    # a name new to ``new``
+        if adds and not flags & lower.RENAME_NOREPLACE:
             try:
                 victim = os.stat(name_new, dir_fd=new.fd, follow_symlinks=False)
+                adds = False          # the entry is replaced in place
                 src = os.stat(name_old, dir_fd=old.fd, follow_symlinks=False)
                 if (src.st_ino, src.st_dev) == (victim.st_ino, victim.st_dev):
                     victim = None     # two links of one inode: rename does nothing
             except FileNotFoundError:
-                victim = None
-        lower.renameat2(old.fd, name_old, new.fd, name_new, flags)
+                pass
+        dres = self._reserve_dir(new) if adds else None
+        try:
+            lower.renameat2(old.fd, name_old, new.fd, name_new, flags)
+        except BaseException:
+            self._release(dres)
+            raise
         if victim is not None and self._last_link(victim):
             self._gone(victim)
-        self._reconcile_dir(old)
+        self._settle_dir(new, dres)
         if new is not old:
-            self._reconcile_dir(new)
+            self._reconcile_dir(old)
 
     # ---- files ---------------------------------------------------------------
 

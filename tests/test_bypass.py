@@ -136,3 +136,88 @@ def test_reopened_unlinked_file_is_charged(qmount, how):
     assert int(out[2]) < 1024 * K
     assert usage() <= 1024 * K
     assert_exact(private)              # all given back once the kernel forgets it
+
+
+# ---- 2. every call that adds a name reserves the directory's growth -----------------------
+
+LINKS = r"""
+import os, sys
+d, n = sys.argv[1], int(sys.argv[2])
+os.mkdir(d)
+open(d + "/f", "w").close()
+for i in range(n):
+    try:
+        os.link(d + "/f", d + "/%06d" % i + "x" * 200)
+    except OSError as e:
+        print("error", e.errno, i)
+        break
+else:
+    print("linked", n)
+"""
+
+
+@pytest.mark.parametrize("level", [1, 2])
+def test_hard_link_storm_refused_at_the_limit(qmount, level):
+    if level == 1:
+        private, root, _ = qmount("400")
+    else:
+        private, root, _ = qmount("100000")
+        vzquota("setlimit2", QID, "-u", "1000", "0", "200", "0", "0")
+    out = run_as(LINKS, str(root / "d"), "5000").split()
+    assert out[:2] == ["error", str(errno.EDQUOT)], out
+    if level == 1:
+        assert usage() <= 400 * K
+    else:
+        assert live()["users"][1000][0] <= 200 * K
+    assert_exact(private)
+
+
+FILL = r"""
+import os, sys
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT, 0o644)
+try:
+    while True:
+        os.write(fd, b"z" * 4096)
+except OSError as e:
+    print(e.errno)
+"""
+
+ADD_NAME = r"""
+import os, socket, sys
+kind, d = sys.argv[1], sys.argv[2]
+new = d + "/new"
+try:
+    if kind == "create":
+        open(new, "w").close()
+    elif kind == "mkdir":
+        os.mkdir(new)
+    elif kind == "symlink":
+        os.symlink("full", new)
+    elif kind == "fifo":
+        os.mkfifo(new)
+    elif kind == "socket":
+        socket.socket(socket.AF_UNIX).bind(new)
+    elif kind == "link":
+        os.link(d + "/old", new)
+    elif kind == "rename":
+        os.rename(d + "/old", new)
+    print("done")
+except OSError as e:
+    print(e.errno)
+"""
+
+
+@pytest.mark.parametrize("kind", ["create", "mkdir", "symlink", "fifo", "socket", "link",
+                                  "rename"])
+def test_no_new_name_once_space_is_full(qmount, kind):
+    private, root, _ = qmount("200")
+    for name in ("old", "other"):
+        run_as("open(__import__('sys').argv[1], 'w').close()", str(root / name))
+    assert run_as(FILL, str(root / "full")) == str(errno.EDQUOT)
+    assert usage() == 200 * K                       # full to the block
+    assert run_as(ADD_NAME, kind, str(root)) == str(errno.EDQUOT)
+    assert not os.path.lexists(root / "new")
+    # replacing a name adds none: rename over an existing file still works
+    run_as("import os,sys; os.rename(sys.argv[1], sys.argv[2])",
+           str(root / "other"), str(root / "old"))
+    assert_exact(private)
