@@ -192,3 +192,8 @@ USER_PYTHON = next((p for p in ("/usr/bin/python3", "/usr/local/bin/python3")
 def py_as(uid: int, gid: int, code: str, *args: str) -> subprocess.CompletedProcess:
     """Run a stdlib-only Python snippet as uid:gid."""
     return as_user(uid, gid, USER_PYTHON, "-c", code, *args)
+
+
+# Backing filesystems (ext4/xfs/btrfs/tmpfs loop images) and the invariants:
+# see tests/backing.py.
+from backing import backing, backing_quota  # noqa: E402,F401  (fixtures)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything simfs + vzquota needs on a Debian machine, as root:
-# system packages (fuse3, libfuse3-dev, pkg-config, a C compiler, attr, groff),
+# system packages (fuse3, libfuse3-dev, pkg-config, a C compiler, attr, acl, groff,
+# and e2fsprogs/xfsprogs/btrfs-progs for the tests' loop-image backings),
 # a virtual environment in .venv with the project and its test extras, and
 # `simfs`/`vzquota` in /usr/local/sbin (so `mount -t fuse.simfs` and fstab find
 # simfs). Quick when everything is already there. Prints what it does.
@@ -24,7 +25,7 @@ apt_install() {
 }
 
 need=()
-for pkg in fuse3 libfuse3-dev pkg-config gcc attr acl groff-base; do
+for pkg in fuse3 libfuse3-dev pkg-config gcc attr acl groff-base e2fsprogs xfsprogs btrfs-progs; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 [ ${#need[@]} -eq 0 ] || apt_install "${need[@]}"
