@@ -109,6 +109,29 @@ def _umount(path: str, wait: float) -> bool:
     return True
 
 
+def simfs_roots_on(top: str) -> list[str]:
+    """Mount points of the simfs daemons whose private area lies on ``top``
+    (found by their command line: ``simfs PRIVATE ROOT ...``; a FUSE mount's
+    source does not name the private area)."""
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                args = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+            cwd = os.readlink(f"/proc/{pid}/cwd")
+        except OSError:
+            continue
+        for i, a in enumerate(args[:3]):
+            if os.path.basename(a) == "simfs":
+                pos = [x for x in args[i + 1:] if not x.startswith("-")]
+                if len(pos) >= 2:
+                    priv = os.path.realpath(os.path.join(cwd, pos[0]))
+                    if priv == top or priv.startswith(top + "/"):
+                        out.append(os.path.realpath(os.path.join(cwd, pos[1])))
+                break
+    return out
+
+
 @dataclass
 class Backing:
     """One mounted backing filesystem with a private area on it."""
@@ -133,9 +156,8 @@ class Backing:
         """Unmount everything on or from this backing, then the backing itself,
         detach its loop device and delete its image.  Safe to call twice."""
         mnt = os.path.realpath(self.mnt)
-        on_top = [mp for mp, _, src in _mountinfo()
-                  if src == str(self.private) or src.startswith(str(self.private) + "/")
-                  or mp.startswith(mnt + "/")]
+        on_top = [mp for mp, _, _ in _mountinfo() if mp.startswith(mnt + "/")]
+        on_top += [mp for mp in simfs_roots_on(mnt) if is_mounted(mp)]
         for mp in reversed(on_top):
             _umount(mp, 10.0)
         if is_mounted(mnt):
