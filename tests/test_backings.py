@@ -185,7 +185,7 @@ RACE_HOLES = "issue 7 items 2, 4, 5: directory growth, xattr and late blocks " \
 
 
 @pytest.mark.parametrize("backing", bk.params(xfail={
-    "ext4": RACE_HOLES, "xfs": RACE_HOLES, "btrfs": RACE_HOLES}), indirect=True)
+    "ext4": RACE_HOLES, "xfs": RACE_HOLES}), indirect=True)
 def test_race_at_the_limit(backing_quota):
     """Invariant (a): 8 writers (4 uids, 2 gids) race at the hard limits with
     writes, appends, creates, truncates, renames, links, xattrs; no sample of
