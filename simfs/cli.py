@@ -18,7 +18,9 @@ import faulthandler
 import logging
 import logging.handlers
 import os
+import re
 import resource
+import stat
 import sys
 
 from . import __version__
@@ -38,6 +40,10 @@ SIMFS_VALUED = {"quotaid", "quotafile", "log", "checkpoint"}
 # The source df and /proc/mounts show, inside the container too (as OpenVZ
 # showed): never the host's private path.
 DEFAULT_FSNAME = "/dev/simfs"
+MAX_QUOTAID = 2**32 - 1
+MAX_CHECKPOINT = 86400.0
+_DIGITS = re.compile(r"[0-9]+")                          # ASCII only (not str.isdigit)
+_DECIMAL = re.compile(r"[0-9]+(\.[0-9]*)?|\.[0-9]+")
 
 
 class UsageError(Exception):
@@ -68,15 +74,17 @@ def parse_options(words: list[str], private: str) -> tuple[set[str], dict[str, s
             raise UsageError(f"unknown mount option: {opt}")
     if "quotaid" in own:
         q = own["quotaid"]
-        if not q.isdigit() or int(q) <= 0:
-            raise UsageError(f"quotaid must be a positive integer, not {q!r}")
+        if not _DIGITS.fullmatch(q) or not 0 < int(q) <= MAX_QUOTAID:
+            raise UsageError(f"quotaid must be a positive integer up to {MAX_QUOTAID}, "
+                             f"not {q!r}")
     if "checkpoint" in own:
-        try:
-            if float(own["checkpoint"]) <= 0:
-                raise ValueError
-        except ValueError:
-            raise UsageError(f"checkpoint must be a positive number of seconds, "
-                             f"not {own['checkpoint']!r}") from None
+        c = own["checkpoint"]
+        if not _DECIMAL.fullmatch(c) or not 0 < float(c) <= MAX_CHECKPOINT:
+            raise UsageError(f"checkpoint must be a number of seconds above 0 and up to "
+                             f"{MAX_CHECKPOINT}, not {c!r}")
+    for key in ("quotafile", "log"):
+        if key in own and not own[key]:
+            raise UsageError(f"{key}= needs a file name")
     return fuse, own
 
 
@@ -132,6 +140,25 @@ def dead_mount_message(path: str) -> str:
             "and mount again")
 
 
+def _identity(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def _ancestry(path: str) -> set[tuple[int, int]]:
+    """(dev, ino) of ``path`` and of every directory above it."""
+    out = set()
+    p = os.path.realpath(path)
+    while True:
+        try:
+            out.add(_identity(p))
+        except OSError:
+            pass
+        if p == "/":
+            return out
+        p = os.path.dirname(p)
+
+
 def precheck(private: str, root: str) -> None:
     from .mount import MountError
     for path in (root, private):
@@ -146,16 +173,21 @@ def precheck(private: str, root: str) -> None:
         raise MountError(f"mount point {root} is not a directory")
     if is_mountpoint(root):
         raise MountError(f"{root} is already a mount point")
+    # The daemon would serve its own requests on the backing tree: a deadlock.
+    if _identity(private) in _ancestry(root):
+        raise MountError(f"mount point {root} is inside the private area {private}")
+    if _identity(root) in _ancestry(private):
+        raise MountError(f"private area {private} is inside the mount point {root}")
     if not os.path.exists("/dev/fuse"):
         raise MountError("/dev/fuse is missing: load the fuse module (modprobe fuse)")
 
 
-def setup_logging(debug: bool, logfile: str | None, daemon: bool) -> None:
+def setup_logging(debug: bool, logfile, daemon: bool) -> None:
     root = logging.getLogger()
     root.setLevel(logging.DEBUG if debug else logging.INFO)
     fmt = logging.Formatter("%(asctime)s simfs[%(process)d] %(levelname)s %(name)s: %(message)s")
     if logfile:
-        h: logging.Handler = logging.FileHandler(logfile)
+        h: logging.Handler = logging.StreamHandler(logfile)
     elif daemon and os.path.exists("/dev/log"):
         h = logging.handlers.SysLogHandler(address="/dev/log")
         fmt = logging.Formatter("simfs[%(process)d]: %(levelname)s %(message)s")
@@ -165,6 +197,22 @@ def setup_logging(debug: bool, logfile: str | None, daemon: bool) -> None:
         h = logging.StreamHandler(sys.stderr)
     h.setFormatter(fmt)
     root.handlers[:] = [h]
+
+
+def open_log(path: str):
+    """The log file, root's only (0600); never through a symlink, never a FIFO."""
+    from .mount import MountError
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
+                     | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise MountError(f"can't open log file {path}: {e.strerror}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise MountError(f"log file {path} is not a regular file")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "a", buffering=1)
 
 
 def raise_fd_limit() -> None:
@@ -197,19 +245,23 @@ def main(argv: list[str] | None = None) -> int:
     debug = args.debug or "debug" in own
     foreground = args.foreground or args.debug
     from .mount import Mount, MountError
+    # The daemon's own files (locks, socket, log, quota file) are root's only;
+    # the passthrough itself runs with umask 0 (``run``): the kernel has
+    # already applied the caller's umask to every mode it sends.
+    os.umask(0o077)
     try:
         precheck(args.private, args.root)
+        logfile = open_log(own["log"]) if "log" in own else None
     except MountError as e:
         print(f"simfs: {e}", file=sys.stderr)
         return 1
-    os.umask(0)
     raise_fd_limit()
     m = Mount(os.path.abspath(args.private), os.path.abspath(args.root), fuse_opts,
               quotaid=int(own["quotaid"]) if "quotaid" in own else None,
               quotafile=own.get("quotafile"),
               checkpoint=float(own.get("checkpoint", 30)))
     if foreground:
-        setup_logging(debug, own.get("log"), daemon=False)
+        setup_logging(debug, logfile, daemon=False)
         faulthandler.enable()
         return run(m, None)
     r, w = os.pipe()
@@ -224,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     os.close(r)
     os.setsid()
-    setup_logging(debug, own.get("log"), daemon=True)
+    setup_logging(debug, logfile, daemon=True)
     code = run(m, w)
     os._exit(code)
 
@@ -266,6 +318,7 @@ def run(m, ready_fd: int | None) -> int:
             os.dup2(devnull, fd)
         os.close(devnull)
         tell("ok")
+    os.umask(0)
     try:
         trio.run(m.serve)
     except BaseException:

@@ -56,16 +56,20 @@ class Mount:
     live: LiveQuota | None = None
     _locks: list[tuple[int, str]] = field(default_factory=list)
     _sock: socket.socket | None = None
-    _control_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
 
     # ---- before mounting -------------------------------------------------------
 
-    def _lock(self, path: str, what: str) -> None:
-        """Hold an flock on ``path`` for the mount's life.  The file is removed
-        at stop (``_unlock``), so a lock taken on a file that was unlinked
-        meanwhile is retried on the new one."""
+    def _lock(self, rundir: int, name: str, what: str) -> None:
+        """Hold an flock on ``name`` in the run directory for the mount's life.
+        The file is removed at stop (``_unlock``), so a lock taken on a file
+        that was unlinked meanwhile is retried on the new one.  Never through
+        a symlink (``control.open_lock``)."""
+        path = os.path.join(control.run_dir(), name)
         while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fd = control.open_lock(rundir, name)
+            except VzError as e:
+                raise MountError(e.message) from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
@@ -74,7 +78,8 @@ class Mount:
                     raise MountError(f"{what} is already mounted by another simfs") from None
                 raise
             try:
-                same = os.path.samestat(os.fstat(fd), os.stat(path))
+                same = os.path.samestat(os.fstat(fd),
+                                        os.stat(name, dir_fd=rundir, follow_symlinks=False))
             except FileNotFoundError:
                 same = False
             if same:
@@ -103,11 +108,19 @@ class Mount:
         except NotADirectoryError:
             raise MountError(f"private area {self.private} is not a directory") from None
         st = os.fstat(root_fd)
-        control.ensure_run_dir()
-        self._lock(os.path.join(control.run_dir(), f"private-{st.st_dev}-{st.st_ino}.lock"),
-                   f"private area {self.private}")
+        try:
+            rundir = control.ensure_run_dir()
+        except VzError as e:
+            raise MountError(e.message) from None
+        try:
+            self._lock(rundir, f"private-{st.st_dev}-{st.st_ino}.lock",
+                       f"private area {self.private}")
+            if self.quotaid is not None:
+                self._lock(rundir, os.path.basename(control.lock_path(self.quotaid)),
+                           f"quota id {self.quotaid}")
+        finally:
+            os.close(rundir)
         if self.quotaid is not None:
-            self._lock(control.lock_path(self.quotaid), f"quota id {self.quotaid}")
             qf = QuotaFile.for_id(self.quotaid, self.quotafile)
             if not qf.exists():
                 raise MountError(f"no quota file for id {self.quotaid} ({qf.path}); "
@@ -132,7 +145,8 @@ class Mount:
 
     def _orphans(self) -> list[tuple[int, int, int]]:
         """Inodes unlinked but still reachable by the kernel (open, or held by
-        a lookup reference): charged although no scan sees them."""
+        a lookup reference): charged although no scan sees them, and their
+        space goes when the mount does."""
         return [(i.uid, i.gid, i.space) for i in self.ops.table.inodes.values()
                 if i.unlinked and not i.freed]
 
@@ -200,27 +214,32 @@ class Mount:
         except FileNotFoundError:
             pass
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        sock.bind(path)
+        old = os.umask(0o077)    # never a moment with a socket others may use
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old)
         os.chmod(path, 0o600)
         sock.listen(16)
         self._sock = sock
 
     async def _control(self) -> None:
         sock = trio.socket.from_stdlib_socket(self._sock)
-        with self._control_scope:
-            async with trio.open_nursery() as nursery:
-                while True:
+        async with trio.open_nursery() as nursery:
+            while True:
+                try:
                     conn, _ = await sock.accept()
-                    nursery.start_soon(self._client, conn)
-        # The quota was dropped: the mount goes on as a plain passthrough.
-        sock.close()
-        self._sock = None
-        try:
-            os.unlink(control.socket_path(self.quotaid))
-        except OSError:
-            pass
+                except OSError as e:
+                    # EMFILE/ENFILE/ENOBUFS...: the connection waits in the
+                    # backlog; the mount must not die of it.
+                    log.warning("control: accept failed: %s", e)
+                    await trio.sleep(0.1)
+                    continue
+                nursery.start_soon(self._client, conn)
 
     async def _client(self, conn) -> None:
+        """One control connection: one request line in, one answer line out.
+        Nothing a client sends or does may end the mount."""
         with conn:
             try:
                 if not control.peer_allowed(conn):
@@ -228,55 +247,69 @@ class Mount:
                     return
                 buf = b""
                 with trio.move_on_after(30):
-                    while not buf.endswith(b"\n") and len(buf) < control.MAX_LINE:
+                    while not buf.endswith(b"\n") and len(buf) <= control.MAX_REQUEST:
                         chunk = await conn.recv(65536)
                         if not chunk:
                             break
                         buf += chunk
-                reply = await self._answer(buf)
+                if len(buf) > control.MAX_REQUEST:
+                    reply = {"ok": False, "code": EC_LIVE,
+                             "message": f"bad request: longer than {control.MAX_REQUEST} bytes"}
+                else:
+                    reply = await self._answer(buf)
                 await conn.send(control.encode(reply))
-                if self.live is None:
-                    self._control_scope.cancel()
             except OSError as e:
                 log.debug("control connection failed: %s", e)
+            except Exception:
+                log.exception("control connection failed")
 
     async def _answer(self, buf: bytes) -> dict:
         try:
             req = json.loads(buf)
-            if not isinstance(req, dict):
-                raise ValueError("not an object")
-        except ValueError:
-            return {"ok": False, "code": EC_LIVE, "message": "malformed request"}
+        except (ValueError, RecursionError):
+            return {"ok": False, "code": EC_LIVE, "message": "bad request: not valid JSON"}
         live = self.live
-        if live is None:
-            return {"ok": False, "code": EC_LIVE, "message": "the quota was dropped"}
         try:
             reply = live.handle(req)
-            if req.get("cmd") == "drop":
-                self.live = None
             self.ops.quota = live.engine
-            if live.recalc_wanted:
-                live.recalc_wanted = False
-                await self.recalc()
+            why = live.recalc_wanted
+            if why:
+                live.recalc_wanted = None
+                passes = await self.recalc(why)
+                if passes:
+                    raise live.inexact_error(passes, why)
                 reply = live.reply()
             return reply
         except VzError as e:
             return {"ok": False, "code": e.code, "message": e.message}
         except Exception as e:
-            log.exception("control request %r failed", req.get("cmd"))
+            log.exception("control request failed")
             return {"ok": False, "code": EC_LIVE, "message": f"internal error: {e}"}
 
-    async def recalc(self) -> None:
-        """Recount while serving; exact once writers are quiet (a pass that saw
-        changes under it is repeated, up to RECALC_PASSES)."""
+    def _quiet_mark(self) -> tuple[int, int]:
+        """Changes so far: usage charged or freed, and names moved or linked."""
+        engine = self.live.engine
+        return (engine.generation if engine is not None else -1, self.ops.mutations)
+
+    async def recalc(self, why: str | None = None) -> int:
+        """Recount while serving.  A pass is applied only if nothing changed
+        while it ran (so the result is exact); otherwise it is repeated, up to
+        RECALC_PASSES.  Returns 0 when exact, else the number of passes made
+        (``LiveQuota.finish_recalc`` says what was applied then)."""
         live = self.live
         for n in range(RECALC_PASSES):
             if live.engine is None:
-                return
-            gen = live.engine.generation
+                return 0
+            mark = self._quiet_mark()
             result = await trio.to_thread.run_sync(self._scan)
-            last = n == RECALC_PASSES - 1
+            if live.engine is None:
+                return 0
             self.ops.refresh()     # no await from here to the apply
-            if live.finish_recalc(result, live.engine.generation if last else gen):
+            quiet = self._quiet_mark() == mark
+            last = n == RECALC_PASSES - 1
+            if live.finish_recalc(result, quiet, last, why):
                 log.info("quota %d: recounted (pass %d)", self.quotaid, n + 1)
-                return
+                return 0
+        log.warning("quota %d: usage kept changing during %d recount passes",
+                    self.quotaid, RECALC_PASSES)
+        return RECALC_PASSES

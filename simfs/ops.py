@@ -59,9 +59,16 @@ ACL_XATTRS = frozenset((b"system.posix_acl_access", b"system.posix_acl_default")
 TIMEOUT = 10.0                  # entry/attr cache: every change comes through us
 
 
+# Handlers that may change names or allocations: ``SimOperations.mutations``
+# sums their counts (a live recount is exact only if none ran meanwhile).
+# (open, release and fsync only reconcile: what they change shows in the engine's
+# generation, so readers do not count.)
+MUTATING = frozenset({"setattr", "mknod", "mkdir", "symlink", "create", "link", "unlink",
+                      "rmdir", "rename", "write", "setxattr", "removexattr", "fallocate"})
+
+
 def errno_boundary(fn: Callable) -> Callable:
     """The one errno boundary: only FUSEError may leave a handler."""
-
     op = fn.__name__
 
     @functools.wraps(fn)
@@ -112,6 +119,12 @@ class SimOperations(pyfuse3.Operations):
         # FUSE requests answered, per operation (a dict increment per request;
         # read through COUNTS_XATTR by tools/bench.py)
         self.counts: collections.Counter[str] = collections.Counter()
+
+    @property
+    def mutations(self) -> int:
+        """Calls of MUTATING handlers so far."""
+        counts = self.counts
+        return sum(counts[op] for op in MUTATING)
 
     # ---- helpers -------------------------------------------------------------
 

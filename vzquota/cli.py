@@ -210,19 +210,24 @@ def cmd_init(o: dict, out: Out) -> int:
     qf = quota_file(o)
     st = QuotaState(qid=o["qid"])
     apply_limits(st, lim)
-    if _live_any(o):
+    ping = live(o, "ping")
+    if ping is not None and not ping.get("dropped"):
         raise VzError(EC_RUN, f"Quota is running for id {o['qid']}, stop it first")
     with qf.lock():
         if qf.exists():
             out.warn("Quota file exists, it will be overwritten")
         rescan(st, lim["path"], out)
+        # A mount whose quota was dropped (drop -f) runs on uncounted: the
+        # figure is not to be trusted until `on` recounts it there.
+        st.dirty = ping is not None
         qf.save(st)
     return 0
 
 
 def _live_any(o: dict) -> bool:
-    """True when a mount carries the id (quota on or off inside it)."""
-    return live(o, "ping") is not None
+    """True when a mount carries the id (quota on or off inside it, not dropped)."""
+    ping = live(o, "ping")
+    return ping is not None and not ping.get("dropped")
 
 
 def cmd_on(o: dict, out: Out) -> int:

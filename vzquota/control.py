@@ -23,10 +23,12 @@ import os
 import socket
 import struct
 
-from .errors import EC_LIVE, VzError
+from .errors import EC_LIVE, EC_SYSERR, VzError
+from .qfile import open_safe_file
 
 DEFAULT_RUNDIR = "/run/vzquota"
-MAX_LINE = 1 << 24
+MAX_LINE = 1 << 24           # an answer (it carries the whole state)
+MAX_REQUEST = 64 * 1024      # a request; a longer one is refused unread
 
 
 def run_dir() -> str:
@@ -41,11 +43,34 @@ def lock_path(qid: int) -> str:
     return os.path.join(run_dir(), f"{qid}.lock")
 
 
-def ensure_run_dir() -> str:
+def ensure_run_dir() -> int:
+    """Create the run directory if needed and return a descriptor of it, after
+    checking it is root's and not a symlink; its mode is set to 0700."""
     d = run_dir()
-    os.makedirs(d, mode=0o700, exist_ok=True)
-    os.chmod(d, 0o700)
-    return d
+    try:
+        os.mkdir(d, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise VzError(EC_SYSERR, f"Can't create run directory {d}: {e.strerror}") from None
+    try:
+        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        raise VzError(EC_SYSERR, f"Can't open run directory {d}: {e.strerror}") from None
+    st = os.fstat(fd)
+    if st.st_uid not in (0, os.geteuid()):
+        os.close(fd)
+        raise VzError(EC_SYSERR, f"Run directory {d} is not safe: it must be owned by "
+                      f"root (owner {st.st_uid})")
+    os.fchmod(fd, 0o700)
+    return fd
+
+
+def open_lock(dfd: int, name: str) -> int:
+    """Open (create) lock file ``name`` in the run directory ``dfd``, refusing
+    a symlink or anything but a regular file of root's."""
+    return open_safe_file(dfd, name, os.O_RDWR | os.O_CREAT,
+                          f"Lock file {os.path.join(run_dir(), name)}", EC_SYSERR)
 
 
 def peer_allowed(sock: socket.socket) -> bool:
@@ -60,6 +85,12 @@ def peer_allowed(sock: socket.socket) -> bool:
     except OSError:
         return False
     return (mine.st_dev, mine.st_ino) == (theirs.st_dev, theirs.st_ino)
+
+
+def _server_is_root(sock: socket.socket) -> bool:
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return uid in (0, os.geteuid())
 
 
 def encode(msg: dict) -> bytes:
@@ -81,6 +112,9 @@ def request(qid: int, cmd: str, timeout: float = 600.0, **args) -> dict | None:
                 return None
             raise VzError(EC_LIVE, f"Can't reach the mount of quota id {qid} "
                           f"at {path}: {e.strerror}") from None
+        if not _server_is_root(s):
+            raise VzError(EC_LIVE, f"The control socket {path} of quota id {qid} is not "
+                          "served by root: refusing to use it")
         try:
             s.sendall(encode({"cmd": cmd, **args}))
             buf = b""
@@ -98,7 +132,9 @@ def request(qid: int, cmd: str, timeout: float = 600.0, **args) -> dict | None:
         s.close()
     try:
         reply = json.loads(buf)
-    except ValueError:
+        if type(reply) is not dict:
+            raise ValueError("not an object")
+    except (ValueError, RecursionError):
         raise VzError(EC_LIVE, f"The mount of quota id {qid} gave no valid answer") from None
     if not reply.get("ok"):
         raise VzError(int(reply.get("code", EC_LIVE)), str(reply.get("message", "refused")))

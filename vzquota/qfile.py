@@ -25,8 +25,10 @@ import fcntl
 import hashlib
 import json
 import os
+import stat
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 from .errors import EC_LOCKED, EC_NOQUOTAFILE, EC_QUOTAFILE, EC_SYSERR, VzError
 from .model import Counter, Graces, QuotaObject, QuotaState
@@ -54,9 +56,12 @@ def _obj_out(o: QuotaObject) -> list[list[int]]:
     return [_counter_out(o.space), _counter_out(o.inodes)]
 
 
+MAX_NUMBER = (2**63 - 1) * 1024     # the largest limit (in bytes) the CLI can set
+
+
 def _int(v: object) -> int:
-    if type(v) is not int or v < 0:
-        raise ValueError(f"bad number {v!r}")
+    if type(v) is not int or not 0 <= v <= MAX_NUMBER:
+        raise ValueError(f"bad number {str(v)[:40]}")
     return v
 
 
@@ -131,10 +136,16 @@ def encode(st: QuotaState) -> bytes:
     return f"{MAGIC} {VERSION}\n{body}\nsha256 {digest}\n".encode("ascii")
 
 
+def corrupt_error(where: str, why: str) -> VzError:
+    """The one message for a quota file whose contents do not check out."""
+    return VzError(EC_QUOTAFILE, f"Quota file {where} is corrupt ({why}); "
+                   "recreate it with vzquota init")
+
+
+
 def decode(data: bytes, where: str) -> QuotaState:
     def corrupt(why: str) -> VzError:
-        return VzError(EC_QUOTAFILE, f"Quota file {where} is corrupt ({why}); "
-                       "recreate it with vzquota init")
+        return corrupt_error(where, why)
     try:
         text = data.decode("ascii")
     except UnicodeDecodeError:
@@ -152,12 +163,83 @@ def decode(data: bytes, where: str) -> QuotaState:
     if check != "sha256 " + hashlib.sha256(body.encode("ascii")).hexdigest():
         raise corrupt("checksum mismatch")
     try:
-        return state_from_dict(json.loads(body))
-    except (ValueError, KeyError, TypeError) as e:
-        raise corrupt(f"bad contents: {e}") from None
+        d = json.loads(body)
+        if type(d) is not dict:
+            raise ValueError("not an object")
+        return state_from_dict(d)
+    except RecursionError:
+        raise corrupt("bad contents: nested too deeply") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise corrupt(f"bad contents: {str(e)[:100]}") from None
 
 
 # ---- file I/O ----------------------------------------------------------------
+#
+# Safety: root reads and writes these files, and a directory writable by
+# someone else would let that someone plant a symlink where the quota file, its
+# temporary file or its lock will be opened.  So the directory is opened once
+# and checked (owned by root, not writable by group or others), everything
+# inside it is reached relative to that descriptor with O_NOFOLLOW (the
+# temporary file also with O_EXCL), and the quota file must be a regular file
+# owned by root and not writable by others.  Opening never blocks (O_NONBLOCK:
+# a FIFO in its place is refused, not waited on).  No directory is created
+# except the default quota directory itself (``quota_dir()``).
+
+MAX_FILE = 1 << 26
+
+
+def _owners() -> tuple[int, ...]:
+    return (0, os.geteuid())
+
+
+def open_safe_dir(path: str, what: str, code: int, create: bool = False) -> int:
+    """Open directory ``path`` (creating it, mode 0700, when ``create``) and check
+    that nobody but root can change what is in it; returns its descriptor."""
+    if create:
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
+        except OSError as e:
+            raise VzError(EC_SYSERR, f"Can't create {what} {path}: {e.strerror}") from None
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if st.st_uid not in _owners() or st.st_mode & 0o022:
+            raise VzError(code, f"{what.capitalize()} {path} is not safe: it must be owned "
+                          "by root and not writable by group or others "
+                          f"(owner {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o})")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def open_safe_file(dfd: int, name: str, flags: int, where: str, code: int,
+                   mode: int = 0o600) -> int:
+    """Open ``name`` in directory ``dfd`` without following a symlink and without
+    blocking; refuse anything but a regular file of root's that others cannot
+    write.  OSError (ENOENT...) passes through."""
+    try:
+        fd = os.open(name, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode,
+                     dir_fd=dfd)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise VzError(code, f"{where} is a symbolic link: refusing to use it") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise VzError(code, f"{where} is not a regular file")
+        if st.st_uid not in _owners() or st.st_mode & 0o022:
+            raise VzError(code, f"{where} is not safe: it must be owned by root and not "
+                          "writable by group or others (owner "
+                          f"{st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o})")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
 
 @dataclass
 class QuotaFile:
@@ -174,18 +256,51 @@ class QuotaFile:
         return VzError(EC_NOQUOTAFILE, f"Can't open quota file for id {self.qid}, maybe "
                        "you need to reinitialize quota: No such file or directory")
 
+    @property
+    def dir(self) -> str:
+        return os.path.dirname(os.path.abspath(self.path))
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.path)
+
+    def open_dir(self, create: bool = False) -> int:
+        """The checked directory of the file (only the default one is created)."""
+        d = self.dir
+        create = create and d == os.path.abspath(quota_dir())
+        return open_safe_dir(d, "quota directory", EC_QUOTAFILE, create)
+
     def exists(self) -> bool:
-        return os.path.exists(self.path)
+        try:
+            os.stat(self.path, follow_symlinks=False)
+            return True
+        except OSError:
+            return False
 
     def load(self) -> QuotaState:
         try:
-            with open(self.path, "rb") as f:
-                data = f.read(1 << 26)
+            dfd = self.open_dir()
         except FileNotFoundError:
             raise self.missing() from None
         except OSError as e:
             raise VzError(EC_QUOTAFILE, f"Can't read quota file {self.path}: "
                           f"{e.strerror}") from None
+        try:
+            fd = open_safe_file(dfd, self.name, os.O_RDONLY, f"Quota file {self.path}",
+                                EC_QUOTAFILE)
+            try:
+                data = os.read(fd, MAX_FILE + 1)
+            finally:
+                os.close(fd)
+        except FileNotFoundError:
+            raise self.missing() from None
+        except OSError as e:
+            raise VzError(EC_QUOTAFILE, f"Can't read quota file {self.path}: "
+                          f"{e.strerror}") from None
+        finally:
+            os.close(dfd)
+        if len(data) > MAX_FILE:
+            raise corrupt_error(self.path, "too large")
         st = decode(data, self.path)
         if st.qid != self.qid:
             raise VzError(EC_QUOTAFILE, f"Quota file {self.path} belongs to quota id "
@@ -194,12 +309,22 @@ class QuotaFile:
 
     def save(self, st: QuotaState) -> None:
         """Atomically replace the file with ``st`` (temp, fsync, rename, fsync dir)."""
-        d = os.path.dirname(os.path.abspath(self.path))
-        tmp = f"{self.path}.tmp{os.getpid()}"
         data = encode(st)
+        tmp = f"{self.name}.tmp{os.getpid()}"
         try:
-            os.makedirs(d, mode=0o700, exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            dfd = self.open_dir(create=True)
+        except OSError as e:
+            raise VzError(EC_SYSERR, f"Can't write quota file {self.path}: "
+                          f"{e.strerror}") from None
+        made = False
+        try:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            try:
+                fd = os.open(tmp, flags, 0o600, dir_fd=dfd)
+            except FileExistsError:      # left by a crashed process with our pid
+                os.unlink(tmp, dir_fd=dfd)
+                fd = os.open(tmp, flags, 0o600, dir_fd=dfd)
+            made = True
             try:
                 view = memoryview(data)
                 while view:
@@ -207,36 +332,46 @@ class QuotaFile:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            os.rename(tmp, self.path)
-            dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            os.rename(tmp, self.name, src_dir_fd=dfd, dst_dir_fd=dfd)
+            made = False
+            os.fsync(dfd)
         except OSError as e:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
             raise VzError(EC_SYSERR, f"Can't write quota file {self.path}: "
                           f"{e.strerror}") from None
+        finally:
+            if made:
+                try:
+                    os.unlink(tmp, dir_fd=dfd)
+                except OSError:
+                    pass
+            os.close(dfd)
 
     def remove(self) -> None:
         try:
-            os.unlink(self.path)
+            dfd = self.open_dir()
         except FileNotFoundError:
             raise self.missing() from None
         except OSError as e:
             raise VzError(EC_SYSERR, f"Can't remove quota file {self.path}: "
                           f"{e.strerror}") from None
-        for extra in (self.path + ".lock",):
+        try:
             try:
-                os.unlink(extra)
+                os.unlink(self.name, dir_fd=dfd)
+            except FileNotFoundError:
+                raise self.missing() from None
+            except OSError as e:
+                raise VzError(EC_SYSERR, f"Can't remove quota file {self.path}: "
+                              f"{e.strerror}") from None
+            try:
+                os.unlink(self.name + ".lock", dir_fd=dfd)
             except OSError:
                 pass
+        finally:
+            os.close(dfd)
 
     def lock(self, wait: float | None = None) -> "QuotaLock":
-        return QuotaLock(self.path + ".lock", self.qid, wait)
+        return QuotaLock(self.path + ".lock", self.qid, wait,
+                         opener=lambda: self.open_dir(create=True))
 
 
 def lock_wait_default() -> float:
@@ -250,17 +385,25 @@ class QuotaLock:
     """``with QuotaLock(...)``: exclusive flock of one quota id, waiting up to
     ``wait`` seconds (default $VZQUOTA_LOCK_WAIT or 5), then EC_LOCKED."""
 
-    def __init__(self, path: str, qid: int, wait: float | None = None):
+    def __init__(self, path: str, qid: int, wait: float | None = None,
+                 opener: Callable[[], int] | None = None):
         self.path = path
         self.qid = qid
         self.wait = lock_wait_default() if wait is None else wait
         self.fd = -1
+        d = os.path.dirname(os.path.abspath(path))
+        self.opener = opener or (lambda: open_safe_dir(d, "quota directory",
+                                                       EC_QUOTAFILE))
 
     def try_acquire(self) -> bool:
         if self.fd < 0:
-            os.makedirs(os.path.dirname(os.path.abspath(self.path)), mode=0o700,
-                        exist_ok=True)
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            dfd = self.opener()
+            try:
+                self.fd = open_safe_file(dfd, os.path.basename(self.path),
+                                         os.O_RDWR | os.O_CREAT,
+                                         f"Lock file {self.path}", EC_QUOTAFILE)
+            finally:
+                os.close(dfd)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             return True

@@ -15,7 +15,9 @@ function it is given runs elsewhere and only its result comes back here).
 
 from __future__ import annotations
 
+import dataclasses as dc
 import logging
+import os
 import time
 from typing import Callable
 
@@ -30,6 +32,115 @@ log = logging.getLogger(__name__)
 # limit keys: values in 1K blocks (b*), inodes (i*) or seconds (*grace)
 LIMIT_KEYS = ("bsoft", "bhard", "isoft", "ihard", "bgrace", "igrace", "ugid_on",
               "ugid_limit", "path")
+
+# ---- the control requests' schema ----------------------------------------------
+#
+# Every request a live mount answers is checked here before anything acts on it:
+# one JSON object with "cmd" and only the keys its command takes, each of its
+# type and range (see ``REQUESTS``).  Anything else is refused with EC_LIVE and
+# "bad request: ..." and changes nothing.
+
+MAX_VALUE = 2**63 - 1           # the largest limit, count or time (units.UNLIMITED)
+MAX_UGID = 2**32 - 2            # uid/gid range (2**32 - 1 is "no id")
+MAX_PATH = 4096
+
+
+def _bad(why: str) -> VzError:
+    return VzError(EC_LIVE, f"bad request: {why}")
+
+
+def _v_int(name: str, v: object) -> int:
+    if type(v) is not int or not 0 <= v <= MAX_VALUE:
+        raise _bad(f"{name} must be an integer from 0 to {MAX_VALUE}")
+    return v
+
+
+def _v_bool(name: str, v: object) -> bool:
+    if type(v) is not bool:
+        raise _bad(f"{name} must be true or false")
+    return v
+
+
+def _v_ugid(name: str, v: object) -> int:
+    if type(v) is not int or not 0 <= v <= MAX_UGID:
+        raise _bad(f"{name} must be an integer from 0 to {MAX_UGID}")
+    return v
+
+
+def _v_kind(name: str, v: object) -> str:
+    if v not in (USER, GROUP) or type(v) is not str:
+        raise _bad(f"{name} must be {USER!r} or {GROUP!r}")
+    return v
+
+
+def _v_path(name: str, v: object) -> str:
+    if (type(v) is not str or not v.startswith("/") or "\0" in v
+            or len(v) > MAX_PATH):
+        raise _bad(f"{name} must be an absolute path")
+    return v
+
+
+LIMIT_SCHEMA: dict[str, Callable[[str, object], object]] = {
+    "bsoft": _v_int, "bhard": _v_int, "isoft": _v_int, "ihard": _v_int,
+    "bgrace": _v_int, "igrace": _v_int, "ugid_on": _v_bool, "ugid_limit": _v_int,
+    "path": _v_path,
+}
+
+
+def _v_limits(name: str, v: object) -> dict:
+    if type(v) is not dict:
+        raise _bad(f"{name} must be an object")
+    for key, val in v.items():
+        check = LIMIT_SCHEMA.get(key)
+        if check is None:
+            raise _bad(f"unknown limit {key!r}")
+        check(f"{name}.{key}", val)
+    return v
+
+
+# cmd -> {key: checker}; keys are optional unless listed in REQUIRED.
+REQUESTS: dict[str, dict[str, Callable[[str, object], object]]] = {
+    "ping": {},
+    "stat": {"save": _v_bool},
+    "on": {"limits": _v_limits},
+    "off": {},
+    "setlimit": {"limits": _v_limits, "force": _v_bool},
+    "setlimit2": {"kind": _v_kind, "id": _v_ugid, "bsoft": _v_int, "bhard": _v_int,
+                  "isoft": _v_int, "ihard": _v_int, "bgrace": _v_int, "igrace": _v_int},
+    "reload2": {},
+    "recalc": {},
+    "drop": {},
+}
+
+
+def validate_request(req: object) -> dict:
+    """Check one decoded control request against ``REQUESTS``; returns it, or
+    raises ``VzError(EC_LIVE, "bad request: ...")``."""
+    if type(req) is not dict:
+        raise _bad("not a JSON object")
+    cmd = req.get("cmd")
+    if type(cmd) is not str or cmd not in REQUESTS:
+        raise _bad(f"unknown command {str(cmd)[:40]!r}")
+    schema = REQUESTS[cmd]
+    for key, val in req.items():
+        if key == "cmd":
+            continue
+        check = schema.get(key)
+        if check is None:
+            raise _bad(f"{cmd} takes no {str(key)[:40]!r}")
+        check(key, val)
+    if cmd == "setlimit2":
+        limits = ("bsoft", "bhard", "isoft", "ihard")
+        if "id" in req:
+            want, other = limits, ("bgrace", "igrace")
+        else:
+            want, other = ("bgrace", "igrace"), limits
+        missing = [k for k in want if k not in req]
+        extra = [k for k in other if k in req]
+        if missing or extra:
+            raise _bad("setlimit2 takes id, bsoft, bhard, isoft, ihard or "
+                       "bgrace, igrace")
+    return req
 
 
 def check_pair(kind: str, soft: int, hard: int) -> None:
@@ -59,7 +170,19 @@ def apply_limits(st: QuotaState, limits: dict) -> None:
     if "ugid_on" in limits:
         st.ugid_on = bool(limits["ugid_on"])
     if limits.get("path"):
+        if not same_path(st.path, limits["path"]):
+            st.dirty = True         # usage was counted for another tree: recount
         st.path = limits["path"]
+
+
+def same_path(stored: str | None, path: str) -> bool:
+    """Whether a quota that last counted ``stored`` may trust its usage at ``path``."""
+    if stored is None or stored == path:
+        return True
+    try:
+        return os.path.samefile(stored, path)
+    except OSError:
+        return False
 
 
 def apply_limits2(st: QuotaState, req: dict) -> None:
@@ -81,8 +204,45 @@ def apply_scan(engine: QuotaEngine, r: ScanResult) -> None:
     engine.set_usage(r.space, r.inodes, r.users, r.groups)
 
 
+def _limits_of(st: QuotaState) -> tuple:
+    """Everything a control request may change, as plain values (not usage)."""
+    def obj(o: QuotaObject) -> tuple:
+        return tuple((c.soft, c.hard, c.deadline) for c in (o.space, o.inodes))
+    return ((st.path, st.ugid_on, st.ugid_limit, st.ugid_exceeded, st.on, st.mounted,
+             st.dirty, dc.replace(st.grace1), dc.replace(st.user_grace),
+             dc.replace(st.group_grace)),
+            obj(st.level1),
+            {kind: {i: obj(o) for i, o in st.table(kind).items()} for kind in (USER, GROUP)})
+
+
+def _restore_limits(st: QuotaState, snap: tuple) -> None:
+    """Undo a change ``_limits_of`` took a snapshot before; the Counter objects
+    stay the same (reservations in flight may point at them)."""
+    def obj(o: QuotaObject, vals: tuple) -> None:
+        for c, (soft, hard, deadline) in zip((o.space, o.inodes), vals):
+            c.soft, c.hard, c.deadline = soft, hard, deadline
+    flags, level1, tables = snap
+    (st.path, st.ugid_on, st.ugid_limit, st.ugid_exceeded, st.on, st.mounted, st.dirty,
+     st.grace1, st.user_grace, st.group_grace) = flags
+    obj(st.level1, level1)
+    for kind in (USER, GROUP):
+        live, old = st.table(kind), tables[kind]
+        for i in list(live):
+            if i in old:
+                obj(live[i], old[i])
+            elif not any((c.usage, c.rsv) for c in (live[i].space, live[i].inodes)):
+                del live[i]
+            else:
+                obj(live[i], ((0, 0, 0), (0, 0, 0)))
+
+
 class LiveQuota:
-    """The quota of one id inside one mount.  ``engine`` is None while off."""
+    """The quota of one id inside one mount.  ``engine`` is None while off.
+
+    After a live ``drop`` the quota is *dropped*: the mount serves as a plain
+    passthrough but keeps its control channel (and the id's lock), so a new
+    quota file (``vzquota init``) can be turned on in it again with ``on``.
+    """
 
     def __init__(self, qfile: QuotaFile, path: str, scan: Callable[[], ScanResult],
                  clock: Callable[[], float] = time.time):
@@ -92,9 +252,12 @@ class LiveQuota:
         self.clock = clock
         self.state: QuotaState = qfile.load()
         self.engine: QuotaEngine | None = None
-        self.recalc_wanted = False
+        self.dropped = False
+        # Why a recount is wanted: None, "recalc" (asked for), or "stale" (the
+        # figures are known to be wrong: quota was off, or the 2nd level was).
+        self.recalc_wanted: str | None = None
         # (uid, gid, bytes) of files no scan can see but that stay charged
-        # (unlinked while open); the mount fills this in.
+        # (unlinked, not yet given back); the mount fills this in.
         self.orphans: Callable[[], list[tuple[int, int, int]]] = list
 
     def _apply(self, engine: QuotaEngine, result: ScanResult) -> None:
@@ -106,9 +269,12 @@ class LiveQuota:
 
     def start(self) -> None:
         """At mount time, before any request: if quota is on, make usage exact
-        (rescan when the last run did not stop cleanly or usage is dirty) and
-        mark the file as being accounted."""
+        (rescan when the last run did not stop cleanly, usage is dirty or the
+        quota last counted another path) and mark the file as being accounted."""
         st = self.state
+        moved = not same_path(st.path, self.path)
+        if moved:
+            st.dirty = True
         st.path = self.path
         if not st.on:
             st.dirty = True      # changes made while mounted go uncounted
@@ -116,7 +282,8 @@ class LiveQuota:
             return
         engine = QuotaEngine(st, self.clock)
         if st.mounted or st.dirty:
-            why = "the last mount did not stop cleanly" if st.mounted else "usage is dirty"
+            why = ("the last mount did not stop cleanly" if st.mounted else
+                   "it last counted another path" if moved else "usage is dirty")
             log.info("quota %d: %s, recounting %s", st.qid, why, self.path)
             self._apply(engine, self.scan())
             log.info("quota %d: recounted: %d bytes, %d inodes", st.qid,
@@ -128,9 +295,27 @@ class LiveQuota:
         self.save()
 
     def stop(self) -> None:
-        """The clean stop: save usage and clear the accounting mark."""
+        """The clean stop: give back what files unlinked but still open hold
+        (their space goes with the mount), save usage, clear the accounting mark."""
+        if self.dropped:
+            self._stop_dropped()
+            return
+        if self.engine is not None:
+            for uid, gid, space in self.orphans():
+                self.engine.free(uid, gid, space, 1)
         self.state.mounted = False
         self.save()
+
+    def _stop_dropped(self) -> None:
+        """A quota file made (``init``) while the mount ran without quota has
+        missed changes: mark it dirty so that the next start recounts."""
+        try:
+            with self.qfile.lock():
+                st = self.qfile.load()
+                st.dirty, st.mounted = True, False
+                self.qfile.save(st)
+        except VzError:
+            pass
 
     def save(self) -> None:
         with self.qfile.lock():
@@ -149,15 +334,18 @@ class LiveQuota:
     def reply(self, **extra) -> dict:
         return {"ok": True, "active": self.engine is not None,
                 "ugid_active": self.engine is not None and self.engine.ugid_active,
+                "dropped": self.dropped,
                 "now": int(self.clock()), "state": state_to_dict(self.state), **extra}
 
-    def handle(self, req: dict) -> dict:
-        """Answer one control request.  A request that needs a recount sets
+    def handle(self, req: object) -> dict:
+        """Answer one control request (checked first: ``validate_request``).  A
+        change is saved before it is answered; when the save fails it is undone
+        and the error raised.  A request that needs a recount sets
         ``recalc_wanted``; the mount runs it and calls ``finish_recalc``."""
-        cmd = req.get("cmd")
-        st = self.state
-        if isinstance(req.get("limits"), dict):
-            req["limits"].pop("path", None)     # a live mount's path is its own
+        req = validate_request(req)
+        cmd = req["cmd"]
+        if "limits" in req:
+            req["limits"] = {k: v for k, v in req["limits"].items() if k != "path"}
         if cmd == "ping":
             return self.reply()
         if cmd == "stat":
@@ -166,6 +354,21 @@ class LiveQuota:
             if req.get("save"):
                 self.save()
             return self.reply()
+        if self.dropped:
+            return self._handle_dropped(req)
+        snap = _limits_of(self.state)
+        engine = self.engine
+        try:
+            return self._change(req)
+        except BaseException:
+            _restore_limits(self.state, snap)
+            self.engine = engine
+            self.recalc_wanted = None
+            raise
+
+    def _change(self, req: dict) -> dict:
+        cmd = req["cmd"]
+        st = self.state
         if cmd == "on":
             if self.engine is not None:
                 raise VzError(EC_RUN, f"Quota is already running for id {st.qid}")
@@ -174,7 +377,7 @@ class LiveQuota:
             engine.refresh_timers()
             st.on = st.mounted = True
             self.engine = engine
-            self.recalc_wanted = True   # changes made while off went uncounted
+            self.recalc_wanted = "stale"    # changes made while off went uncounted
             self.save()
             return self.reply()
         if cmd == "off":
@@ -193,7 +396,7 @@ class LiveQuota:
             if self.engine is not None:
                 self.engine.refresh_timers()
                 if self.engine.ugid_active and not was_ugid:
-                    self.recalc_wanted = True
+                    self.recalc_wanted = "stale"
             self.save()
             return self.reply()
         if cmd == "setlimit2":
@@ -216,22 +419,79 @@ class LiveQuota:
                 self.engine.refresh_timers()
             return self.reply()
         if cmd == "recalc":
-            self.recalc_wanted = True
+            if self.engine is not None:    # off: the next `on` recounts anyway
+                self.recalc_wanted = "recalc"
             return self.reply()
         if cmd == "drop":
-            self.engine = None
             self.qfile.remove()
+            self.engine = None
+            self.dropped = True
             return {"ok": True}
         raise VzError(EC_LIVE, f"unknown request {cmd!r}")
 
-    def finish_recalc(self, result: ScanResult, generation: int) -> bool:
-        """Apply a recount if nothing changed while it ran (returns False to
-        ask for another pass)."""
+    def _handle_dropped(self, req: dict) -> dict:
+        """Requests to a mount whose quota was dropped: ``on`` attaches the quota
+        file that exists now (``vzquota init`` made it) and recounts; limits go
+        to that file; the rest is refused as with quota off."""
+        cmd = req["cmd"]
+        qid = self.state.qid
+        if cmd == "on":
+            st = self.qfile.load()
+            apply_limits(st, req.get("limits", {}))
+            st.path = self.path
+            engine = QuotaEngine(st, self.clock)
+            engine.refresh_timers()
+            st.on = st.mounted = True
+            st.dirty = False
+            with self.qfile.lock():
+                self.qfile.save(st)
+            self.state, self.engine, self.dropped = st, engine, False
+            self.recalc_wanted = "stale"    # nothing was counted while dropped
+            return self.reply()
+        if cmd in ("setlimit", "setlimit2"):
+            with self.qfile.lock():
+                st = self.qfile.load()
+                if cmd == "setlimit":
+                    apply_limits(st, req.get("limits", {}))
+                    if req.get("force"):
+                        st.dirty = True
+                else:
+                    apply_limits2(st, req)
+                QuotaEngine(st, self.clock).refresh_timers()
+                self.qfile.save(st)
+            return self.reply()
+        if cmd == "drop":
+            with self.qfile.lock():
+                self.qfile.remove()
+            return {"ok": True}
+        raise VzError(EC_NOTRUN, f"Quota is not running for id {qid}")
+
+    # ---- recounting while serving -----------------------------------------------
+
+    def finish_recalc(self, result: ScanResult, quiet: bool, last: bool,
+                      why: str | None) -> bool:
+        """Apply a recount made while serving.  ``quiet``: nothing changed while
+        it ran, so it is exact; returns True when done.  A pass that was not
+        quiet is not applied (returns False: the mount tries again) unless it is
+        the ``last`` one and the figures in use are known to be stale (``why``
+        is "stale"): then it is applied as the best figure there is, and the
+        quota marked dirty."""
         if self.engine is None:
             return True
-        if self.engine.generation != generation:
+        if not quiet and not (last and why == "stale"):
             return False
         self._apply(self.engine, result)
-        self.state.dirty = False
+        self.state.dirty = not quiet
         self.save()
-        return True
+        return quiet
+
+    def inexact_error(self, passes: int, why: str | None) -> VzError:
+        qid = self.state.qid
+        if why == "stale":
+            what = ("the figures are approximate and the quota file is marked dirty "
+                    "(the next mount recounts)")
+        else:
+            what = "the figures were left as they were"
+        return VzError(EC_LIVE, f"Usage of quota id {qid} kept changing during "
+                       f"{passes} recount passes, so the recount is not exact: {what}; "
+                       f"run 'vzquota recalc {qid}' when writers are quiet")
