@@ -6,8 +6,8 @@ be checked before mounting, then either serve in the foreground (``-f``) or
 fork: the parent returns 0 once the mount is usable, or prints why it failed
 and returns 1.
 
-Concurrency: runs before any trio loop exists; the fork happens before trio
-starts, and the child alone runs the loop.
+Concurrency: runs before any event loop exists; the fork happens before the
+loop starts, and the child alone runs it.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ FUSE_VALUED = {"fsname", "subtype", "max_read"}
 # Words mount(8)/fstab may pass that mean nothing to a running filesystem.
 IGNORED = {"defaults", "auto", "noauto", "user", "users", "nouser", "owner", "group",
            "nofail", "_netdev", "loop"}
-SIMFS_VALUED = {"quotaid", "quotafile", "log", "checkpoint"}
+SIMFS_VALUED = {"quotaid", "quotafile", "log", "checkpoint", "runtime"}
 # The source df and /proc/mounts show, inside the container too (as OpenVZ
 # showed): never the host's private path.
 DEFAULT_FSNAME = "/dev/simfs"
@@ -77,6 +77,11 @@ def parse_options(words: list[str], private: str) -> tuple[set[str], dict[str, s
         if not _DIGITS.fullmatch(q) or not 0 < int(q) <= MAX_QUOTAID:
             raise UsageError(f"quotaid must be a positive integer up to {MAX_QUOTAID}, "
                              f"not {q!r}")
+    if "runtime" in own:
+        from .mount import RUNTIMES
+        if own["runtime"] not in RUNTIMES:
+            raise UsageError(f"runtime must be one of {', '.join(RUNTIMES)}, "
+                             f"not {own['runtime']!r}")
     if "checkpoint" in own:
         c = own["checkpoint"]
         if not _DECIMAL.fullmatch(c) or not 0 < float(c) <= MAX_CHECKPOINT:
@@ -95,7 +100,8 @@ def parser() -> argparse.ArgumentParser:
                     "disk quotas (vzquota) and a statfs that shows the quota.",
         epilog="Options for -o: quotaid=N (account and enforce quota id N), "
                "quotafile=FILE, checkpoint=SECS (save usage this often, default 30), "
-               "log=FILE, debug; and the usual mount options (ro, rw, dev, suid, exec, "
+               "log=FILE, runtime=uvloop|asyncio|trio (event loop, default uvloop), "
+               "debug; and the usual mount options (ro, rw, dev, suid, exec, "
                "noatime, allow_other, fsname=, ...). Default: nodev,nosuid, "
                "fsname=/dev/simfs. "
                "Exit status: 0 mounted, 1 the mount failed, 2 usage error.")
@@ -259,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     m = Mount(os.path.abspath(args.private), os.path.abspath(args.root), fuse_opts,
               quotaid=int(own["quotaid"]) if "quotaid" in own else None,
               quotafile=own.get("quotafile"),
-              checkpoint=float(own.get("checkpoint", 30)))
+              checkpoint=float(own.get("checkpoint", 30)),
+              runtime=own.get("runtime", "uvloop"))
     if foreground:
         setup_logging(debug, logfile, daemon=False)
         faulthandler.enable()
@@ -283,9 +290,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(m, ready_fd: int | None) -> int:
     """Prepare, mount, report readiness on ``ready_fd`` (daemon) and serve."""
-    import trio
-
     from .mount import MountError
+    from .mount import run as run_loop
 
     def tell(msg: str) -> None:
         if ready_fd is not None:
@@ -320,7 +326,7 @@ def run(m, ready_fd: int | None) -> int:
         tell("ok")
     os.umask(0)
     try:
-        trio.run(m.serve)
+        run_loop(m.serve, m.runtime)
     except BaseException:
         log.exception("the mount failed")
         return 1

@@ -11,7 +11,7 @@ root's number: a bijection, so numbers are stable across lookups and hard links
 share one inode.  While an ``Inode`` exists its ``O_PATH`` descriptor keeps the
 backing inode alive, so its number cannot be reused under us.
 
-Concurrency: used only from the trio loop that serves the mount; no method
+Concurrency: used only from the event loop that serves the mount; no method
 awaits, so each call is atomic with respect to other requests.
 """
 

@@ -3,14 +3,17 @@ FUSE requests and the control channel, checkpoint, and stop cleanly.
 
 Role: wiring.  ``Mount.prepare`` does everything that can fail before the
 mount exists (so ``simfs`` can report it and exit non-zero); ``Mount.serve``
-runs the trio tasks: pyfuse3's request loop, the control server, the
-checkpoint timer and the signal handler (SIGTERM/SIGINT/SIGHUP end the loop).
+runs the tasks: pyfuse3's request loop, the control server, the checkpoint
+timer and the signal handler (SIGTERM/SIGINT/SIGHUP end the loop).
 Only after the request loop ended normally is the quota file marked as
 cleanly stopped; after a crash it still says "mounted", and the next start
 recounts.
 
-Concurrency: everything runs on one trio loop; scans run in a worker thread and
-only their result is applied on the loop (``LiveQuota.finish_recalc``).
+Concurrency: everything runs on one event loop, written against anyio so that
+the same code runs on asyncio + uvloop (the default: the cheapest FUSE round
+trip, see README), plain asyncio or trio (``RUNTIMES``; ``run`` starts it and
+switches pyfuse3 to match).  Scans run in a worker thread and only their result
+is applied on the loop (``LiveQuota.finish_recalc``).
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ import signal
 import socket
 from dataclasses import dataclass, field
 
+import anyio
 import pyfuse3
-import trio
+from anyio.abc import SocketAttribute, SocketListener, SocketStream
 
 from vzquota import control
 from vzquota.errors import EC_LIVE, VzError
@@ -38,6 +42,29 @@ from .ops import SimOperations
 log = logging.getLogger(__name__)
 
 RECALC_PASSES = 5
+RUNTIMES = ("uvloop", "asyncio", "trio")      # the first is the default
+
+
+def _notify_closing(fd) -> None:
+    """pyfuse3.terminate() under asyncio: wake the request loop's readers of
+    ``fd``.  pyfuse3's own version fails (InvalidStateError) when a reader's
+    wake-up already fired, as it can when a signal arrives with a request."""
+    import pyfuse3.asyncio
+    for fut in list(pyfuse3.asyncio._read_futures.get(fd, ())):
+        if not fut.done():
+            fut.set_exception(pyfuse3.asyncio.ClosedResourceError())
+
+
+def run(serve, runtime: str = RUNTIMES[0]):
+    """Run ``serve()`` on the chosen event loop, with pyfuse3 switched to it."""
+    import pyfuse3.asyncio
+    if runtime == "trio":
+        pyfuse3.asyncio.disable()
+        return anyio.run(serve, backend="trio")
+    pyfuse3.asyncio.enable()
+    pyfuse3.asyncio.notify_closing = _notify_closing
+    return anyio.run(serve, backend="asyncio",
+                     backend_options={"use_uvloop": runtime == "uvloop"})
 
 
 class MountError(Exception):
@@ -52,6 +79,7 @@ class Mount:
     quotaid: int | None = None
     quotafile: str | None = None
     checkpoint: float = 30.0
+    runtime: str = RUNTIMES[0]
     ops: SimOperations | None = None
     live: LiveQuota | None = None
     _locks: list[tuple[int, str]] = field(default_factory=list)
@@ -167,14 +195,14 @@ class Mount:
     async def serve(self) -> None:
         clean = False
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._signals, nursery.cancel_scope)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._signals)
                 if self.live is not None:
-                    nursery.start_soon(self._control)
-                    nursery.start_soon(self._checkpoints)
+                    tg.start_soon(self._control)
+                    tg.start_soon(self._checkpoints)
                 await pyfuse3.main()
                 clean = True
-                nursery.cancel_scope.cancel()
+                tg.cancel_scope.cancel()
         finally:
             if self.live is not None and clean:
                 try:
@@ -190,15 +218,15 @@ class Mount:
             self._unlock()
             self.ops.table.close_all()
 
-    async def _signals(self, scope: trio.CancelScope) -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+    async def _signals(self) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
             async for sig in sigs:
                 log.info("signal %d: stopping", sig)
                 pyfuse3.terminate()
 
     async def _checkpoints(self) -> None:
         while True:
-            await trio.sleep(self.checkpoint)
+            await anyio.sleep(self.checkpoint)
             try:
                 if self.live is not None:
                     self.live.checkpoint()
@@ -224,41 +252,41 @@ class Mount:
         self._sock = sock
 
     async def _control(self) -> None:
-        sock = trio.socket.from_stdlib_socket(self._sock)
-        async with trio.open_nursery() as nursery:
+        listener = await SocketListener.from_socket(self._sock)
+        async with anyio.create_task_group() as tg:
             while True:
                 try:
-                    conn, _ = await sock.accept()
+                    conn = await listener.accept()
                 except OSError as e:
                     # EMFILE/ENFILE/ENOBUFS...: the connection waits in the
                     # backlog; the mount must not die of it.
                     log.warning("control: accept failed: %s", e)
-                    await trio.sleep(0.1)
+                    await anyio.sleep(0.1)
                     continue
-                nursery.start_soon(self._client, conn)
+                tg.start_soon(self._client, conn)
 
-    async def _client(self, conn) -> None:
+    async def _client(self, conn: SocketStream) -> None:
         """One control connection: one request line in, one answer line out.
         Nothing a client sends or does may end the mount."""
-        with conn:
+        async with conn:
             try:
-                if not control.peer_allowed(conn):
+                if not control.peer_allowed(conn.extra(SocketAttribute.raw_socket)):
                     log.warning("control: refused a peer that is not the host's root")
                     return
                 buf = b""
-                with trio.move_on_after(30):
+                with anyio.move_on_after(30):
                     while not buf.endswith(b"\n") and len(buf) <= control.MAX_REQUEST:
-                        chunk = await conn.recv(65536)
-                        if not chunk:
+                        try:
+                            buf += await conn.receive(65536)
+                        except anyio.EndOfStream:
                             break
-                        buf += chunk
                 if len(buf) > control.MAX_REQUEST:
                     reply = {"ok": False, "code": EC_LIVE,
                              "message": f"bad request: longer than {control.MAX_REQUEST} bytes"}
                 else:
                     reply = await self._answer(buf)
                 await conn.send(control.encode(reply))
-            except OSError as e:
+            except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError) as e:
                 log.debug("control connection failed: %s", e)
             except Exception:
                 log.exception("control connection failed")
@@ -301,7 +329,7 @@ class Mount:
             if live.engine is None:
                 return 0
             mark = self._quiet_mark()
-            result = await trio.to_thread.run_sync(self._scan)
+            result = await anyio.to_thread.run_sync(self._scan)
             if live.engine is None:
                 return 0
             self.ops.refresh()     # no await from here to the apply

@@ -15,7 +15,7 @@ host's root as the virtual ``trusted.simfs.requests`` attribute of the root).
 Missing names are answered as negative entries the kernel caches, and FLUSH
 with ENOSYS (the kernel then stops sending it): fewer round trips.
 
-Concurrency: pyfuse3 runs handlers as trio tasks on one thread.  Handlers do
+Concurrency: pyfuse3 runs handlers as tasks of one event loop on one thread.  Handlers do
 their backing I/O inline (pread/pwrite are fast and offloading measured slower);
 only fsync goes to a worker thread.  No handler awaits between a reservation
 and its commit or release, so a charge is never seen half done.  The kernel
@@ -34,8 +34,8 @@ import stat
 from dataclasses import dataclass
 from typing import Callable
 
+import anyio
 import pyfuse3
-import trio
 from pyfuse3 import FUSEError
 
 from vzquota.engine import QuotaEngine
@@ -552,7 +552,7 @@ class SimOperations(pyfuse3.Operations):
     @errno_boundary
     async def fsync(self, fh, datasync):
         h = self.handles[fh]
-        await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, h.fd)
+        await anyio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, h.fd)
         self._reconcile(h.inode, os.fstat(h.fd))
 
     # ---- directories ---------------------------------------------------------
@@ -606,7 +606,7 @@ class SimOperations(pyfuse3.Operations):
         h = self.handles[fh]
         fd = lower.reopen(h.inode.fd, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            await trio.to_thread.run_sync(os.fsync, fd)
+            await anyio.to_thread.run_sync(os.fsync, fd)
         finally:
             os.close(fd)
 

@@ -18,6 +18,13 @@ from pathlib import Path
 
 import pytest
 
+try:
+    import anyio  # noqa: F401  (the daemon's runtime layer and the async tests' plugin)
+    import uvloop  # noqa: F401
+except ImportError as e:
+    pytest.exit(f"{e.name} is missing from this venv: run `bash tools/setup.sh` "
+                "(simfs runs on anyio + uvloop)", returncode=4)
+
 BIN = Path(sys.executable).parent
 SIMFS = str(BIN / "simfs")
 VZQUOTA = str(BIN / "vzquota")
@@ -117,6 +124,12 @@ def fuse():
         if os.environ.get("CI"):
             pytest.fail(f"FUSE is required in CI: {why}")
         pytest.skip(why)
+
+
+@pytest.fixture
+def anyio_backend():
+    """Async tests (anyio's pytest plugin) run on simfs's default event loop."""
+    return "asyncio", {"use_uvloop": True}
 
 
 @pytest.fixture

@@ -29,7 +29,8 @@ from simfs import lower
 from simfs.inodes import ROOT
 from simfs.ops import SimOperations
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="chown to other uids needs root")
+pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="chown to other uids needs root"),
+              pytest.mark.anyio]       # on the daemon's default loop (conftest's anyio_backend)
 
 USER = 1000
 GROUP = 1000

@@ -51,14 +51,14 @@ if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
 if ! .venv/bin/python - <<'PYEOF' 2>/dev/null
-import importlib.metadata as md, pyfuse3, trio, xattr, pytest, pytest_trio, simfs, vzquota
+import importlib.metadata as md, pyfuse3, anyio, uvloop, trio, xattr, pytest, simfs, vzquota
 md.version("simfs-vzquota")
 PYEOF
 then
     echo "setup: installing the project and its test extras into .venv"
     .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
     .venv/bin/python -m pip install -q -e ".[test]" 2>&1 | grep -v '^WARNING: Location' || true
-    .venv/bin/python -c 'import pyfuse3, trio, xattr, pytest, pytest_trio, simfs, vzquota'
+    .venv/bin/python -c 'import pyfuse3, anyio, uvloop, trio, xattr, pytest, simfs, vzquota'
 fi
 
 for tool in simfs vzquota; do
