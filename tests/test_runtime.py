@@ -2,7 +2,7 @@
 
 The default (uvloop) serves every other mounted test; here the two others
 serve a quota'd mount: files, EDQUOT from write(2), the control channel
-(a live ``stat`` and ``setlimit``) and a clean unmount that leaves the quota
+(a live ``stat`` and ``setlimit``) and a clean stop on SIGTERM that leaves the quota
 file marked as stopped (``vzquota show`` refuses a dirty one).
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 
 import pytest
 
@@ -42,5 +43,6 @@ def test_runtime_serves_a_quota_mount(mounter, area, runtime):
     with open(root / "g", "ab") as f:
         f.write(b"z" * 100_000)                 # room again, at once
     assert (private / "g").read_bytes().endswith(b"z" * 100_000)
-    assert m.umount() == 0
+    m.proc.send_signal(signal.SIGTERM)
+    assert m.wait() == 0, m.logtext()
     assert vzquota("show", QID, check=False).returncode == 0    # stopped cleanly, not dirty
