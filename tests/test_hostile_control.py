@@ -314,3 +314,15 @@ def test_mount_point_inside_private_area_is_refused(area):
                            timeout=60)
         assert r.returncode == 1 and word in r.stderr, r.stderr
         assert not is_mountpoint(str(b))
+
+
+@pytest.mark.parametrize("wait", ["nan", "inf", "-1"])
+def test_lock_wait_nonsense_does_not_wait_forever(area, monkeypatch, wait):
+    private, _ = area
+    init(private)
+    lock = QuotaFile.for_id(int(QID)).lock(wait=0)
+    with lock:
+        env = dict(os.environ, VZQUOTA_LOCK_WAIT=wait)
+        r = subprocess.run([VZQUOTA, "setlimit", QID, "-b", "500"], env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert r.returncode == errors.EC_LOCKED, r.stderr

@@ -375,10 +375,12 @@ class QuotaFile:
 
 
 def lock_wait_default() -> float:
+    """$VZQUOTA_LOCK_WAIT seconds (a finite number from 0 to 3600), else 5."""
     try:
-        return float(os.environ.get("VZQUOTA_LOCK_WAIT", "5"))
+        wait = float(os.environ.get("VZQUOTA_LOCK_WAIT", "5"))
     except ValueError:
         return 5.0
+    return wait if 0 <= wait <= 3600 else 5.0     # nan and inf fail both tests
 
 
 class QuotaLock:
