@@ -37,6 +37,7 @@ from vzquota.qfile import QuotaFile
 from vzquota.scan import ScanResult, scan
 from vzquota.service import LiveQuota
 
+from .inodes import ROOT
 from .ops import SimOperations
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,7 @@ class Mount:
     live: LiveQuota | None = None
     _locks: list[tuple[int, str]] = field(default_factory=list)
     _sock: socket.socket | None = None
+    _recalc_lock: anyio.Lock | None = None
 
     # ---- before mounting -------------------------------------------------------
 
@@ -165,11 +167,11 @@ class Mount:
             self.ops.quota = self.live.engine
             self._listen()
 
-    def _scan(self) -> ScanResult:
+    def _scan(self, skip: frozenset[int] = frozenset()) -> ScanResult:
         def progress(inodes: int) -> None:
             log.info("quota %d: recounting %s: %d inodes so far", self.quotaid,
                      self.private, inodes)
-        return scan(self.private, per_id=True, progress=progress)
+        return scan(self.private, per_id=True, progress=progress, skip=skip)
 
     def _orphans(self) -> list[tuple[int, int, int]]:
         """Inodes unlinked but still reachable by the kernel (open, or held by
@@ -314,30 +316,111 @@ class Mount:
             log.exception("control request failed")
             return {"ok": False, "code": EC_LIVE, "message": f"internal error: {e}"}
 
-    def _quiet_mark(self) -> tuple[int, int]:
-        """Changes so far: usage charged or freed, and names moved or linked."""
-        engine = self.live.engine
-        return (engine.generation if engine is not None else -1, self.ops.mutations)
-
     async def recalc(self, why: str | None = None) -> int:
-        """Recount while serving.  A pass is applied only if nothing changed
-        while it ran (so the result is exact); otherwise it is repeated, up to
-        RECALC_PASSES.  Returns 0 when exact, else the number of passes made
-        (``LiveQuota.finish_recalc`` says what was applied then)."""
+        """Recount while serving.  A pass is applied only if it is exact (see
+        ``PassWatch``); otherwise it is repeated, up to RECALC_PASSES.  Returns
+        0 when exact, else the number of passes made (``LiveQuota.finish_recalc``
+        says what was applied then)."""
         live = self.live
-        for n in range(RECALC_PASSES):
-            if live.engine is None:
-                return 0
-            mark = self._quiet_mark()
-            result = await anyio.to_thread.run_sync(self._scan)
-            if live.engine is None:
-                return 0
-            self.ops.refresh()     # no await from here to the apply
-            quiet = self._quiet_mark() == mark
-            last = n == RECALC_PASSES - 1
-            if live.finish_recalc(result, quiet, last, why):
-                log.info("quota %d: recounted (pass %d)", self.quotaid, n + 1)
-                return 0
+        if self._recalc_lock is None:
+            self._recalc_lock = anyio.Lock()
+        async with self._recalc_lock:      # one recount at a time
+            for n in range(RECALC_PASSES):
+                if live.engine is None:
+                    return 0
+                watch = PassWatch(self.ops, live.engine)
+                self.ops.watch = watch
+                try:
+                    result = await anyio.to_thread.run_sync(self._scan, watch.skip)
+                finally:
+                    self.ops.watch = None
+                if live.engine is None:
+                    return 0
+                # no await from here to the apply
+                quiet = watch.complete(result)
+                self.ops.refresh()
+                last = n == RECALC_PASSES - 1
+                if live.finish_recalc(result, quiet, last, why):
+                    log.info("quota %d: recounted (pass %d)", self.quotaid, n + 1)
+                    return 0
         log.warning("quota %d: usage kept changing during %d recount passes",
                     self.quotaid, RECALC_PASSES)
         return RECALC_PASSES
+
+
+class PassWatch:
+    """Makes one live recount pass exact, or says it cannot be.
+
+    The scan runs in a thread while the mount serves.  Files open at the start
+    of the pass (and still linked) are *hot*: the scan leaves them out
+    (``skip``) and ``complete`` adds what they hold at the end, read on the
+    loop, so writes to them while the scan runs cost nothing in exactness.
+    Every request is seen before and after (``SimOperations.watch``); the pass
+    is *spoiled* by any request that changes names (the scan may have missed
+    or doubled what moved), and by any change of usage not made by a request
+    on a hot file (a usage change shows as a step of the engine's
+    ``generation``: all steps during the pass must be accounted for by
+    requests on hot files).  A spoiled pass is not exact.
+
+    Concurrency: ``before``/``after`` run on the event loop; the scan thread
+    only reads ``skip``, a frozenset fixed before it starts.
+    """
+
+    NAMES = frozenset({"mknod", "mkdir", "symlink", "create", "link", "unlink", "rmdir",
+                       "rename"})
+    # Requests on a hot file whose usage changes are accounted for.  Only
+    # handlers that never await: nothing else runs between before and after,
+    # so the generation steps between them are theirs (fsync awaits: a change
+    # it makes spoils the pass).
+    BY_HANDLE = frozenset({"write", "release", "fallocate", "flush"})
+    BY_INODE = frozenset({"setattr", "setxattr", "removexattr"})
+
+    def __init__(self, ops: SimOperations, engine):
+        self.ops = ops
+        self.engine = engine
+        self.start = engine.generation
+        self.accounted = 0              # generation steps made by requests on hot files
+        self.spoiled = False
+        table = ops.table
+        self.hot = frozenset(i.ino for i in table.inodes.values()
+                             if i.opens > 0 and not i.unlinked and not i.is_dir
+                             and i.ino != ROOT)
+        self.skip = frozenset(table.fuse_ino(ino) for ino in self.hot)   # backing numbers
+
+    def before(self, op: str, args: tuple):
+        if op in self.NAMES:
+            self.spoiled = True
+        ino = None
+        if op in self.BY_HANDLE and args:
+            h = self.ops.handles.get(args[0])
+            ino = getattr(h, "inode", None)
+            ino = ino.ino if ino is not None else None
+        elif op in self.BY_INODE and args:
+            ino = args[0]
+        return self.engine.generation, ino
+
+    def after(self, op: str, mark) -> None:
+        gen, ino = mark
+        step = self.engine.generation - gen
+        if step and ino is not None and ino in self.hot:
+            self.accounted += step
+
+    def complete(self, result: ScanResult) -> bool:
+        """At the end of the scan, on the loop: add the hot files to ``result``
+        and say whether the pass is exact."""
+        if self.spoiled or self.engine.generation - self.start != self.accounted:
+            return False
+        table = self.ops.table
+        for ino in self.hot:
+            inode = table.inodes.get(ino)
+            if inode is None or inode.unlinked:
+                return False
+            st = os.fstat(inode.fd)
+            space = st.st_blocks * 512
+            result.space += space
+            result.inodes += 1
+            for ids, key in ((result.users, st.st_uid), (result.groups, st.st_gid)):
+                a = ids.setdefault(key, [0, 0])
+                a[0] += space
+                a[1] += 1
+        return True

@@ -74,6 +74,9 @@ def errno_boundary(fn: Callable) -> Callable:
     @functools.wraps(fn)
     async def wrapper(self: "SimOperations", *args):
         self.counts[op] += 1
+        watch = self.watch
+        if watch is not None:        # a live recount is running (simfs/mount.py)
+            mark = watch.before(op, args)
         try:
             return await fn(self, *args)
         except FUSEError:
@@ -85,6 +88,9 @@ def errno_boundary(fn: Callable) -> Callable:
         except Exception:
             log.exception("unexpected error in %s%r", fn.__name__, args[:2])
             raise FUSEError(errno.EIO) from None
+        finally:
+            if watch is not None:
+                watch.after(op, mark)
     return wrapper
 
 
@@ -119,6 +125,10 @@ class SimOperations(pyfuse3.Operations):
         # FUSE requests answered, per operation (a dict increment per request;
         # read through COUNTS_XATTR by tools/bench.py)
         self.counts: collections.Counter[str] = collections.Counter()
+        # Set by the mount while a live recount runs: sees every request before
+        # and after (``before(op, args)``, ``after(op, mark)``), to tell whether
+        # the recount can be made exact.
+        self.watch = None
 
     @property
     def mutations(self) -> int:

@@ -51,34 +51,71 @@ def sync_all(path):
 
 # ---- item 6: a live recount while someone writes ----------------------------
 
-def test_recalc_while_appending_is_exact_or_says_so(mounter, area):
-    private, root = area
+def busy_tree(private):
     for d in range(20):                         # a tree the scan needs a while for
         (private / f"d{d}").mkdir()
         for f in range(100):
             (private / f"d{d}" / f"f{f}").write_bytes(b"x" * 100)
+
+
+class Writer:
+    """A thread that appends to one open file (``appender``) or creates a new
+    file per step (``creator``) until stopped."""
+
+    def __init__(self, root, mode: str):
+        self.root, self.mode = root, mode
+        self.stop = threading.Event()
+        self.started = threading.Event()
+        self.thread = threading.Thread(target=getattr(self, mode))
+
+    def appender(self):
+        fd = os.open(self.root / "log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            while not self.stop.is_set():
+                os.write(fd, b"a" * (8 * K))
+                self.started.set()
+        finally:
+            os.close(fd)
+
+    def creator(self):
+        i = 0
+        while not self.stop.is_set():
+            (self.root / f"new{i % 200}").write_bytes(b"n" * (i % 5 * K))
+            i += 1
+            self.started.set()
+
+    def __enter__(self):
+        self.thread.start()
+        assert self.started.wait(30)
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+
+def test_recalc_while_appending_is_exact(mounter, area):
+    private, root = area
+    busy_tree(private)
     init(private)
     vzquota("on", QID)
     mounter(private, root, f"quotaid={QID}")
-    stop = threading.Event()
-    started = threading.Event()
-
-    def appender():
-        fd = os.open(root / "log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        try:
-            while not stop.is_set():
-                os.write(fd, b"a" * (8 * K))
-                started.set()
-        finally:
-            os.close(fd)
-    t = threading.Thread(target=appender)
-    t.start()
-    try:
-        assert started.wait(30)
+    (private / "from-host").write_bytes(b"h" * (200 * K))      # not counted yet
+    with Writer(root, "appender"):
         r = vzquota("recalc", QID, check=False)
-    finally:
-        stop.set()
-        t.join()
+    assert r.returncode == 0, r.stderr
+    sync_all(root)
+    assert live_usage() == du(private)
+
+
+def test_recalc_while_creating_is_exact_or_says_so(mounter, area):
+    private, root = area
+    busy_tree(private)
+    init(private)
+    vzquota("on", QID)
+    mounter(private, root, f"quotaid={QID}")
+    with Writer(root, "creator"):
+        r = vzquota("recalc", QID, check=False)
     assert "Traceback" not in r.stderr
     if r.returncode != 0:                       # it may say it could not be exact...
         assert r.returncode == 3, r.stderr
@@ -87,42 +124,40 @@ def test_recalc_while_appending_is_exact_or_says_so(mounter, area):
     assert live_usage() == du(private)          # ...but the figures are never left wrong
 
 
-def test_on_while_appending_is_exact_or_marks_dirty(mounter, area):
+def test_on_while_appending_is_exact(mounter, area):
     private, root = area
+    busy_tree(private)
     init(private)
     vzquota("on", QID)
     m = mounter(private, root, f"quotaid={QID}")
     vzquota("off", QID)
     (root / "uncounted").write_bytes(b"u" * (300 * K))
-    stop = threading.Event()
-    started = threading.Event()
-
-    def appender():
-        fd = os.open(root / "log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        try:
-            while not stop.is_set():
-                os.write(fd, b"a" * (8 * K))
-                started.set()
-        finally:
-            os.close(fd)
-    t = threading.Thread(target=appender)
-    t.start()
-    try:
-        assert started.wait(30)
+    with Writer(root, "appender"):
         r = vzquota("on", QID, check=False)
-    finally:
-        stop.set()
-        t.join()
-    assert "Traceback" not in r.stderr
+    assert r.returncode == 0, r.stderr
     sync_all(root)
-    if r.returncode == 0:
-        assert live_usage() == du(private)
-    else:
+    assert live_usage() == du(private)
+    m.umount()
+    assert vzquota("show", QID, check=False).returncode == 0
+
+
+def test_on_while_creating_is_exact_or_marks_dirty(mounter, area):
+    private, root = area
+    busy_tree(private)
+    init(private)
+    vzquota("on", QID)
+    mounter(private, root, f"quotaid={QID}")
+    vzquota("off", QID)
+    (root / "uncounted").write_bytes(b"u" * (300 * K))
+    with Writer(root, "creator"):
+        r = vzquota("on", QID, check=False)
+    assert "Traceback" not in r.stderr
+    if r.returncode != 0:
         assert r.returncode == 3 and "not exact" in r.stderr, r.stderr
         assert vzquota("show", QID, check=False).returncode == 10     # dirty
         vzquota("recalc", QID)                   # quiet now: exact
-        assert live_usage() == du(private)
-    m.umount()
+    sync_all(root)
+    assert live_usage() == du(private)
 
 
 # ---- item 7: stale figures ----------------------------------------------------

@@ -55,7 +55,9 @@ default: measured on a 100k-file tree it was slower than the sequential walk
 (the late-starting worker gets little work).
 
 Concurrency: the scan may run while a mount keeps serving the tree. Entries that
-vanish meanwhile are skipped; the result is exact once writers are quiet. The
+vanish meanwhile are skipped; the result is exact once writers are quiet (a
+live mount passes ``skip``, the files it counts itself: see simfs/mount.py
+``PassWatch``). The
 function holds no shared state; ``progress`` is called from the calling thread
 only, with a non-decreasing count (hard-linked files are counted as met, so the
 count may exceed the final total slightly). Worker processes never outlive the
@@ -190,9 +192,12 @@ def _open_dir(stack: list[_Frame], depth: int, name: str, ino: int, dev: int) ->
 
 
 def scan(path: str, per_id: bool = True,
-         progress: Callable[[int], None] | None = None) -> ScanResult:
+         progress: Callable[[int], None] | None = None,
+         skip: frozenset[int] = frozenset()) -> ScanResult:
     """Count the tree under ``path`` (see the module docstring).
 
+    ``skip``: inode numbers of non-directories to leave out (a live mount
+    counts those itself); given, the walk is sequential.
     Missing or unreadable ``path`` raises the OSError; ``CrossDevice`` names the
     first entry found on another filesystem."""
     root_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -206,11 +211,11 @@ def scan(path: str, per_id: bool = True,
             acc.ids[st.st_uid << 32 | st.st_gid] = [st.st_blocks, 1]
         stack.append(_Frame(root_fd, path.rstrip("/"), st.st_ino))
         workers = _n_workers()
-        method = _start_method() if workers > 1 else None   # None: sequential
+        method = _start_method() if workers > 1 and not skip else None  # None: sequential
         budget = None if method is None else (
             PARALLEL_MIN if method == "fork" else PARALLEL_MIN_SPAWN)
         reporter = _Reporter(progress)
-        if not _walk(stack, dev, acc, reporter.own, budget):
+        if not _walk(stack, dev, acc, reporter.own, budget, skip):
             _Parallel(stack, dev, acc, reporter, workers, method).run()
         return acc.result()
     finally:
@@ -221,7 +226,8 @@ def scan(path: str, per_id: bool = True,
 
 
 def _walk(stack: list[_Frame], dev: int, acc: _Acc,
-          progress: Callable[[int], None] | None, budget: int | None = None) -> bool:
+          progress: Callable[[int], None] | None, budget: int | None = None,
+          skip: frozenset[int] = frozenset()) -> bool:
     """Walk depth first from ``stack[-1]`` (open, checked, not yet read) until the
     stack is empty (True), or until ``acc`` holds ``budget`` inodes (False: the
     stack is left as it is, each frame with the subdirectories still to visit).
@@ -250,6 +256,8 @@ def _walk(stack: list[_Frame], dev: int, acc: _Acc,
                     raise CrossDevice(_path(stack, len(stack) - 1, name))
                 if st.st_mode & 0o170000 == 0o040000:   # S_ISDIR
                     todo.append((name, st.st_ino, st.st_nlink))
+                elif skip and st.st_ino in skip:
+                    continue
                 elif st.st_nlink > 1:                   # counted once, by result()
                     links[st.st_ino] = (st.st_blocks, st.st_uid << 32 | st.st_gid)
                     continue
