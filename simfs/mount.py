@@ -373,7 +373,7 @@ class PassWatch:
     # so the generation steps between them are theirs (fsync awaits: a change
     # it makes spoils the pass).
     BY_HANDLE = frozenset({"write", "release", "fallocate", "flush"})
-    BY_INODE = frozenset({"setattr", "setxattr", "removexattr"})
+    BY_INODE = frozenset({"open", "setattr", "setxattr", "removexattr"})
 
     def __init__(self, ops: SimOperations, engine):
         self.ops = ops
