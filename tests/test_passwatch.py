@@ -1,0 +1,113 @@
+"""PassWatch (simfs/mount.py): when a live recount pass may be applied as exact.
+Real handlers on a real backing directory, a real engine and the real scanner;
+the independent figure is ``du``/``find`` of the backing tree."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+
+import pytest
+
+from simfs.inodes import ROOT
+from simfs.mount import PassWatch
+from simfs.ops import SimOperations
+from vzquota.engine import QuotaEngine
+from vzquota.model import QuotaState
+from vzquota.scan import scan
+
+pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="needs root"),
+              pytest.mark.anyio]
+
+K = 1024
+
+
+class Ctx:
+    def __init__(self):
+        self.uid, self.gid, self.umask, self.pid = 0, 0, 0o022, os.getpid()
+
+
+CTX = Ctx()
+
+
+def du(path) -> tuple[int, int]:
+    space = int(subprocess.run(["du", "--block-size=1", "-s", "-x", str(path)],
+                               capture_output=True, text=True, check=True).stdout.split()[0])
+    inos = subprocess.run(["find", str(path), "-xdev", "-printf", "%i\n"],
+                          capture_output=True, text=True, check=True).stdout.split()
+    return space, len(set(inos))
+
+
+@pytest.fixture
+def qops(world_tmp):
+    d = world_tmp / "backing"
+    d.mkdir()
+    for i in range(20):
+        (d / f"f{i}").write_bytes(b"x" * (i * K))
+    fd = os.open(d, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    o = SimOperations(fd)
+    st = QuotaState(qid=1)
+    st.level1.space.hard = st.level1.inodes.hard = 1 << 40
+    o.quota = QuotaEngine(st)
+    r = scan(str(d))
+    o.quota.set_usage(r.space, r.inodes, r.users, r.groups)
+    yield o, d
+    o.table.close_all()
+    os.close(fd)
+
+
+async def open_file(ops, name: bytes) -> int:
+    ino = (await ops.lookup(ROOT, name, CTX)).st_ino
+    fi = await ops.open(ino, os.O_WRONLY | os.O_APPEND, CTX)
+    return fi.fh
+
+
+async def test_writes_to_a_file_open_at_the_start_keep_the_pass_exact(qops):
+    ops, d = qops
+    fh = await open_file(ops, b"f3")
+    watch = PassWatch(ops, ops.quota)
+    ops.watch = watch
+    size = os.stat(d / "f3").st_size
+    for i in range(10):                           # while the scan "runs"
+        await ops.write(fh, size + i * 64 * K, b"w" * (64 * K))
+    result = scan(str(d), skip=watch.skip)
+    await ops.write(fh, size + 10 * 64 * K, b"w" * (64 * K))     # after its stat too
+    ops.watch = None
+    assert watch.complete(result)
+    assert (result.space, result.inodes) == du(d)
+    await ops.release(fh)
+
+
+@pytest.mark.parametrize("change", ["rename", "late-open-write", "create", "unlink"])
+async def test_other_changes_spoil_the_pass(qops, change):
+    ops, d = qops
+    watch = PassWatch(ops, ops.quota)
+    ops.watch = watch
+    if change == "rename":
+        await ops.rename(ROOT, b"f1", ROOT, b"g1", 0, CTX)
+    elif change == "late-open-write":
+        fh = await open_file(ops, b"f2")
+        await ops.write(fh, 0, b"w" * (64 * K))
+        await ops.release(fh)
+    elif change == "create":
+        fi, _ = await ops.create(ROOT, b"new", stat.S_IFREG | 0o644, os.O_RDWR, CTX)
+        await ops.release(fi.fh)
+    else:
+        await ops.unlink(ROOT, b"f5", CTX)
+    ops.watch = None
+    assert not watch.complete(scan(str(d), skip=watch.skip))
+
+
+async def test_reading_does_not_spoil_the_pass(qops):
+    ops, d = qops
+    watch = PassWatch(ops, ops.quota)
+    ops.watch = watch
+    ino = (await ops.lookup(ROOT, b"f4", CTX)).st_ino
+    fi = await ops.open(ino, os.O_RDONLY, CTX)
+    assert await ops.read(fi.fh, 0, 100) == b"x" * 100
+    await ops.release(fi.fh)
+    ops.watch = None
+    result = scan(str(d), skip=watch.skip)
+    assert watch.complete(result)
+    assert (result.space, result.inodes) == du(d)
