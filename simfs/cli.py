@@ -236,9 +236,121 @@ def raise_fd_limit() -> None:
             continue
 
 
+# mount(2) flags a remount may change (linux/mount.h), and what each word does.
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_SYNCHRONOUS = 1, 2, 4, 8, 16
+MS_REMOUNT, MS_DIRSYNC, MS_NOATIME, MS_NODIRATIME = 32, 128, 1024, 2048
+MS_RELATIME, MS_STRICTATIME, MS_LAZYTIME = 1 << 21, 1 << 24, 1 << 25
+REMOUNT_FLAGS = {
+    "ro": (MS_RDONLY, True), "rw": (MS_RDONLY, False),
+    "nosuid": (MS_NOSUID, True), "suid": (MS_NOSUID, False),
+    "nodev": (MS_NODEV, True), "dev": (MS_NODEV, False),
+    "noexec": (MS_NOEXEC, True), "exec": (MS_NOEXEC, False),
+    "sync": (MS_SYNCHRONOUS, True), "async": (MS_SYNCHRONOUS, False),
+    "dirsync": (MS_DIRSYNC, True),
+    "noatime": (MS_NOATIME, True), "atime": (MS_NOATIME, False),
+    "nodiratime": (MS_NODIRATIME, True), "diratime": (MS_NODIRATIME, False),
+    "relatime": (MS_RELATIME, True), "norelatime": (MS_RELATIME, False),
+    "strictatime": (MS_STRICTATIME, True), "nostrictatime": (MS_STRICTATIME, False),
+    "lazytime": (MS_LAZYTIME, True), "nolazytime": (MS_LAZYTIME, False),
+}
+
+
+# Words mount(8) passes along on a remount (from the mount table) that stay as
+# they are: FUSE's own kernel options, and ours.
+REMOUNT_KEEPS = {"remount", "defaults", "allow_other", "default_permissions", "fsname",
+                 "subtype", "user_id", "group_id", "rootmode", "blksize", "max_read",
+                 "fd", "debug"}
+
+
+def remount(root: str, words: list[str]) -> int:
+    """``mount -o remount,...`` of a simfs mount: fuse3's mount helper hands it
+    to us, and the kernel does it (the daemon keeps serving, unaware).  The
+    per-mount flags start from the mount's current ones, because a remount
+    sets all of them."""
+    import ctypes
+    real = os.path.realpath(root)
+    current = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4].encode().decode("unicode_escape") == real:
+                current = fields        # the last one is the top mount
+    if current is None or current[current.index("-") + 1] != "fuse.simfs":
+        print(f"simfs: remount: {root} is not a simfs mount", file=sys.stderr)
+        return 1
+    flags = 0
+    for word in current[5].split(","):
+        if word in ("ro", "nosuid", "nodev", "noexec"):
+            flags |= REMOUNT_FLAGS[word][0]
+    for word in words:
+        key = word.partition("=")[0]
+        if key in REMOUNT_FLAGS:
+            bit, on = REMOUNT_FLAGS[key]
+            flags = flags | bit if on else flags & ~bit
+        elif key not in REMOUNT_KEEPS and key not in IGNORED \
+                and not key.startswith("x-") and key not in SIMFS_VALUED:
+            print(f"simfs: remount cannot change {word} (only the mount flags: ro, rw, "
+                  "nosuid, nodev, noexec, atime flags, sync)", file=sys.stderr)
+            return 2
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p,
+                           ctypes.c_ulong, ctypes.c_void_p]
+    if libc.mount(None, real.encode(), None, flags | MS_REMOUNT, None) != 0:
+        err = ctypes.get_errno()
+        print(f"simfs: remount of {root} failed: {os.strerror(err)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def notify(state: str) -> None:
+    """Tell systemd (Type=notify) how the mount is doing; a no-op elsewhere."""
+    import socket
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.connect(addr)
+            s.sendall(state.encode())
+    except OSError as e:
+        log.warning("cannot notify systemd at %s: %s", addr, e)
+
+
+def mount_helper(argv: list[str] | None = None) -> int:
+    """``mount.fuse.simfs SOURCE DIR [-sfnv] [-N NS] [-t TYPE] [-o OPTS]``: the
+    calling convention mount(8) uses for helpers, turned into ``simfs``'s."""
+    argv = sys.argv[1:] if argv is None else argv
+    keep: list[str] = []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a in ("-t", "-N"):
+            i += 2
+            continue
+        if a == "-o" and i + 1 < len(argv):
+            keep += ["-o", argv[i + 1]]
+            i += 2
+            continue
+        if a.startswith("-") and len(a) > 1 and set(a[1:]) <= set("sfnvi"):
+            if "f" in a[1:]:
+                return 0            # "fake": do everything but the mount
+            i += 1
+            continue
+        keep.append(a)
+        i += 1
+    return main(keep)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     words = [w for o in args.options for w in o.split(",")]
+    if "remount" in words:
+        if os.geteuid() != 0:
+            print("simfs: must be run as root", file=sys.stderr)
+            return 1
+        return remount(args.root, words)
     try:
         fuse_opts, own = parse_options(words, os.path.abspath(args.private))
     except UsageError as e:
@@ -318,6 +430,7 @@ def run(m, ready_fd: int | None) -> int:
         return 1
     log.info("mounted %s at %s%s", m.private, m.root,
              f" with quota id {m.quotaid}" if m.quotaid else "")
+    notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=serving {m.root}")
     if ready_fd is not None:
         devnull = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):
@@ -330,6 +443,7 @@ def run(m, ready_fd: int | None) -> int:
     except BaseException:
         log.exception("the mount failed")
         return 1
+    notify("STOPPING=1")
     log.info("unmounted %s", m.root)
     return 0
 

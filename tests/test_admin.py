@@ -121,3 +121,17 @@ def test_myquota_says_quota_is_off(mounter, area, world_tmp):
     r = py_as(1001, 1001, MYQUOTA, str(world_tmp))  # not simfs at all
     assert r.returncode == 1
     assert "is not a simfs container root" in r.stderr and "Errno" not in r.stderr
+
+
+def test_docs_are_for_root_and_link_nothing_outside():
+    repo = Path(__file__).resolve().parent.parent
+    readme = (repo / "README.md").read_text()
+    import re
+    for target in re.findall(r"\]\(([^)]+)\)", readme):
+        assert "://" not in target and not target.startswith(".."), target
+        assert (repo / target.split("#")[0]).exists(), target
+    for doc in [readme, (repo / "tools" / "README.md").read_text()]:
+        assert not re.search(r"^\s*`?sudo ", doc, re.M), "the README says: as root"
+    simfs_8 = (repo / "man" / "simfs.8").read_text()
+    assert "0700" in readme and "0700" in simfs_8
+    assert "omit the" not in simfs_8          # readdir lists . and ..

@@ -1,10 +1,18 @@
 #!/usr/bin/env bash
 # Set up everything simfs + vzquota needs on a Debian machine, as root:
-# system packages (fuse3, libfuse3-dev, pkg-config, a C compiler, attr, acl, groff,
-# and e2fsprogs/xfsprogs/btrfs-progs for the tests' loop-image backings),
-# a virtual environment in .venv with the project and its test extras, and
-# `simfs`/`vzquota` in /usr/local/sbin (so `mount -t fuse.simfs` and fstab find
-# simfs). Quick when everything is already there. Prints what it does.
+# - system packages (fuse3, libfuse3-dev, pkg-config, a C compiler, attr, acl,
+#   groff, and e2fsprogs/xfsprogs/btrfs-progs for the tests' loop-image backings);
+# - .venv in the checkout: the project (editable) and its test extras, for the
+#   tests and development;
+# - the project installed like software (`pip install .`, not editable) in its
+#   own virtual environment /usr/local/lib/simfs-vzquota, with simfs, vzquota,
+#   simfs-service and mount.fuse.simfs linked into /usr/local/sbin (mount(8)
+#   runs fuse3's helper with a standard PATH, which then runs `simfs`), the man
+#   pages into /usr/local/share/man/man8 and simfs@.service into
+#   /usr/local/lib/systemd/system.  Nothing there points into the checkout, so
+#   moving or deleting the checkout leaves fstab mounts and units working.
+# Quick when everything is already there (the system install is redone only
+# when the checkout's sources differ from what is installed). Prints what it does.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 top=$PWD
@@ -61,7 +69,38 @@ then
     .venv/bin/python -c 'import pyfuse3, anyio, uvloop, trio, xattr, pytest, simfs, vzquota'
 fi
 
-for tool in simfs vzquota; do
-    ln -sfn "$top/.venv/bin/$tool" "/usr/local/sbin/$tool"
+# The system install.  Several checkouts may run this at once: one at a time.
+SYS=${SIMFS_PREFIX:-/usr/local/lib/simfs-vzquota}
+stamp=$(cat pyproject.toml README.md $(find simfs vzquota man systemd -type f \
+        \( -name '*.py' -o -name '*.8' -o -name '*.service' \) | sort) | sha256sum | cut -d' ' -f1)
+exec 9>"$SYS.lock"
+flock 9
+if [ "$(cat "$SYS/.installed-from" 2>/dev/null)" != "$stamp" ]; then
+    if [ ! -x "$SYS/bin/python" ]; then
+        echo "setup: creating $SYS with $PY"
+        "$PY" -m venv "$SYS"
+    fi
+    echo "setup: installing the project into $SYS (pip install .)"
+    build=$(mktemp -d)
+    # Build from a copy, so that the checkout gets no build/ directory.
+    tar -cf - pyproject.toml README.md simfs vzquota man systemd | tar -xf - -C "$build"
+    "$SYS/bin/python" -m pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
+    "$SYS/bin/python" -m pip install -q --force-reinstall --no-deps "$build" 2>&1 | grep -v '^WARNING: Location' || true
+    "$SYS/bin/python" -m pip install -q "$build" 2>&1 | grep -v '^WARNING: Location' || true
+    rm -rf "$build"
+    "$SYS/bin/python" -c 'import pyfuse3, trio, simfs, vzquota'
+    echo "$stamp" > "$SYS/.installed-from"
+fi
+for tool in simfs vzquota simfs-service mount.fuse.simfs; do
+    ln -sfn "$SYS/bin/$tool" "/usr/local/sbin/$tool"
 done
-echo "setup: ready ($(.venv/bin/python --version), pyfuse3 $(.venv/bin/python -c 'import pyfuse3; print(pyfuse3.__version__)'))"
+mkdir -p /usr/local/share/man/man8 /usr/local/lib/systemd/system
+for page in "$SYS"/share/man/man8/*.8; do
+    ln -sfn "$page" "/usr/local/share/man/man8/$(basename "$page")"
+done
+ln -sfn "$SYS/lib/systemd/system/simfs@.service" /usr/local/lib/systemd/system/simfs@.service
+if [ -d /run/systemd/system ] && command -v systemctl >/dev/null; then
+    systemctl daemon-reload || true
+fi
+exec 9>&-
+echo "setup: ready ($(.venv/bin/python --version), pyfuse3 $(.venv/bin/python -c 'import pyfuse3; print(pyfuse3.__version__)'); installed in $SYS)"
