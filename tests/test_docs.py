@@ -164,7 +164,7 @@ def test_usage_lists_every_command(capsys):
     assert out == vz_cli.USAGE
     commands = out.split("Commands:", 1)[1]
     for cmd in vz_cli.COMMANDS:
-        assert re.search(rf"^  {cmd} +quotaid", commands, re.M), cmd
+        assert re.search(rf"^  {cmd} +(quotaid|\[--json\])", commands, re.M), cmd
 
 
 def test_usage_lists_every_exit_code():

@@ -14,11 +14,12 @@ lock for the whole read-modify-write; a request to a live mount holds no lock
 from __future__ import annotations
 
 import getopt
+import json
 import os
 import sys
 import time
 
-from . import __version__, control
+from . import __version__, control, report
 from .engine import QuotaEngine
 from .errors import (EC_NOPATH, EC_NOTRUN, EC_QUOTADIRTY, EC_RUN, EC_SYSERR,
                      EC_UGID_NOTRUN, EC_USAGE, VzError)
@@ -48,6 +49,7 @@ Commands:
   stat      quotaid [-t] [-f] [-c file | -R]
   show      quotaid [-t] [-c file | -R]
   recalc    quotaid [-p path] [-c file | -R]
+  list      [--json]     every known quota id (stat and show take --json too)
 Limits: -b/-B block soft/hard limit in 1K blocks (K/M/G/T suffixes, 'unlimited'),
   -i/-I inode soft/hard limit, -e/-n block/inode grace: seconds,
   [[[dd:]hh:]mm:]ss, or N with a suffix h/d/w/m/y.
@@ -62,7 +64,7 @@ LONG = {"block-softlimit=": "-b", "block-hardlimit=": "-B", "inode-softlimit=": 
         "sub-quotas=": "-s", "ugid-limit=": "-u", "quota-file=": "-c", "force": "-f",
         "path=": "-p"}
 COMMANDS = ("init", "on", "off", "drop", "setlimit", "setlimit2", "reload2", "stat",
-            "show", "recalc")
+            "show", "recalc", "list")
 
 
 class Out:
@@ -355,6 +357,40 @@ def cmd_recalc(o: dict, out: Out) -> int:
     return update_file(o, lambda st: rescan(st, o["limits"].get("path") or st.path, out))
 
 
+def cmd_list(rest: list[str], batch: bool, as_json: bool) -> int:
+    if rest:
+        raise usage_error(f"list: unexpected argument '{rest[0]}'")
+    quotas = [report.gather(qid, ugid=False) for qid in report.known_ids()]
+    if as_json:
+        sys.stdout.write(json.dumps({"schema": report.SCHEMA, "now": int(time.time()),
+                                     "quotas": quotas}, indent=1) + "\n")
+    else:
+        sys.stdout.write(report.format_list(quotas, batch))
+    return 0
+
+
+def cmd_json(cmd: str, o: dict) -> int:
+    """stat/show --json: the same figures and exit codes as the text."""
+    qf = quota_file(o)
+    if cmd == "stat":
+        reply = live(o, "stat", save=not o.get("force"))
+        if reply is None:
+            raise VzError(EC_NOTRUN, "Quota accounting is off, try vzquota show id")
+        st = state_from_dict(reply["state"])
+        doc = report.quota(st, reply["now"], source="mount", live=True,
+                           active=reply["active"], ugid_active=reply["ugid_active"],
+                           file=qf.path, ugid=bool(o.get("t")))
+        code = EC_UGID_NOTRUN if o.get("t") and not reply["ugid_active"] else 0
+    else:
+        st = qf.load()
+        doc = report.quota(st, int(time.time()), source="file",
+                           live=_live_any(o), active=False, ugid_active=False,
+                           file=qf.path, ugid=bool(o.get("t")))
+        code = EC_QUOTADIRTY if st.dirty else 0
+    sys.stdout.write(json.dumps(doc, indent=1) + "\n")
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     out = Out()
@@ -387,7 +423,17 @@ def main(argv: list[str] | None = None) -> int:
         if os.geteuid() != 0:
             raise VzError(EC_SYSERR, "vzquota must be run as root (the host's root "
                           "owns the quota files and the live mounts)")
-        o = parse_command(cmd, argv[i + 1:])
+        rest = argv[i + 1:]
+        as_json = "--json" in rest
+        if as_json:
+            if cmd not in ("list", "stat", "show"):
+                raise usage_error(f"{cmd}: --json is for list, stat and show")
+            rest = [a for a in rest if a != "--json"]
+        if cmd == "list":
+            return cmd_list(rest, batch, as_json)
+        o = parse_command(cmd, rest)
+        if as_json:
+            return cmd_json(cmd, o)
         if cmd == "stat":
             return cmd_stat(o, out, batch)
         if cmd == "show":
