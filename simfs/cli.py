@@ -36,7 +36,9 @@ FUSE_VALUED = {"fsname", "subtype", "max_read"}
 # Words mount(8)/fstab may pass that mean nothing to a running filesystem.
 IGNORED = {"defaults", "auto", "noauto", "user", "users", "nouser", "owner", "group",
            "nofail", "_netdev", "loop"}
-SIMFS_VALUED = {"quotaid", "quotafile", "log", "checkpoint", "runtime"}
+SIMFS_VALUED = {"quotaid", "quotafile", "log", "checkpoint", "runtime", "hook"}
+# Where the daemon logs when there is no syslog socket (/dev/log) to log to.
+FALLBACK_LOG = "/var/log/simfs.log"
 # The source df and /proc/mounts show, inside the container too (as OpenVZ
 # showed): never the host's private path.
 DEFAULT_FSNAME = "/dev/simfs"
@@ -87,9 +89,11 @@ def parse_options(words: list[str], private: str) -> tuple[set[str], dict[str, s
         if not _DECIMAL.fullmatch(c) or not 0 < float(c) <= MAX_CHECKPOINT:
             raise UsageError(f"checkpoint must be a number of seconds above 0 and up to "
                              f"{MAX_CHECKPOINT}, not {c!r}")
-    for key in ("quotafile", "log"):
+    for key in ("quotafile", "log", "hook"):
         if key in own and not own[key]:
             raise UsageError(f"{key}= needs a file name")
+    if "hook" in own and not os.path.isabs(own["hook"]):
+        raise UsageError(f"hook= needs an absolute path, not {own['hook']!r}")
     return fuse, own
 
 
@@ -100,7 +104,8 @@ def parser() -> argparse.ArgumentParser:
                     "disk quotas (vzquota) and a statfs that shows the quota.",
         epilog="Options for -o: quotaid=N (account and enforce quota id N), "
                "quotafile=FILE, checkpoint=SECS (save usage this often, default 30), "
-               "log=FILE, runtime=uvloop|asyncio|trio (event loop, default uvloop), "
+               "log=FILE, hook=CMD (run at quota limit events), "
+               "runtime=uvloop|asyncio|trio (event loop, default uvloop), "
                "debug; and the usual mount options (ro, rw, dev, suid, exec, "
                "noatime, allow_other, fsname=, ...). Default: nodev,nosuid, "
                "fsname=/dev/simfs. "
@@ -198,7 +203,8 @@ def setup_logging(debug: bool, logfile, daemon: bool) -> None:
         h = logging.handlers.SysLogHandler(address="/dev/log")
         fmt = logging.Formatter("simfs[%(process)d]: %(levelname)s %(message)s")
     elif daemon:
-        h = logging.NullHandler()
+        # No syslog: keep every line in a file rather than drop it.
+        h = logging.StreamHandler(open_log(FALLBACK_LOG))
     else:
         h = logging.StreamHandler(sys.stderr)
     h.setFormatter(fmt)
@@ -370,6 +376,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         precheck(args.private, args.root)
         logfile = open_log(own["log"]) if "log" in own else None
+        if logfile is None and not foreground and not os.path.exists("/dev/log"):
+            print(f"simfs: no syslog (/dev/log): the daemon logs to {FALLBACK_LOG}",
+                  file=sys.stderr)
+            logfile = open_log(FALLBACK_LOG)
     except MountError as e:
         print(f"simfs: {e}", file=sys.stderr)
         return 1
@@ -378,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
               quotaid=int(own["quotaid"]) if "quotaid" in own else None,
               quotafile=own.get("quotafile"),
               checkpoint=float(own.get("checkpoint", 30)),
-              runtime=own.get("runtime", "uvloop"))
+              runtime=own.get("runtime", "uvloop"), hook=own.get("hook"))
     if foreground:
         setup_logging(debug, logfile, daemon=False)
         faulthandler.enable()

@@ -25,18 +25,20 @@ import logging
 import os
 import signal
 import socket
+import subprocess
 from dataclasses import dataclass, field
 
 import anyio
 import pyfuse3
 from anyio.abc import SocketAttribute, SocketListener, SocketStream
 
-from vzquota import control
+from vzquota import control, progress
 from vzquota.errors import EC_LIVE, VzError
 from vzquota.qfile import QuotaFile
 from vzquota.scan import ScanResult, scan
 from vzquota.service import LiveQuota
 
+from . import events
 from .inodes import ROOT
 from .ops import SimOperations
 
@@ -84,6 +86,9 @@ class Mount:
     ops: SimOperations | None = None
     live: LiveQuota | None = None
     _locks: list[tuple[int, str]] = field(default_factory=list)
+    _shown: object = None
+    hook: str | None = None
+    _hooks_running: int = 0
     _sock: socket.socket | None = None
     _recalc_lock: anyio.Lock | None = None
 
@@ -158,7 +163,11 @@ class Mount:
                                  f"-p {self.private} -b ... -B ... -i ... -I ... -e ... -n ...")
             try:
                 self.live = LiveQuota(qf, os.path.abspath(self.private), self._scan)
-                self.live.start()
+                self._shown = progress.counter(f"simfs: recounting {self.private}")
+                try:
+                    self.live.start()
+                finally:
+                    self._shown = None
             except VzError as e:
                 raise MountError(e.message) from None
         self.ops = SimOperations(root_fd)
@@ -168,10 +177,22 @@ class Mount:
             self._listen()
 
     def _scan(self, skip: frozenset[int] = frozenset()) -> ScanResult:
+        shown = self._shown          # a terminal's progress line, at start-up only
+
         def progress(inodes: int) -> None:
             log.info("quota %d: recounting %s: %d inodes so far", self.quotaid,
                      self.private, inodes)
-        return scan(self.private, per_id=True, progress=progress, skip=skip)
+            if shown is not None:
+                shown(inodes)
+        try:
+            result = scan(self.private, per_id=True, progress=progress, skip=skip)
+        except BaseException:
+            if shown is not None:
+                shown.close()
+            raise
+        if shown is not None:
+            shown.close(result.inodes)
+        return result
 
     def _orphans(self) -> list[tuple[int, int, int]]:
         """Inodes unlinked but still reachable by the kernel (open, or held by
@@ -202,6 +223,7 @@ class Mount:
                 if self.live is not None:
                     tg.start_soon(self._control)
                     tg.start_soon(self._checkpoints)
+                    tg.start_soon(self._events, tg)
                 await pyfuse3.main()
                 clean = True
                 tg.cancel_scope.cancel()
@@ -225,6 +247,43 @@ class Mount:
             async for sig in sigs:
                 log.info("signal %d: stopping", sig)
                 pyfuse3.terminate()
+
+    async def _events(self, tg) -> None:
+        """Report limit events: a log line each, and the hook (see events.py)."""
+        watcher = events.Watcher(self.quotaid)
+        dropped = 0
+        while True:
+            await anyio.sleep(events.INTERVAL)
+            live = self.live
+            engine = live.engine if live is not None else None
+            for ev in watcher.poll(engine):
+                log.warning("%s", ev.line())
+                if self.hook:
+                    if self._hooks_running >= events.HOOKS_MAX:
+                        log.warning("quota %d: hook %s not run for this event: %d hooks "
+                                    "still running", self.quotaid, self.hook,
+                                    self._hooks_running)
+                    else:
+                        self._hooks_running += 1
+                        tg.start_soon(self._run_hook, ev)
+            if engine is not None and engine.events_dropped != dropped:
+                log.warning("quota %d: %d more refusals came too fast to itemize",
+                            self.quotaid, engine.events_dropped - dropped)
+                dropped = engine.events_dropped
+
+    async def _run_hook(self, ev) -> None:
+        try:
+            r = await anyio.run_process([self.hook], env=events.hook_env(ev, self.private),
+                                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL, check=False)
+            if r.returncode != 0:
+                log.warning("quota %d: hook %s exited with %d", self.quotaid, self.hook,
+                            r.returncode)
+        except OSError as e:
+            log.warning("quota %d: hook %s could not run: %s", self.quotaid, self.hook,
+                        e.strerror or e)
+        finally:
+            self._hooks_running -= 1
 
     async def _checkpoints(self) -> None:
         while True:

@@ -59,8 +59,13 @@ if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
 if ! .venv/bin/python - <<'PYEOF' 2>/dev/null
-import importlib.metadata as md, pyfuse3, anyio, uvloop, trio, xattr, pytest, simfs, vzquota
+import importlib.metadata as md, os, sys, pyfuse3, anyio, uvloop, trio, xattr, pytest, simfs, vzquota
+import prometheus_client, tqdm
 md.version("simfs-vzquota")
+bindir = os.path.dirname(sys.executable)
+# entry points added later need a reinstall of an older .venv
+for tool in ("simfs", "vzquota", "simfs-service", "mount.fuse.simfs", "vzquota-metrics"):
+    assert os.path.exists(os.path.join(bindir, tool)), tool
 PYEOF
 then
     echo "setup: installing the project and its test extras into .venv"

@@ -19,7 +19,7 @@ import os
 import sys
 import time
 
-from . import __version__, control, report
+from . import __version__, control, progress, report
 from .engine import QuotaEngine
 from .errors import (EC_NOPATH, EC_NOTRUN, EC_QUOTADIRTY, EC_RUN, EC_SYSERR,
                      EC_UGID_NOTRUN, EC_USAGE, VzError)
@@ -163,12 +163,17 @@ def quota_file(o: dict) -> QuotaFile:
 
 def do_scan(path: str, out: Out):
     out.info(f"scanning {path}")
+    shown = progress.counter(f"vzquota: counting {path}", quiet=out.quiet)
     try:
-        return scan(path, per_id=True)
+        r = scan(path, per_id=True, progress=shown)
     except VzError:
+        shown.close()
         raise
     except OSError as e:
+        shown.close()
         raise VzError(EC_SYSERR, f"Can't scan quota path {path}: {e.strerror}") from None
+    shown.close(r.inodes)
+    return r
 
 
 def rescan(st: QuotaState, path: str | None, out: Out) -> None:

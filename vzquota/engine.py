@@ -16,6 +16,9 @@ Rules, per counter (space in bytes, inodes as counts):
 - 2nd level: at most ``ugid_limit`` distinct uids+gids are tracked; an allocation
   for one more is refused and ``ugid_exceeded`` is set.
 
+Refusals are queued in ``events`` (bounded; counted in ``events_dropped`` past
+``EVENTS_MAX``) for the owner to report: the engine itself never logs them.
+
 Concurrency: synchronous, no I/O, no locks.  The owner (one simfs mount on its trio
 loop, or one CLI process) calls it from one thread; since no method blocks, each
 call is atomic with respect to other trio tasks.  ``generation`` counts changes so a
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -35,6 +39,7 @@ from .model import GROUP, USER, Counter, Graces, QuotaObject, QuotaState
 log = logging.getLogger(__name__)
 
 INFINITE = float("inf")
+EVENTS_MAX = 1024
 
 
 @dataclass
@@ -56,6 +61,9 @@ class QuotaEngine:
         self.clock = clock
         self.generation = 0
         self.changed = False    # usage or limits changed since the last save
+        # Refusals queued for the owner to report (bounded; the mount drains it).
+        self.events: deque[dict] = deque()
+        self.events_dropped = 0
 
     # ---- helpers -------------------------------------------------------------
 
@@ -124,6 +132,25 @@ class QuotaEngine:
         elif c.usage < c.soft or not c.soft:
             c.deadline = 0
 
+    def _refused(self, obj: QuotaObject, level: int, uid: int, gid: int, resource: str,
+                 amount: int, now: int) -> None:
+        """Queue a refusal for the owner to report (``events``; no I/O here)."""
+        st = self.state
+        c = obj.space if resource == "space" else obj.inodes
+        if level == 1:
+            kind, ugid = "container", None
+        else:
+            kind, ugid = (USER, uid) if st.users.get(uid) is obj else (GROUP, gid)
+        hard = level == 1 or c.hard
+        why = "hardlimit" if hard and c.usage + c.rsv + amount > c.hard else "grace"
+        if len(self.events) >= EVENTS_MAX:
+            self.events_dropped += 1
+            return
+        self.events.append({"event": why, "level": level, "type": kind, "ugid": ugid,
+                            "resource": resource, "usage": c.usage, "soft": c.soft,
+                            "hard": c.hard, "deadline": c.deadline, "request": amount,
+                            "time": now})
+
     def _touch(self) -> None:
         self.generation += 1
         self.changed = True
@@ -138,8 +165,10 @@ class QuotaEngine:
         objs = self._objects(uid, gid, create=True)
         for obj, _, level in objs:
             if space > 0 and self._refuses(obj.space, level, space, now):
+                self._refused(obj, level, uid, gid, "space", space, now)
                 raise QuotaExceeded(level, "space", self.room(uid, gid))
             if inodes > 0 and self._refuses(obj.inodes, level, inodes, now):
+                self._refused(obj, level, uid, gid, "inodes", inodes, now)
                 raise QuotaExceeded(level, "inodes")
         res = Reservation(space=space, inodes=inodes, uid=uid, gid=gid)
         for obj, _, _ in objs:
