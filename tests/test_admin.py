@@ -135,3 +135,26 @@ def test_docs_are_for_root_and_link_nothing_outside():
     simfs_8 = (repo / "man" / "simfs.8").read_text()
     assert "0700" in readme and "0700" in simfs_8
     assert "omit the" not in simfs_8          # readdir lists . and ..
+
+
+def test_background_daemon_never_logs_nowhere(fuse, area):
+    """Without /dev/log the daemon logs to a file, and says so at start."""
+    from conftest import is_mountpoint
+    from simfs.cli import FALLBACK_LOG
+    private, root = area
+    before = os.path.getsize(FALLBACK_LOG) if os.path.exists(FALLBACK_LOG) else 0
+    r = subprocess.run([SIMFS, str(private), str(root)], capture_output=True, text=True,
+                       timeout=60)
+    try:
+        assert r.returncode == 0, r.stderr
+        if os.path.exists("/dev/log"):
+            assert "no syslog" not in r.stderr        # it logs to syslog then
+        else:
+            assert r.stderr == (f"simfs: no syslog (/dev/log): the daemon logs to "
+                                f"{FALLBACK_LOG}\n")
+            with open(FALLBACK_LOG) as f:
+                f.seek(before)
+                assert f"mounted {private} at {root}" in f.read()
+    finally:
+        if is_mountpoint(str(root)):
+            subprocess.run(["umount", str(root)], check=True)
