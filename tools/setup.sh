@@ -6,6 +6,7 @@
 #   tests and development;
 # - the project installed like software (`pip install .`, not editable) in its
 #   own virtual environment /usr/local/lib/simfs-vzquota, with simfs, vzquota,
+#   vzquota-metrics,
 #   simfs-service and mount.fuse.simfs linked into /usr/local/sbin (mount(8)
 #   runs fuse3's helper with a standard PATH, which then runs `simfs`), the man
 #   pages into /usr/local/share/man/man8 and simfs@.service into
@@ -96,7 +97,7 @@ if [ "$(cat "$SYS/.installed-from" 2>/dev/null)" != "$stamp" ]; then
     "$SYS/bin/python" -c 'import pyfuse3, trio, simfs, vzquota'
     echo "$stamp" > "$SYS/.installed-from"
 fi
-for tool in simfs vzquota simfs-service mount.fuse.simfs; do
+for tool in simfs vzquota simfs-service mount.fuse.simfs vzquota-metrics; do
     ln -sfn "$SYS/bin/$tool" "/usr/local/sbin/$tool"
 done
 mkdir -p /usr/local/share/man/man8 /usr/local/lib/systemd/system
