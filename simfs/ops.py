@@ -468,16 +468,45 @@ class SimOperations(pyfuse3.Operations):
             except FileNotFoundError:
                 pass
         dres = self._reserve_dir(new) if adds else None
+        wres = None
         try:
+            if flags & lower.RENAME_WHITEOUT:
+                # the whiteout left at the old name is a new inode of the caller's
+                owner = self._new_owner(old, ctx)
+                wres = self._reserve(*owner, 0, 1)
             lower.renameat2(old.fd, name_old, new.fd, name_new, flags)
         except BaseException:
+            self._release(wres)
             self._release(dres)
             raise
+        if flags & lower.RENAME_WHITEOUT:
+            self._whiteout(old, name_old, owner, wres)
         if victim is not None and self._last_link(victim):
             self._gone(victim)
         self._settle_dir(new, dres)
         if new is not old:
             self._reconcile_dir(old)
+
+    def _whiteout(self, parent: Inode, name: bytes, owner: tuple[int, int], res) -> None:
+        """Give the whiteout a rename left at ``name`` (made by the backing
+        filesystem as root) to ``owner`` and charge it as such."""
+        try:
+            fd = lower.open_path(name, parent.fd)
+        except OSError as e:
+            self._release(res)
+            log.warning("whiteout %r not found after the rename: %s", name, e)
+            return
+        try:
+            try:
+                lower.fchown_path(fd, *owner)
+            except OSError as e:
+                log.warning("whiteout %r left owned by root: %s", name, e)
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+        self._release(res)
+        if self.quota is not None:
+            self.quota.charge(st.st_uid, st.st_gid, st.st_blocks * 512, 1)
 
     # ---- files ---------------------------------------------------------------
 

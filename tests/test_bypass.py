@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from conftest import py_as, vzquota
+from conftest import USER_PYTHON, py_as, vzquota
 from vzquota import control
 
 K = 1024
@@ -220,4 +220,35 @@ def test_no_new_name_once_space_is_full(qmount, kind):
     # replacing a name adds none: rename over an existing file still works
     run_as("import os,sys; os.rename(sys.argv[1], sys.argv[2])",
            str(root / "other"), str(root / "old"))
+    assert_exact(private)
+
+
+# ---- 3. renameat2(RENAME_WHITEOUT) ---------------------------------------------------------
+
+WHITEOUT = r"""
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+d = sys.argv[1]
+for a, b in zip(sys.argv[2::2], sys.argv[3::2]):
+    if libc.renameat2(-100, os.fsencode(d + "/" + a), -100, os.fsencode(d + "/" + b), 4):
+        print(a, b, ctypes.get_errno())
+    else:
+        print(a, b, 0)
+"""
+
+
+def test_rename_whiteout_is_the_callers_and_charged(qmount):
+    private, root, _ = qmount("1024", "3")           # root dir + 2 inodes
+    run_as("open(__import__('sys').argv[1], 'w').close()", str(root / "a"))
+    # uid 1000 with CAP_MKNOD, which RENAME_WHITEOUT needs
+    r = subprocess.run(["setpriv", "--reuid=1000", "--regid=1000", "--clear-groups",
+                        "--inh-caps=+mknod", "--ambient-caps=+mknod", USER_PYTHON, "-c",
+                        WHITEOUT, str(root), "a", "b", "b", "c"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split("\n")[:2] == ["a b 0", f"b c {errno.EDQUOT}"]
+    st = os.lstat(private / "a")                     # the whiteout: 0:0, the caller's
+    assert os.major(st.st_rdev) == 0 and os.minor(st.st_rdev) == 0
+    assert (st.st_uid, st.st_gid) == (1000, 1000)
+    assert live()["level1"][1] == 3
     assert_exact(private)
