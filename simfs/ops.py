@@ -697,7 +697,22 @@ class SimOperations(pyfuse3.Operations):
         if inode == ROOT and name in (QUOTA_XATTR, COUNTS_XATTR):
             raise OSError(errno.EPERM, "read-only virtual attribute")
         self._no_acl(name)
-        os.setxattr(self._xattr_path(self.table.get(inode)), name, value)
+        node = self.table.get(inode)
+        res = self._reserve(node.uid, node.gid, self._xattr_cost(value))
+        try:
+            os.setxattr(self._xattr_path(node), name, value)
+        except BaseException:
+            self._release(res)
+            raise
+        self._release(res)
+        self._reconcile(node, os.fstat(node.fd))
+
+    def _xattr_cost(self, value: bytes) -> int:
+        """Upper bound of what one setxattr allocates: a block for the
+        attributes (ext4's xattr block, an XFS attr leaf), plus the value's own
+        blocks when it is too big to sit in that block (XFS remote values)."""
+        b = self.bsize
+        return b + (-(-len(value) // b) * b if len(value) > b // 2 else 0)
 
     @errno_boundary
     async def getxattr(self, inode, name, ctx):
@@ -721,7 +736,9 @@ class SimOperations(pyfuse3.Operations):
         if inode == ROOT and name in (QUOTA_XATTR, COUNTS_XATTR):
             raise OSError(errno.EPERM, "read-only virtual attribute")
         self._no_acl(name)
-        os.removexattr(self._xattr_path(self.table.get(inode)), name)
+        node = self.table.get(inode)
+        os.removexattr(self._xattr_path(node), name)
+        self._reconcile(node, os.fstat(node.fd))
 
     def quota_report(self, ctx) -> bytes:
         """The caller's own view of the quota, as JSON: the container's 1st level,

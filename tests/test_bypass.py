@@ -13,7 +13,9 @@ from __future__ import annotations
 import errno
 import os
 import subprocess
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
@@ -95,6 +97,39 @@ def qmount(mounter, area):
         os.chmod(root, 0o1777)
         return private, root, m
     return start
+
+
+@pytest.fixture
+def loopfs(world_tmp):
+    """``loopfs(kind, mib, *mkfs_options)``: a fresh ext4 or XFS filesystem in a
+    loop image of its own, mounted; unmounted at teardown.  Ask for it before
+    ``qmount`` so that the simfs mount on it goes first."""
+    mounts: list[Path] = []
+
+    def make(kind: str, mib: int, *options: str) -> Path:
+        d = Path(tempfile.mkdtemp(prefix=f"{kind}-", dir=world_tmp))
+        os.chmod(d, 0o755)
+        img, mnt = d / "img", d / "mnt"
+        mnt.mkdir()
+        with open(img, "wb") as f:
+            f.truncate(mib << 20)
+        mkfs = {"ext4": ["mkfs.ext4", "-q", "-F"], "xfs": ["mkfs.xfs", "-q", "-f"]}[kind]
+        subprocess.run([*mkfs, *options, str(img)], check=True, capture_output=True)
+        subprocess.run(["mount", "-o", "loop", str(img), str(mnt)], check=True)
+        mounts.append(mnt)
+        os.chmod(mnt, 0o755)
+        return mnt
+    yield make
+    for mnt in reversed(mounts):
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+def private_on(mnt: Path) -> tuple[Path, Path]:
+    """A private area on ``mnt`` and a mount point beside the image."""
+    private, root = mnt / "private", mnt.parent / "root"
+    private.mkdir()
+    root.mkdir()
+    return private, root
 
 
 def run_as(code: str, *args: str, uid: int = 1000) -> str:
@@ -251,4 +286,39 @@ def test_rename_whiteout_is_the_callers_and_charged(qmount):
     assert os.major(st.st_rdev) == 0 and os.minor(st.st_rdev) == 0
     assert (st.st_uid, st.st_gid) == (1000, 1000)
     assert live()["level1"][1] == 3
+    assert_exact(private)
+
+
+# ---- 4. xattr blocks -----------------------------------------------------------------------
+
+XATTRS = r"""
+import os, sys
+d, n = sys.argv[1], int(sys.argv[2])
+for i in range(n):
+    p = "%s/x%04d" % (d, i)
+    try:
+        open(p, "w").close()
+        os.setxattr(p, "user.big", os.urandom(3500))
+    except OSError as e:
+        print("error", e.errno, i)
+        break
+else:
+    print("done", n)
+"""
+
+
+@pytest.mark.parametrize("kind", ["ext4", "xfs"])
+def test_xattr_blocks_reserved_and_reconciled(loopfs, qmount, kind):
+    mnt = loopfs(kind, 300) if kind == "xfs" else loopfs(kind, 64, "-b", "4096", "-I", "256")
+    private, root = private_on(mnt)
+    qmount("400", private=private, root=root)
+    out = run_as(XATTRS, str(root), "300").split()
+    assert out[:2] == ["error", str(errno.EDQUOT)], out
+    assert usage() <= 400 * K
+    assert_exact(private)
+    made = sorted(p for p in os.listdir(root) if p.startswith("x"))
+    run_as("import os,sys\nfor p in sys.argv[1:]: os.removexattr(p, 'user.big')",
+           *[str(root / p) for p in made[::2]])
+    assert_exact(private)
+    run_as("import os,sys\nfor p in sys.argv[1:]: os.unlink(p)", *[str(root / p) for p in made])
     assert_exact(private)
