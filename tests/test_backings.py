@@ -180,8 +180,8 @@ def race_problems(qm, sampler: bk.Sampler, summary: dict) -> list[str]:
     return problems
 
 
-RACE_HOLES = "issue 7 items 2, 4, 5: directory growth, xattr and late blocks " \
-             "take usage over the hard limit and away from the recount"
+RACE_HOLES = "issue 7 item 5: blocks allocated late (ext4 writeback, XFS " \
+             "preallocation) take usage over the hard limit and away from the recount"
 
 
 @pytest.mark.parametrize("backing", bk.params(xfail={
