@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import stat
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -38,7 +39,7 @@ import anyio
 import pyfuse3
 from pyfuse3 import FUSEError
 
-from vzquota.engine import QuotaEngine
+from vzquota.engine import INFINITE, QuotaEngine
 from vzquota.errors import QuotaExceeded
 from vzquota.model import GROUP, USER
 
@@ -48,6 +49,10 @@ from .statfs import host_figures, quota_figures
 
 log = logging.getLogger(__name__)
 
+# Below this many bytes left to non-root users on the backing filesystem, its
+# f_bavail is read again before each allocation; above it, at most every HOST_TTL s.
+HOST_EDGE = 64 << 20
+HOST_TTL = 1.0
 DIR_GROWTH = 4                  # blocks reserved for a directory taking a new name
 QUOTA_XATTR = b"user.vzquota"   # read-only, virtual, on the root only
 COUNTS_XATTR = b"trusted.simfs.requests"   # read-only, virtual, root only: request counts
@@ -98,6 +103,7 @@ def errno_boundary(fn: Callable) -> Callable:
 class Handle:
     fd: int
     inode: Inode
+    user: bool = False      # opened by a non-root caller: kept out of the root reserve
 
 
 @dataclass
@@ -119,6 +125,10 @@ class SimOperations(pyfuse3.Operations):
         # switch to an indexed directory adds 2 blocks); raised to the largest
         # growth seen, so the reservation stays an upper bound.
         self.dir_growth = DIR_GROWTH * self.bsize
+        # the backing filesystem's f_bavail in bytes, as last read, less what
+        # non-root callers allocated since (see _host_room)
+        self._host_avail = 0
+        self._host_next = 0.0
         self.quota: QuotaEngine | None = None
         self.handles: dict[int, Handle | DirHandle] = {}
         self._next_fh = 1
@@ -183,9 +193,29 @@ class SimOperations(pyfuse3.Operations):
     def _reconcile_dir(self, parent: Inode) -> None:
         self._reconcile(parent, os.fstat(parent.fd))
 
-    def _reserve_dir(self, parent: Inode):
+    def _host_room(self) -> int:
+        """Bytes non-root callers may still allocate on the backing filesystem:
+        its f_bavail (root writes for them, so without this they would eat the
+        blocks reserved for the host's root).  Read again at most every
+        HOST_TTL seconds while far from the edge, before every call near it."""
+        if self._host_avail < HOST_EDGE or time.monotonic() >= self._host_next:
+            sv = os.fstatvfs(self.table.root.fd)
+            self._host_avail = sv.f_bavail * sv.f_frsize
+            self._host_next = time.monotonic() + HOST_TTL
+        return self._host_avail
+
+    def _host_check(self, ctx, amount: int) -> None:
+        """ENOSPC for a non-root caller when ``amount`` bytes would not fit in
+        the backing filesystem's f_bavail."""
+        if ctx.uid != 0:
+            if amount > self._host_room():
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            self._host_avail -= amount
+
+    def _reserve_dir(self, parent: Inode, ctx):
         """Before a call that adds a name to ``parent``: hold what the directory
         may grow by, for its owner (QuotaExceeded when that does not fit)."""
+        self._host_check(ctx, self.dir_growth)
         return self._reserve(parent.uid, parent.gid, self.dir_growth)
 
     def _settle_dir(self, parent: Inode, res) -> None:
@@ -216,7 +246,7 @@ class SimOperations(pyfuse3.Operations):
         """Reserve one inode (and ``space``), run ``make(uid, gid)`` which creates
         ``name`` in ``parent``, give it to the caller, commit what it took."""
         uid, gid = self._new_owner(parent, ctx)
-        dres = self._reserve_dir(parent)
+        dres = self._reserve_dir(parent, ctx)
         try:
             res = self._reserve(uid, gid, space, 1)
         except BaseException:
@@ -413,14 +443,14 @@ class SimOperations(pyfuse3.Operations):
                 os.close(fd)
             raise
         inode.opens += 1
-        fh = self._new_fh(Handle(fds[0], inode))
+        fh = self._new_fh(Handle(fds[0], inode, ctx.uid != 0))
         return self._file_info(fh, flags), self._attrs(st, inode.ino)
 
     @errno_boundary
     async def link(self, inode, new_parent_inode, new_name, ctx):
         node = self.table.get(inode)
         parent = self.table.get(new_parent_inode)
-        dres = self._reserve_dir(parent)
+        dres = self._reserve_dir(parent, ctx)
         try:
             os.link(lower.proc_path(node.fd), new_name, dst_dir_fd=parent.fd,
                     follow_symlinks=True)
@@ -467,7 +497,7 @@ class SimOperations(pyfuse3.Operations):
                     victim = None     # two links of one inode: rename does nothing
             except FileNotFoundError:
                 pass
-        dres = self._reserve_dir(new) if adds else None
+        dres = self._reserve_dir(new, ctx) if adds else None
         wres = None
         try:
             if flags & lower.RENAME_WHITEOUT:
@@ -526,7 +556,7 @@ class SimOperations(pyfuse3.Operations):
         fl = flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_DIRECT | os.O_NOFOLLOW)
         fd = lower.reopen(node.fd, fl)
         node.opens += 1
-        fh = self._new_fh(Handle(fd, node))
+        fh = self._new_fh(Handle(fd, node, ctx.uid != 0))
         if flags & os.O_TRUNC:
             self._reconcile(node, os.fstat(fd))
         return self._file_info(fh, flags)
@@ -540,23 +570,30 @@ class SimOperations(pyfuse3.Operations):
         h = self.handles[fh]
         q = self.quota
         node = h.inode
-        if q is None:
-            return os.pwrite(h.fd, buf, off)
         n = len(buf)
+        want = lower.span(off, n, self.bsize)
+        host = self._host_room() if h.user else INFINITE
+        if q is None:
+            if want > host:
+                n, want = self._fit(h.fd, off, n, host, errno.ENOSPC)
+            written = os.pwrite(h.fd, buf if n == len(buf) else buf[:n], off)
+            if h.user:
+                self._host_avail -= want
+            return written
         uid, gid = node.uid, node.gid
-        try:
-            res = q.reserve(uid, gid, lower.span(off, n, self.bsize))
-        except QuotaExceeded:
+        res = None
+        if want <= host:
+            try:
+                res = q.reserve(uid, gid, want)
+            except QuotaExceeded:
+                pass
+        if res is None:
             # Slow path: only the blocks not yet allocated cost anything; write
             # the longest prefix that fits (a short write), or refuse.
-            need = lower.holes(h.fd, off, off + n, self.bsize)
-            cost = sum(e - s for s, e in need)
-            if cost > q.room(uid, gid):
-                n = lower.fit_prefix(need, off, n, q.room(uid, gid), self.bsize)
-                if n <= 0:
-                    raise
-                cost = sum(e - s for s, e in lower.holes(h.fd, off, off + n, self.bsize))
-            res = q.reserve(uid, gid, cost)
+            room = q.room(uid, gid)
+            n, want = self._fit(h.fd, off, n, min(room, host),
+                                errno.ENOSPC if host < room else errno.EDQUOT)
+            res = q.reserve(uid, gid, want)
         try:
             written = os.pwrite(h.fd, buf if n == len(buf) else buf[:n], off)
             new = os.fstat(h.fd).st_blocks * 512
@@ -564,8 +601,22 @@ class SimOperations(pyfuse3.Operations):
             q.release(res)
             raise
         q.commit(res, new - node.space)
+        if h.user:
+            self._host_avail -= max(0, new - node.space)
         node.space = new
         return written
+
+    def _fit(self, fd: int, off: int, n: int, room: float, err: int) -> tuple[int, int]:
+        """The longest prefix of a write of ``n`` bytes at ``off`` whose new
+        blocks fit in ``room``, and what they cost; ``err`` when none does."""
+        need = lower.holes(fd, off, off + n, self.bsize)
+        cost = sum(e - s for s, e in need)
+        if cost > room:
+            n = lower.fit_prefix(need, off, n, int(room), self.bsize)
+            if n <= 0:
+                raise OSError(err, os.strerror(err))
+            cost = sum(e - s for s, e in lower.holes(fd, off, off + n, self.bsize))
+        return n, cost
 
     @errno_boundary
     async def flush(self, fh):
@@ -698,6 +749,7 @@ class SimOperations(pyfuse3.Operations):
             raise OSError(errno.EPERM, "read-only virtual attribute")
         self._no_acl(name)
         node = self.table.get(inode)
+        self._host_check(ctx, self._xattr_cost(value))
         res = self._reserve(node.uid, node.gid, self._xattr_cost(value))
         try:
             os.setxattr(self._xattr_path(node), name, value)

@@ -322,3 +322,42 @@ def test_xattr_blocks_reserved_and_reconciled(loopfs, qmount, kind):
     assert_exact(private)
     run_as("import os,sys\nfor p in sys.argv[1:]: os.unlink(p)", *[str(root / p) for p in made])
     assert_exact(private)
+
+
+# ---- 8. the backing filesystem's root reserve ----------------------------------------------
+
+FILL_HOST = r"""
+import os, sys
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT, 0o644)
+total = 0
+try:
+    while True:
+        total += os.write(fd, b"h" * 65536)
+except OSError as e:
+    print(e.errno, total)
+"""
+
+
+@pytest.mark.parametrize("quota", [True, False])
+def test_users_stop_at_the_root_reserve(loopfs, mounter, qmount, quota):
+    mnt = loopfs("ext4", 64, "-b", "4096", "-m", "50")
+    private, root = private_on(mnt)
+    if quota:
+        qmount("1000000", private=private, root=root)
+    else:
+        mounter(private, root)
+        os.chmod(root, 0o1777)
+    sv = os.statvfs(mnt)
+    reserve = (sv.f_bfree - sv.f_bavail) * sv.f_frsize
+    avail = sv.f_bavail * sv.f_frsize
+    assert reserve > 16 << 20
+    err, total = run_as(FILL_HOST, str(root / "user")).split()
+    assert int(err) == errno.ENOSPC
+    assert int(total) > avail - (2 << 20)            # what was available, used
+    os.sync()
+    sv = os.statvfs(mnt)
+    assert sv.f_bfree * sv.f_frsize > reserve - (256 << 10)   # the reserve is intact
+    with open(root / "root-may", "wb") as f:         # the host's root may use it
+        f.write(b"r" * (4 << 20))
+    if quota:
+        assert_exact(private)
