@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import os
+import struct
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -142,6 +144,34 @@ def fit_prefix(hole_list: list[tuple[int, int]], off: int, n: int, room: int,
         limit = hs + (left // bs) * bs
         return max(0, min(n, limit - off))
     return n
+
+
+FS_IOC_FIEMAP = 0xC020660B
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+SYNC_FILE_RANGE_WRITE = 2
+
+
+def extents(fd: int, start: int) -> int:
+    """How many extents (delayed ones included) ``fd`` maps from ``start`` on
+    (FIEMAP without extent records)."""
+    buf = bytearray(struct.pack("=QQIIII", start, (1 << 63) - 1 - start, 0, 0, 0, 0))
+    fcntl.ioctl(fd, FS_IOC_FIEMAP, buf)
+    return struct.unpack("=QQIIII", buf)[3]
+
+
+def punch(fd: int, off: int, n: int) -> None:
+    """Deallocate [off, off+n) of ``fd``, keeping its size."""
+    _check(_libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                           ctypes.c_long(off), ctypes.c_long(n)), "fallocate")
+
+
+def start_writeback(fd: int) -> None:
+    """Start writeback of ``fd``'s dirty pages now (sync_file_range WRITE): the
+    backing filesystem allocates their blocks (and extent blocks) before this
+    returns, without waiting for the I/O."""
+    _check(_libc.sync_file_range(fd, ctypes.c_long(0), ctypes.c_long(0),
+                                 SYNC_FILE_RANGE_WRITE), "sync_file_range")
 
 
 def span(off: int, n: int, bs: int) -> int:

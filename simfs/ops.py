@@ -7,7 +7,11 @@ allocated (``st_blocks`` after minus before), releases on failure, and frees on
 unlink/rmdir/truncate/rename-over.  An unlinked inode the kernel can still
 reach (an open handle, or a lookup reference through which /proc/PID/fd reopens
 it) stays charged, and every write to it is reserved as any other; it is freed
-exactly once, when it leaves the inode table (its FORGET or last release).  Every handler goes through ``errno_boundary``, the one
+exactly once, when it leaves the inode table (its FORGET or last release).
+Blocks the backing filesystem allocates late (ext4 extent blocks at writeback,
+XFS preallocation) are charged when they appear and when a file settles (near
+a limit before each write, at its last release, at FORGET), never past a hard
+limit: what a limit leaves over waits in ``gapped`` until space is freed.  Every handler goes through ``errno_boundary``, the one
 place where ``OSError`` becomes its errno, a quota refusal becomes ``EDQUOT`` and
 anything unexpected is logged with its traceback and answered with ``EIO``.
 It also counts the requests answered per operation (``counts``, shown to the
@@ -53,6 +57,12 @@ log = logging.getLogger(__name__)
 # f_bavail is read again before each allocation; above it, at most every HOST_TTL s.
 HOST_EDGE = 64 << 20
 HOST_TTL = 1.0
+# A write is answered without looking at the file when this much room is left
+# past it; closer to a limit the file is settled first (see write).
+SETTLE_ZONE = 1 << 20
+# More extents than this and an ext4 file needs blocks for its extent tree,
+# allocated at writeback.
+EXTENTS_IN_INODE = 4
 DIR_GROWTH = 4                  # blocks reserved for a directory taking a new name
 QUOTA_XATTR = b"user.vzquota"   # read-only, virtual, on the root only
 COUNTS_XATTR = b"trusted.simfs.requests"   # read-only, virtual, root only: request counts
@@ -104,6 +114,7 @@ class Handle:
     fd: int
     inode: Inode
     user: bool = False      # opened by a non-root caller: kept out of the root reserve
+    wrote: bool = False     # written through: settled at its last release
 
 
 @dataclass
@@ -129,6 +140,8 @@ class SimOperations(pyfuse3.Operations):
         # non-root callers allocated since (see _host_room)
         self._host_avail = 0
         self._host_next = 0.0
+        # inodes holding blocks the hard limits left uncharged (see _reconcile)
+        self.gapped: set[Inode] = set()
         self.quota: QuotaEngine | None = None
         self.handles: dict[int, Handle | DirHandle] = {}
         self._next_fh = 1
@@ -175,13 +188,63 @@ class SimOperations(pyfuse3.Operations):
 
     def _reconcile(self, inode: Inode, st: os.stat_result) -> None:
         """Charge the difference between what the inode allocates now and what
-        was charged for it (a directory that grew, a truncate, delayed blocks)."""
-        new = st.st_blocks * 512
-        delta = new - inode.space
-        inode.space = new
+        was charged for it (a directory that grew, a truncate, blocks the
+        backing filesystem allocated late).  What was already allocated is
+        charged only as far as the hard limits allow: the rest waits in
+        ``gapped`` until room comes back (``_settle_gaps``)."""
         inode.mode = st.st_mode
-        if delta and self.quota is not None and not inode.freed:
-            self.quota.charge(inode.uid, inode.gid, delta)
+        new = st.st_blocks * 512
+        q = self.quota
+        if q is None or inode.freed:
+            inode.space = new
+            return
+        delta = new - inode.space
+        if delta > 0:
+            delta = min(delta, q.room(inode.uid, inode.gid, soft=False))
+        if delta:
+            q.charge(inode.uid, inode.gid, delta)
+            inode.space += delta
+        if inode.space < new:
+            self.gapped.add(inode)
+        else:
+            self.gapped.discard(inode)
+
+    def _settle_gaps(self) -> None:
+        """Charge what the hard limits left uncharged, now that room came back."""
+        for inode in list(self.gapped):
+            if self.table.inodes.get(inode.ino) is inode and not inode.freed:
+                self._reconcile(inode, os.fstat(inode.fd))
+            else:
+                self.gapped.discard(inode)
+
+    def _trim(self, fd: int, st: os.stat_result) -> bool:
+        """Give back the blocks a file holds past its end (XFS's speculative
+        preallocation; nothing else can put them there through the mount, which
+        has no fallocate), keeping its times.  True if there were any."""
+        end = -(-st.st_size // self.bsize) * self.bsize
+        try:
+            if not lower.extents(fd, end):
+                return False
+            lower.punch(fd, end, st.st_blocks * 512 + self.bsize)
+            os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+        except OSError:           # no FIEMAP (tmpfs) or no hole punching
+            return False
+        return True
+
+    def _settle_file(self, fd: int) -> int:
+        """At the last release of a written file: make the backing filesystem
+        allocate now what it would allocate later (extent blocks at writeback
+        once a file has more extents than its inode holds) and drop its
+        preallocation past the end, so that what is charged stays true after
+        the inode leaves the table.  Returns how many extents it maps."""
+        self._trim(fd, os.fstat(fd))
+        try:
+            n = lower.extents(fd, 0)
+            if n > EXTENTS_IN_INODE:
+                lower.start_writeback(fd)
+        except OSError:
+            return 0
+        return n
 
     def refresh(self) -> None:
         """Re-read what every known inode allocates (after a recount: writes
@@ -294,8 +357,10 @@ class SimOperations(pyfuse3.Operations):
 
     def _dropped(self, inode: Inode | None) -> None:
         """The kernel can no longer reach ``inode`` (left the table)."""
-        if inode is not None and inode.unlinked:
-            self._free(inode)
+        if inode is not None:
+            self.gapped.discard(inode)
+            if inode.unlinked:
+                self._free(inode)
 
     def _free(self, inode: Inode) -> None:
         """Give back what a gone inode held, once."""
@@ -303,6 +368,8 @@ class SimOperations(pyfuse3.Operations):
             inode.freed = True
             if self.quota is not None:
                 self.quota.free(inode.uid, inode.gid, inode.space, 1)
+                if self.gapped:
+                    self._settle_gaps()
 
     def _last_link(self, st: os.stat_result) -> bool:
         return stat.S_ISDIR(st.st_mode) or st.st_nlink <= 1
@@ -332,6 +399,11 @@ class SimOperations(pyfuse3.Operations):
         self.counts["forget"] += 1
         for ino, n in inode_list:
             try:
+                node = self.table.inodes.get(ino)
+                if (node is not None and ino != ROOT and not node.unlinked
+                        and node.lookups <= n and node.opens <= 0):
+                    # leaving the table: charge what it holds now, for good
+                    self._reconcile(node, os.fstat(node.fd))
                 self._dropped(self.table.forget(ino, n))
             except Exception:
                 log.exception("forget of inode %d failed", ino)
@@ -381,6 +453,8 @@ class SimOperations(pyfuse3.Operations):
         st = os.fstat(node.fd)
         if fields.update_size:
             self._reconcile(node, st)
+            if self.gapped:
+                self._settle_gaps()
         return self._attrs(st, node.ino)
 
     @errno_boundary
@@ -584,26 +658,45 @@ class SimOperations(pyfuse3.Operations):
         res = None
         if want <= host:
             try:
-                res = q.reserve(uid, gid, want)
+                # far from every limit: held with SETTLE_ZONE to spare, for
+                # blocks the backing filesystem may allocate late (all released
+                # at the commit)
+                res = q.reserve(uid, gid, want + SETTLE_ZONE)
             except QuotaExceeded:
                 pass
         if res is None:
-            # Slow path: only the blocks not yet allocated cost anything; write
-            # the longest prefix that fits (a short write), or refuse.
+            # Slow path, near a limit: first settle this file (its
+            # preallocation past the end given back, its late blocks allocated
+            # and charged), then only the blocks not yet allocated cost
+            # anything; write the longest prefix that fits (a short write), or
+            # refuse.
+            extents = self._settle_file(h.fd)
+            self._reconcile(node, os.fstat(h.fd))
             room = q.room(uid, gid)
+            if extents > EXTENTS_IN_INODE:
+                # a new extent may need a block of the extent tree at writeback
+                room = max(0, room - self.bsize)
             n, want = self._fit(h.fd, off, n, min(room, host),
                                 errno.ENOSPC if host < room else errno.EDQUOT)
             res = q.reserve(uid, gid, want)
+        h.wrote = True
         try:
             written = os.pwrite(h.fd, buf if n == len(buf) else buf[:n], off)
-            new = os.fstat(h.fd).st_blocks * 512
+            st = os.fstat(h.fd)
         except BaseException:
             q.release(res)
             raise
-        q.commit(res, new - node.space)
+        delta = st.st_blocks * 512 - node.space
         if h.user:
-            self._host_avail -= max(0, new - node.space)
-        node.space = new
+            self._host_avail -= max(0, delta)
+        if delta <= res.space:
+            q.commit(res, delta)
+            node.space += delta
+        else:
+            # more than the data (preallocation, a gap left before): charged
+            # up to the hard limits, never over them
+            q.release(res)
+            self._reconcile(node, st)
         return written
 
     def _fit(self, fd: int, off: int, n: int, room: float, err: int) -> tuple[int, int]:
@@ -631,6 +724,8 @@ class SimOperations(pyfuse3.Operations):
         node = h.inode
         try:
             if node.opens == 1:
+                if h.wrote:
+                    self._settle_file(h.fd)
                 self._reconcile(node, os.fstat(h.fd))
         finally:
             os.close(h.fd)

@@ -180,12 +180,7 @@ def race_problems(qm, sampler: bk.Sampler, summary: dict) -> list[str]:
     return problems
 
 
-RACE_HOLES = "issue 7 item 5: blocks allocated late (ext4 writeback, XFS " \
-             "preallocation) take usage over the hard limit and away from the recount"
-
-
-@pytest.mark.parametrize("backing", bk.params(xfail={
-    "ext4": RACE_HOLES, "xfs": RACE_HOLES}), indirect=True)
+@pytest.mark.parametrize("backing", bk.params(), indirect=True)
 def test_race_at_the_limit(backing_quota):
     """Invariant (a): 8 writers (4 uids, 2 gids) race at the hard limits with
     writes, appends, creates, truncates, renames, links, xattrs; no sample of

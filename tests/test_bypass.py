@@ -361,3 +361,59 @@ def test_users_stop_at_the_root_reserve(loopfs, mounter, qmount, quota):
         f.write(b"r" * (4 << 20))
     if quota:
         assert_exact(private)
+
+
+# ---- 5. blocks the backing filesystem allocates after the daemon looked ------------------
+
+APPEND_CYCLES = r"""
+import os, sys
+p = sys.argv[1]
+total = 0
+try:
+    while True:                      # open, append 256 KiB, close: XFS keeps its
+        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:                         # preallocation across such closes
+            for _ in range(4):
+                total += os.write(fd, b"a" * 65536)
+        finally:
+            os.close(fd)
+except OSError as e:
+    print(e.errno, total)
+"""
+
+SPARSE = r"""
+import os, sys
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)
+total = 0
+try:
+    for i in range(100000):          # one block every MiB: an extent each
+        total += os.pwrite(fd, b"s" * 4096, i << 20)
+except OSError as e:
+    print(e.errno, total)
+os.fsync(fd)
+os.close(fd)
+"""
+
+
+@pytest.mark.parametrize("kind", ["ext4", "xfs"])
+@pytest.mark.parametrize("load", ["append", "sparse"])
+def test_late_blocks_never_over_the_limit(loopfs, qmount, kind, load):
+    import backing as bk
+    mnt = loopfs(kind, 300) if kind == "xfs" else loopfs(kind, 300, "-b", "4096")
+    private, root = private_on(mnt)
+    qmount("12288", private=private, root=root)
+    sampler = bk.Sampler(QID)
+    sampler.start()
+    try:
+        err, total = run_as(APPEND_CYCLES if load == "append" else SPARSE,
+                            str(root / "f")).split()
+    finally:
+        sampler.stop()
+    assert int(err) == errno.EDQUOT
+    assert not sampler.violations, sampler.violations[:3]
+    if load == "append":                            # refused at the data, not early
+        assert int(total) > (12288 - 1024) * K
+    assert_exact(private)
+    os.unlink(root / "f")
+    assert_exact(private)
+    assert usage() == os.lstat(private).st_blocks * 512   # an empty tree: its root only

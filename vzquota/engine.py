@@ -115,12 +115,12 @@ class QuotaEngine:
         return False
 
     @staticmethod
-    def _room(c: Counter, level: int, now: int) -> float:
+    def _room(c: Counter, level: int, now: int, soft: bool = True) -> float:
         used = c.usage + c.rsv
         room = INFINITE
         if level == 1 or c.hard:
             room = c.hard - used
-        if c.soft and c.deadline and now >= c.deadline:
+        if soft and c.soft and c.deadline and now >= c.deadline:
             room = min(room, c.soft - used)
         return max(0, room)
 
@@ -193,12 +193,13 @@ class QuotaEngine:
                     res.space if space is None else space,
                     res.inodes if inodes is None else inodes)
 
-    def room(self, uid: int, gid: int) -> int:
-        """Bytes an inode owned by uid:gid may still allocate before a refusal."""
+    def room(self, uid: int, gid: int, soft: bool = True) -> int:
+        """Bytes an inode owned by uid:gid may still allocate before a refusal
+        (``soft=False``: before a hard limit, ignoring expired graces)."""
         now = self.now()
         room = INFINITE
         for obj, _, level in self._objects(uid, gid, create=False):
-            room = min(room, self._room(obj.space, level, now))
+            room = min(room, self._room(obj.space, level, now, soft))
         return int(min(room, 1 << 62))
 
     def charge(self, uid: int, gid: int, space: int = 0, inodes: int = 0) -> None:
