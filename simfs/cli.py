@@ -1,13 +1,18 @@
-"""``simfs PRIVATE ROOT [-o OPTS] [-f] [-d]``: mount a private area at a root.
+"""``simfs PRIVATE ROOT [-o OPTS] [-f] [-d]``: mount a private area at a root;
+``simfs --service``: run the mount service.
 
 Role: parse the command line and the ``-o`` options (the same words fuse3's
 mount helper passes for ``mount -t fuse.simfs`` and fstab lines), check what can
-be checked before mounting, then either serve in the foreground (``-f``) or
-fork: the parent returns 0 once the mount is usable, or prints why it failed
-and returns 1.
+be checked before mounting, then either serve in the foreground (``-f``), or
+hand the mount to the mount service when one runs (``forkserver.delegate``;
+``SIMFS_SERVICE=0`` never does), or fork a daemon: in both cases the command
+returns 0 once the mount is usable, or prints why it failed and returns 1.
+``start_daemon`` is the daemon's start, shared by the standalone fork and the
+service's children.
 
 Concurrency: runs before any event loop exists; the fork happens before the
-loop starts, and the child alone runs it.
+loop starts, and the child alone runs it.  The path to the service imports
+nothing heavy (no pyfuse3, no event loop, no logging).
 """
 
 from __future__ import annotations
@@ -16,7 +21,6 @@ import argparse
 import errno
 import faulthandler
 import logging
-import logging.handlers
 import os
 import re
 import resource
@@ -110,14 +114,18 @@ def parser() -> argparse.ArgumentParser:
                "noatime, allow_other, fsname=, ...). Default: nodev,nosuid, "
                "fsname=/dev/simfs. "
                "Exit status: 0 mounted, 1 the mount failed, 2 usage error.")
-    p.add_argument("private", help="the private area (backing directory)")
-    p.add_argument("root", help="the mount point")
+    p.add_argument("private", nargs="?", help="the private area (backing directory)")
+    p.add_argument("root", nargs="?", help="the mount point")
     p.add_argument("-o", dest="options", action="append", default=[],
                    metavar="OPTS", help="comma-separated mount options")
     p.add_argument("-f", dest="foreground", action="store_true",
                    help="stay in the foreground")
     p.add_argument("-d", dest="debug", action="store_true",
                    help="debug logging (implies -f)")
+    p.add_argument("--service", action="store_true",
+                   help="run the mount service in the foreground: later simfs commands "
+                        "ask it for their mount daemon (a fork that shares its memory) "
+                        "instead of starting their own; SIMFS_SERVICE=0 bypasses it")
     p.add_argument("-V", "--version", action="version", version=f"simfs {__version__}")
     return p
 
@@ -194,13 +202,14 @@ def precheck(private: str, root: str) -> None:
 
 
 def setup_logging(debug: bool, logfile, daemon: bool) -> None:
+    from logging.handlers import SysLogHandler
     root = logging.getLogger()
     root.setLevel(logging.DEBUG if debug else logging.INFO)
     fmt = logging.Formatter("%(asctime)s simfs[%(process)d] %(levelname)s %(name)s: %(message)s")
     if logfile:
         h: logging.Handler = logging.StreamHandler(logfile)
     elif daemon and os.path.exists("/dev/log"):
-        h = logging.handlers.SysLogHandler(address="/dev/log")
+        h = SysLogHandler(address="/dev/log")
         fmt = logging.Formatter("simfs[%(process)d]: %(levelname)s %(message)s")
     elif daemon:
         # No syslog: keep every line in a file rather than drop it.
@@ -350,7 +359,19 @@ def mount_helper(argv: list[str] | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    if args.service:
+        if args.private or args.root or args.options:
+            p.error("--service takes no other arguments")
+        if os.geteuid() != 0:
+            print("simfs: the mount service must run as root", file=sys.stderr)
+            return 1
+        from .forkserver import serve
+        return serve()
+    if args.root is None:
+        p.error("the following arguments are required: private, root")
     words = [w for o in args.options for w in o.split(",")]
     if "remount" in words:
         if os.geteuid() != 0:
@@ -368,27 +389,19 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     debug = args.debug or "debug" in own
     foreground = args.foreground or args.debug
-    from .mount import Mount, MountError
-    # The daemon's own files (locks, socket, log, quota file) are root's only;
-    # the passthrough itself runs with umask 0 (``run``): the kernel has
-    # already applied the caller's umask to every mode it sends.
-    os.umask(0o077)
+    if not foreground and os.environ.get("SIMFS_SERVICE") != "0":
+        from .forkserver import delegate
+        code = delegate(argv)
+        if code is not None:
+            return code
+    from .mount import MountError
     try:
-        precheck(args.private, args.root)
-        logfile = open_log(own["log"]) if "log" in own else None
-        if logfile is None and not foreground and not os.path.exists("/dev/log"):
-            print(f"simfs: no syslog (/dev/log): the daemon logs to {FALLBACK_LOG}",
-                  file=sys.stderr)
-            logfile = open_log(FALLBACK_LOG)
+        logfile = checks(args, own, foreground)
     except MountError as e:
         print(f"simfs: {e}", file=sys.stderr)
         return 1
     raise_fd_limit()
-    m = Mount(os.path.abspath(args.private), os.path.abspath(args.root), fuse_opts,
-              quotaid=int(own["quotaid"]) if "quotaid" in own else None,
-              quotafile=own.get("quotafile"),
-              checkpoint=float(own.get("checkpoint", 30)),
-              runtime=own.get("runtime", "uvloop"), hook=own.get("hook"))
+    m = build(args, fuse_opts, own)
     if foreground:
         setup_logging(debug, logfile, daemon=False)
         faulthandler.enable()
@@ -404,10 +417,63 @@ def main(argv: list[str] | None = None) -> int:
         print(f"simfs: {msg or 'the mount daemon died during start-up'}", file=sys.stderr)
         return 1
     os.close(r)
+    code = daemon(m, debug, logfile, w)
+    os._exit(code)
+
+
+def checks(args: argparse.Namespace, own: dict[str, str], foreground: bool):
+    """What can fail before the daemon starts; returns the open log file."""
+    # The daemon's own files (locks, socket, log, quota file) are root's only;
+    # the passthrough itself runs with umask 0 (``run``): the kernel has
+    # already applied the caller's umask to every mode it sends.
+    os.umask(0o077)
+    precheck(args.private, args.root)
+    logfile = open_log(own["log"]) if "log" in own else None
+    if logfile is None and not foreground and not os.path.exists("/dev/log"):
+        print(f"simfs: no syslog (/dev/log): the daemon logs to {FALLBACK_LOG}",
+              file=sys.stderr)
+        logfile = open_log(FALLBACK_LOG)
+    return logfile
+
+
+def build(args: argparse.Namespace, fuse_opts: set[str], own: dict[str, str]):
+    from .mount import Mount
+    return Mount(os.path.abspath(args.private), os.path.abspath(args.root), fuse_opts,
+                 quotaid=int(own["quotaid"]) if "quotaid" in own else None,
+                 quotafile=own.get("quotafile"),
+                 checkpoint=float(own.get("checkpoint", 30)),
+                 runtime=own.get("runtime", "uvloop"), hook=own.get("hook"))
+
+
+def daemon(m, debug: bool, logfile, ready_fd: int) -> int:
+    """The daemon's own start: a session of its own, logging, mount, serve."""
     os.setsid()
     setup_logging(debug, logfile, daemon=True)
-    code = run(m, w)
-    os._exit(code)
+    return run(m, ready_fd)
+
+
+def start_daemon(argv: list[str], ready_fd: int) -> int:
+    """A child of the mount service becomes the daemon ``simfs argv`` would
+    have forked (the client already checked the usage and the uid): the same
+    checks, in the same order, with the same messages."""
+    from .mount import MountError
+
+    def fail(msg: str) -> int:
+        os.write(ready_fd, msg.encode())
+        os.close(ready_fd)
+        return 1
+    try:
+        args = parser().parse_args(argv)
+        words = [w for o in args.options for w in o.split(",")]
+        fuse_opts, own = parse_options(words, os.path.abspath(args.private))
+        logfile = checks(args, own, False)
+    except (MountError, UsageError) as e:
+        return fail(str(e))
+    except (SystemExit, TypeError):
+        return fail(f"bad command line: {' '.join(argv)}")
+    raise_fd_limit()
+    m = build(args, fuse_opts, own)
+    return daemon(m, args.debug or "debug" in own, logfile, ready_fd)
 
 
 def run(m, ready_fd: int | None) -> int:
