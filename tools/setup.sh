@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up everything simfs + vzquota needs on a Debian machine, as root:
 # - system packages (fuse3, libfuse3-dev, pkg-config, a C compiler, attr, acl,
-#   groff, and e2fsprogs/xfsprogs/btrfs-progs for the tests' loop-image backings);
+#   groff, e2fsprogs/xfsprogs/btrfs-progs for the tests' loop-image backings, and
+#   busybox and wrk for tools/webbench's HTTP servers and load);
 # - .venv in the checkout: the project (editable) and its test extras, for the
 #   tests and development;
 # - the project installed like software (`pip install .`, not editable) in its
@@ -34,7 +35,7 @@ apt_install() {
 }
 
 need=()
-for pkg in fuse3 libfuse3-dev pkg-config gcc attr acl groff-base e2fsprogs xfsprogs btrfs-progs; do
+for pkg in fuse3 libfuse3-dev pkg-config gcc attr acl groff-base e2fsprogs xfsprogs btrfs-progs busybox wrk; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 [ ${#need[@]} -eq 0 ] || apt_install "${need[@]}"
