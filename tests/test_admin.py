@@ -50,7 +50,9 @@ def test_on_after_a_crash_warns_and_recounts(mounter, area):
     assert int(show[5]) == find_count(private)
     # a second `on` now finds it on and cleanly counted: the original's answer
     r = vzquota("on", QID, check=False)
-    assert r.returncode == 5 and "already running" in r.stderr
+    # quota_on(): debug(LOG_WARNING, "Quota is running for id %d already\n")
+    assert (r.returncode, r.stderr) == (5, f"vzquota : (warning) Quota is running for id "
+                                        f"{QID} already\n")
 
 
 def test_simfs_on_a_dead_mount_says_so(mounter, area):

@@ -148,7 +148,7 @@ def test_on_live_when_already_on_is_5(mounter, area):
     (root / "still").write_bytes(b"works")
     assert (private / "still").read_bytes() == b"works"
     deadline = time.monotonic() + 5
-    while vzquota("stat", QID, check=False).returncode != 6:
+    while vzquota("stat", QID, "-f", check=False).returncode != 6:   # -f reads no file
         assert time.monotonic() < deadline
         time.sleep(0.05)
 

@@ -8,12 +8,13 @@ from vzquota.units import (UNLIMITED, format_deadline, format_time_left, kib,
 DAY = 86400
 
 
+# str2time() of the original (src/common.c)
 @pytest.mark.parametrize("text, seconds", [
-    ("0", 0), ("90", 90), (" 120 ", 120),
+    ("0", 0), ("90", 90), ("  120", 120), ("\t7", 7),
     ("59", 59), ("1:00", 60), ("1:02:03", 3723), ("7:00:00:00", 7 * DAY),
     ("2:23:59:59", 3 * DAY - 1), ("100:00:00:00", 100 * DAY), ("0:0:0:5", 5),
     ("2h", 7200), ("2H", 7200), ("7d", 7 * DAY), ("01w", 7 * DAY), ("3m", 90 * DAY),
-    ("1y", 365 * DAY), ("1Y", 365 * DAY), ("45s", 45), ("0d", 0),
+    ("1y", 365 * DAY), ("1Y", 365 * DAY), ("0d", 0), (" 2d", 2 * DAY),
 ])
 def test_parse_time_ok(text, seconds):
     assert parse_time(text) == seconds
@@ -21,34 +22,41 @@ def test_parse_time_ok(text, seconds):
 
 @pytest.mark.parametrize("text", [
     "", "   ", "-5", "-1d", "abc", "d", "7x", "1.5d", "7 d", "1:60", "60:00", "1:60:00",
-    "24:00:00", "1:2:3:4:5", "1::2", ":5", "5:", "+5", "1e3",
+    "24:00:00", "1:2:3:4:5", "1::2", ":5", "5:", "+5", "1e3", "45s", " 120 ", "²", "١٢٣",
+    "x" * 300,
 ])
 def test_parse_time_bad(text):
     with pytest.raises(ValueError):
         parse_time(text)
 
 
+# str2u64() + block2ker(): strtoll, then bytes modulo 2**64; K/M/G/T and the word
+# "unlimited" are this project's additions
 @pytest.mark.parametrize("text, blocks", [
     ("0", 0), ("1000", 1000), ("1K", 1), ("1k", 1), ("10M", 10240), ("2g", 2 * 1024**2),
-    ("1T", 1024**3), ("unlimited", UNLIMITED), ("UNLIMITED", UNLIMITED),
-    (str(UNLIMITED), UNLIMITED),
+    ("1T", 1024**3), ("unlimited", 2**54 - 1), ("UNLIMITED", 2**54 - 1),
+    (str(UNLIMITED), 2**54 - 1), (str(UNLIMITED + 1), 2**54 - 1), (" 5", 5), ("+5", 5),
+    ("-1", 2**54 - 1), (str(2**54), 0), (str(2**54 + 3), 3),
 ])
 def test_parse_blocks_ok(text, blocks):
     assert parse_blocks(text) == blocks
 
 
-@pytest.mark.parametrize("text", ["", "K", "-1", "1.5M", "1P", "1KB", "ten",
-                                  str(UNLIMITED + 1), "9999999999T", "1_000"])
+@pytest.mark.parametrize("text", ["", "K", "1.5M", "1P", "1KB", "ten", "1_000", "5 ",
+                                  "²", "١٢٣", "0x10", "-"])
 def test_parse_blocks_bad(text):
     with pytest.raises(ValueError):
         parse_blocks(text)
 
 
 def test_parse_count():
+    # str2u32(): strtol, then the low 32 bits
     assert parse_count("200000") == 200000
     assert parse_count("0") == 0
-    assert parse_count("unlimited") == UNLIMITED == 2**63 - 1
-    for bad in ("", "1K", "-3", "x", "1.0", str(UNLIMITED + 1)):
+    assert parse_count("unlimited") == parse_count(str(UNLIMITED)) == 2**32 - 1
+    assert parse_count("-1") == 2**32 - 1
+    assert parse_count(str(2**32 + 7)) == 7
+    for bad in ("", "1K", "x", "1.0", "²", "١٢٣", "1 "):
         with pytest.raises(ValueError):
             parse_count(bad)
 

@@ -60,7 +60,8 @@ if [ ! -x .venv/bin/python ]; then
     echo "setup: creating .venv with $PY"
     "$PY" -m venv .venv
 fi
-if ! .venv/bin/python - <<'PYEOF' 2>/dev/null
+# (re)install when something is missing, including a console script added since
+if ! .venv/bin/python - <<'PYEOF' 2>/dev/null || [ ! -x .venv/bin/vzdqload ]
 import importlib.metadata as md, os, sys, pyfuse3, anyio, uvloop, trio, xattr, pytest, simfs, vzquota
 import prometheus_client, tqdm
 md.version("simfs-vzquota")
@@ -98,7 +99,7 @@ if [ "$(cat "$SYS/.installed-from" 2>/dev/null)" != "$stamp" ]; then
     "$SYS/bin/python" -c 'import pyfuse3, trio, simfs, vzquota'
     echo "$stamp" > "$SYS/.installed-from"
 fi
-for tool in simfs vzquota simfs-service mount.fuse.simfs vzquota-metrics; do
+for tool in simfs vzquota simfs-service mount.fuse.simfs vzquota-metrics vzdqcheck vzdqdump vzdqload; do
     ln -sfn "$SYS/bin/$tool" "/usr/local/sbin/$tool"
 done
 mkdir -p /usr/local/share/man/man8 /usr/local/lib/systemd/system

@@ -1,10 +1,17 @@
 """``vzquota``: the command line, compatible with OpenVZ's vzquota 3.x.
 
-Role: parse ``vzquota [-h -V -q -v -b] COMMAND QUOTA_ID [options]``, then act on
-the live mount of that id (over the control channel) when there is one, or on
-the quota file otherwise.  Every failure is a ``VzError``: printed as
-``vzquota : (error) <message>`` on stderr, returned as its exit code (the table
-in ``errors.py`` and in vzquota(8)).
+Role: parse ``vzquota [-h -V -q -v -b] COMMAND QUOTA_ID [options]`` exactly as
+the original does (glibc ``getopt_long`` with its error lines, per-command usage
+texts, ``strtol``-style numbers), then act on the live mount of that id (over the
+control channel) when there is one, or on the quota file otherwise.  Every
+message is the original's (read from ``kolyshkin/vzquota``: src/main.c,
+src/common.c, src/quotaon.c, src/stat.c, src/quota_io.c, src/quotacheck.c):
+errors ``vzquota : (error) ...`` and warnings ``vzquota : (warning) ...`` on
+stderr, ``(info)`` lines (``-v``) on stdout, with the empty line the original
+prints where its format string ends in ``\\n``.  A failure is a ``VzError``
+(printed, returned as its exit code) or a ``Usage`` (a usage text on stderr,
+exit 2).  Beyond the original: ``recalc`` and ``import`` (of an OpenVZ binary
+quota file), block suffixes K/M/G/T and the word ``unlimited``.
 
 Concurrency: one short-lived process.  Offline changes hold the quota file's
 lock for the whole read-modify-write; a request to a live mount holds no lock
@@ -13,184 +20,609 @@ lock for the whole read-modify-write; a request to a live mount holds no lock
 
 from __future__ import annotations
 
-import getopt
 import json
 import os
+import signal
 import sys
 import time
+from dataclasses import dataclass, field
 
 from . import __version__, control, progress, report
 from .engine import QuotaEngine
-from .errors import (EC_NOPATH, EC_NOTRUN, EC_QUOTADIRTY, EC_RUN, EC_SYSERR,
-                     EC_UGID_NOTRUN, EC_USAGE, VzError)
+from .errors import (EC_EXDEV, EC_NOQUOTAFILE, EC_NOTRUN, EC_QUOTADIRTY, EC_QUOTAFILE,
+                     EC_RUN, EC_SYSERR, EC_UGID_NOTRUN, EC_USAGE, CrossDevice, VzError)
 from .format import format_ugid, format_usage
-from .model import QuotaState
+from .gnugetopt import NO_ARG, REQUIRED, GetoptError, GetoptLong
+from .model import QuotaObject, QuotaState
 from .qfile import QuotaFile, state_from_dict
 from .scan import scan
 from .service import apply_limits, apply_limits2
-from .units import parse_blocks, parse_count, parse_time
+from .units import c_strtol, kib, parse_blocks, parse_count, parse_time
 
+PROG = "vzquota"
+LOG_ERROR, LOG_WARNING, LOG_INFO = 1, 2, 3
+
+# src/main.c: cmd_usage (printed by usage() with program_name).
 USAGE = """\
-Usage: vzquota [options] command quotaid [command-options]
-Options:
-  -h  help            -V  version
-  -q  quiet           -v  verbose
-  -b  batch output (stat, show)
-Commands:
-  init      quotaid -p path -b bsoft -B bhard -i isoft -I ihard -e btime -n itime
-                    [-s 0|1] [-u ugid_limit] [-c file | -R]
-  on        quotaid [-p path] [limits] [-s 0|1] [-u ugid_limit] [-f] [-c file | -R]
-  off       quotaid [-f] [-c file | -R]
-  drop      quotaid [-f] [-c file | -R]
-  setlimit  quotaid [-p path] [limits] [-s 0|1] [-u ugid_limit] [-f] [-c file | -R]
-  setlimit2 quotaid [-c file] -u|-g ugid bsoft bhard isoft ihard
-  setlimit2 quotaid [-c file] [-u|-g] -t btime itime
-  reload2   quotaid [-c file]
-  stat      quotaid [-t] [-f] [-c file | -R]
-  show      quotaid [-t] [-c file | -R]
-  recalc    quotaid [-p path] [-c file | -R]
-  list      [--json]     every known quota id (stat and show take --json too)
-Limits: -b/-B block soft/hard limit in 1K blocks (K/M/G/T suffixes, 'unlimited'),
-  -i/-I inode soft/hard limit, -e/-n block/inode grace: seconds,
-  [[[dd:]hh:]mm:]ss, or N with a suffix h/d/w/m/y.
-Exit status: 0 ok, 1 system error, 2 usage error, 3 live mount refused,
-  4 quota file error, 5 quota already on, 6 quota not on, 7 quota file locked,
-  8 scan crossed a mount point, 9 stat -t with 2nd level inactive,
-  10 show of a dirty file, 11 no quota file, 13 no path known.
+Usage: vzquota [options] command quotaid [command-options-and-arguments]
+
+vzquota commands are:
+\tinit       Initialize quota data for given quotaid
+\ton         Turn on quota accounting for given quotaid
+\toff        Turn off quota accounting for given quotaid
+\tdrop       Delete quota limits from file
+\tsetlimit   Set quota limits for given quotaid
+\tsetlimit2  Set L2 quota limits for given quotaid and QUGID
+\treload2    Reload L2 quota limits from quota file for given quotaid
+\tstat       Show usage and quota limits for given quotaid
+\tshow       Show usage and quota limits from quota file
 """
 
-LONG = {"block-softlimit=": "-b", "block-hardlimit=": "-B", "inode-softlimit=": "-i",
-        "inode-hardlimit=": "-I", "block-exptime=": "-e", "inode-exptime=": "-n",
-        "sub-quotas=": "-s", "ugid-limit=": "-u", "quota-file=": "-c", "force": "-f",
-        "path=": "-p"}
-COMMANDS = ("init", "on", "off", "drop", "setlimit", "setlimit2", "reload2", "stat",
-            "show", "recalc", "list")
+# src/common.c: time_usage (printed for a bad -e/-n value).
+TIME_USAGE = """\
+Available time formats:
+1. dd:hh:mm:ss
+2. xxA, where A - h/H(hour);d/D(day);w/W(week);m/M(month);y/Y(year)
+For instance: 7D - 7 days; 01w - 1 week; 3m - 3 months
+"""
+
+# src/quotaon.c and src/stat.c: the per-command usage texts ("%s %s" is
+# "vzquota <command>").
+_LIMITS_USAGE = """\
+Usage: vzquota {cmd} <quotaid> [-p <mount_path>] [-c <quota_file>]
+\t[-R,--relative]
+\t[-f,--force]
+\t[-s,--sub-quotas 1|0]
+\t[-u,--ugid-limit <ugid_limit>]
+\t[-b <block_soft_limit>] [-B <block_hard_limit>]
+\t[-i <inode_soft_limit>] [-I <inode_hard_limit>]
+\t[-e <block_expiration_time>] [-n <inode_expiration_time>]
+"""
+_OFF_USAGE = """\
+Usage: vzquota {cmd} <quotaid> [-p <mount_path>] [-c <quota_file>]
+\t[-R,--relative]
+\t[-f,--force]
+"""
+_RELOAD_USAGE = """\
+Usage: vzquota {cmd} <quotaid> [-p <mount_path>] [-c <quota_file>]
+\t[-R,--relative]
+"""
+USAGES = {
+    "init": """\
+Usage: vzquota init <quotaid> -p <mount_path> [-c <quota_file>]
+\t[-R,--relative]
+\t[-s,--sub-quotas 1|0]
+\t[-u,--ugid-limit <ugid_limit>]
+\t-b,--block-softlimit <block_soft_limit>
+\t-B,--block-hardlimit <block_hard_limit>
+\t-i,--inode-softlimit <inode_soft_limit>
+\t-I,--inode-hardlimit <inode_hard_limit>
+\t-e,--block-exptime <block_expiration_time>
+\t-n,--inode-exptime <inode_expiration_time>
+""",
+    "on": _LIMITS_USAGE.format(cmd="on"),
+    "setlimit": _LIMITS_USAGE.format(cmd="setlimit"),
+    "setlimit2": """\
+Usage: 
+\tvzquota setlimit2 <quotaid> [-p <mount_path>] [-c <quota_file>]
+\t\t[-R,--relative]
+\t\t[-u|-g] <ugid>
+\t\t<block_soft_limit> <block_hard_limit>
+\t\t<inode_soft_limit> <inode_hard_limit>
+\tvzquota setlimit2 <quotaid> [-p <mount_path>] [-c <quota_file>] -t
+\t\t[-R,--relative]
+\t\t<block-grace> <inode-grace>
+""",
+    "off": _OFF_USAGE.format(cmd="off"),
+    "drop": _OFF_USAGE.format(cmd="drop"),
+    "reload2": _RELOAD_USAGE.format(cmd="reload2"),
+    "stat": """\
+Usage: vzquota stat quotaid [-p <mount_path>] [-c <quota_file>]
+\t[-R,--relative]
+\t[-f,--force]
+\t[-t,--user-group]
+\t(Specify the --help global option for a list of other help options)
+""",
+    "show": """\
+Usage: vzquota show quotaid [-p <mount_path>] [-c <quota_file>]
+\t[-R,--relative]
+\t[-t,--user-group]
+\t(Specify the --help global option for a list of other help options)
+""",
+    # not in the original: same form as reload2's
+    "recalc": _RELOAD_USAGE.format(cmd="recalc"),
+    "list": "Usage: vzquota list [--json]\n",
+    "import": """\
+Usage: vzquota import <quotaid> <openvz_quota_file> [-p <mount_path>] [-c <quota_file>]
+\t[-R,--relative]
+""",
+}
+
+_LIMIT_LONG = {
+    "rsquash": (REQUIRED, "r"), "sub-quotas": (REQUIRED, "s"), "ugid-limit": (REQUIRED, "u"),
+    "quota-file": (REQUIRED, "c"), "block-softlimit": (REQUIRED, "b"),
+    "block-hardlimit": (REQUIRED, "B"), "block-exptime": (REQUIRED, "e"),
+    "inode-softlimit": (REQUIRED, "i"), "inode-hardlimit": (REQUIRED, "I"),
+    "inode-exptime": (REQUIRED, "n"), "relative": (NO_ARG, "R"),
+}
+_FILE_LONG = {"quota-file": (REQUIRED, "c"), "relative": (NO_ARG, "R")}
+_FORCE = {"force": (NO_ARG, "f")}
+# short options and long options of each command, as in the original's tables
+OPTIONS: dict[str, tuple[str, dict[str, tuple[int, str]]]] = {
+    "init": ("p:c:r:s:u:b:B:i:I:e:n:R", _LIMIT_LONG),
+    "on": ("p:c:r:s:u:fb:B:i:I:e:n:R",
+           {**_LIMIT_LONG, "nocheck": (NO_ARG, "nocheck"), **_FORCE}),
+    "setlimit": ("p:c:r:s:u:fb:B:i:I:e:n:R", {**_LIMIT_LONG, **_FORCE}),
+    "setlimit2": ("p:c:ugtR", {"quota-file": (REQUIRED, "c"), "uid": (REQUIRED, "u"),
+                               "gid": (REQUIRED, "g"), "relative": (NO_ARG, "R")}),
+    "off": ("p:fc:R", {**_FILE_LONG, **_FORCE}),
+    "drop": ("p:fc:R", {**_FILE_LONG, **_FORCE}),
+    "reload2": ("p:c:R", _FILE_LONG),
+    "stat": ("p:c:tfR", {"quota-file": (REQUIRED, "c"), "user-group": (NO_ARG, "t"),
+                         "relative": (NO_ARG, "R"), **_FORCE}),
+    "show": ("p:c:tR", {"quota-file": (REQUIRED, "c"), "user-group": (NO_ARG, "t"),
+                        "relative": (NO_ARG, "R")}),
+    "recalc": ("p:c:R", _FILE_LONG),
+    "import": ("p:c:R", _FILE_LONG),
+    "list": ("", {}),
+}
+JSON_COMMANDS = ("list", "stat", "show")      # take --json (not in the original)
+COMMANDS = tuple(OPTIONS)
+LIMIT_OPTS = {"b": "bsoft", "B": "bhard", "i": "isoft", "I": "ihard", "e": "bgrace",
+              "n": "igrace"}
 
 
+class Usage(Exception):
+    """Print ``text`` on stderr as is and exit 2 (the original's usage())."""
+
+    def __init__(self, text: str):
+        super().__init__(text)
+        self.text = text
+
+
+@dataclass
 class Out:
-    def __init__(self, quiet: bool = False, verbose: int = 0):
-        self.quiet = quiet
-        self.verbose = verbose
+    """The original's debug levels: -q errors only, default warnings, -v info."""
+
+    level: int = LOG_WARNING
+    batch: int = 0
 
     def warn(self, msg: str) -> None:
-        if not self.quiet:
-            print(f"vzquota : (warning) {msg}", file=sys.stderr)
+        if self.level >= LOG_WARNING:
+            sys.stderr.write(f"vzquota : (warning) {msg}")
 
     def info(self, msg: str) -> None:
-        if self.verbose:
-            print(f"vzquota : (info) {msg}", file=sys.stderr)
+        if self.level >= LOG_INFO:
+            sys.stdout.write(f"vzquota : (info) {msg}")
+
+    @staticmethod
+    def error(msg: str) -> None:
+        sys.stderr.write(f"vzquota : (error) {msg}\n")
 
 
-def usage_error(msg: str) -> VzError:
-    return VzError(EC_USAGE, f"{msg}; see vzquota -h")
+@dataclass
+class Opts:
+    """One command line, after parse_options() of src/common.c."""
+
+    cmd: str
+    qid: int
+    limits: dict = field(default_factory=dict)
+    path: str | None = None
+    file: str | None = None
+    relative: bool = False
+    force: bool = False
+    nocheck: bool = False
+    sqt: bool = False          # -s or -t given (FL_SQT)
+    l2_user: bool = False
+    l2_group: bool = False
+    l2_grace: bool = False
+    rest: list[str] = field(default_factory=list)
+
+    @property
+    def sid(self) -> int:
+        """The id as the original's messages print it (``%d``)."""
+        return self.qid - 2**32 if self.qid >= 2**31 else self.qid
 
 
-def _num(value: str, parse, what: str) -> int:
+def parse_qid(text: str) -> int:
+    """A quota id as the original's str2uint reads it (strtol, ASCII digits, an
+    optional sign; a negative id names the same unsigned id, -1 = 4294967295).
+    Values outside what an unsigned or signed 32-bit id can spell are refused
+    (the original would silently act on another id)."""
+    value = c_strtol(text)
+    if not -2**31 <= value < 2**32:
+        raise ValueError("quota id out of range")
+    return value % 2**32
+
+
+def globolize_path(path: str) -> str:
+    """globolize_path() of the original: an absolute path as given, a relative
+    one after the current directory and a slash (not normalized)."""
+    return path if path.startswith("/") else os.path.join(os.getcwd(), path)
+
+
+def parse_command(cmd: str, args: list[str]) -> Opts:
+    """parse_options() of src/common.c for one command; ``args`` start at the id."""
+    usage = USAGES[cmd]
+    if not args:
+        raise Usage(usage)
     try:
-        return parse(value)
-    except ValueError as e:
-        raise usage_error(f"bad {what} '{value}': {e}") from None
-
-
-def parse_command(cmd: str, args: list[str]) -> dict:
-    """Options of one command into a dict of limits and switches."""
-    if not args or not args[0].isdigit() or int(args[0]) <= 0:
-        raise usage_error(f"{cmd}: a positive numeric quota id is required")
-    o: dict = {"qid": int(args[0]), "limits": {}}
-    shortopts = "b:B:i:I:e:n:s:u:c:p:fRtg:"
-    if cmd == "setlimit2":     # with -t, -u/-g only say which type's graces
-        shortopts = "c:ugtf" if "-t" in args else "c:u:g:tf"
+        o = Opts(cmd, parse_qid(args[0]))
+    except ValueError:
+        raise Usage(usage) from None
+    shortopts, longopts = OPTIONS[cmd]
+    setugid = cmd == "setlimit2"
+    parser = GetoptLong(args, shortopts, longopts)   # args[0], the id, names the program
     try:
-        opts, rest = getopt.gnu_getopt(args[1:], shortopts, list(LONG))
-    except getopt.GetoptError as e:
-        raise usage_error(f"{cmd}: {e.msg}") from None
-    lim = o["limits"]
-    for opt, val in opts:
-        opt = LONG.get(opt[2:] + ("=" if opt[2:] + "=" in LONG else ""), opt) \
-            if opt.startswith("--") else opt
-        if cmd == "setlimit2" and opt in ("-u", "-g"):
-            o["kind"] = "user" if opt == "-u" else "group"
-            if val:
-                o["ugid"] = val
-        elif opt == "-b":
-            lim["bsoft"] = _num(val, parse_blocks, "block soft limit")
-        elif opt == "-B":
-            lim["bhard"] = _num(val, parse_blocks, "block hard limit")
-        elif opt == "-i":
-            lim["isoft"] = _num(val, parse_count, "inode soft limit")
-        elif opt == "-I":
-            lim["ihard"] = _num(val, parse_count, "inode hard limit")
-        elif opt == "-e":
-            lim["bgrace"] = _num(val, parse_time, "block grace time")
-        elif opt == "-n":
-            lim["igrace"] = _num(val, parse_time, "inode grace time")
-        elif opt == "-s":
-            if val not in ("0", "1"):
-                raise usage_error(f"-s takes 0 or 1, not '{val}'")
-            lim["ugid_on"] = val == "1"
-        elif opt == "-u":
-            lim["ugid_limit"] = _num(val, parse_count, "ugid limit")
-        elif opt == "-p":
-            lim["path"] = os.path.abspath(val)
-        elif opt == "-c":
-            o["file"] = val
-        elif opt == "-R":
-            o["relative"] = True
-        elif opt == "-f":
-            o["force"] = True
-        elif opt == "-t":
-            o["t"] = True
-        elif opt == "-g":
-            raise usage_error(f"{cmd}: -g is for setlimit2 only")
-    o["rest"] = rest
-    if cmd != "setlimit2" and rest:
-        raise usage_error(f"{cmd}: unexpected argument '{rest[0]}'")
+        for key, val in parser:
+            if key == "nocheck":
+                o.nocheck = True
+            elif key == "r":
+                pass                                  # --rsquash: deprecated, ignored
+            elif key == "s":
+                if val not in ("0", "1"):
+                    raise Usage(usage)
+                o.limits["ugid_on"] = val == "1"
+                o.sqt = True
+            elif key == "u" and setugid:
+                o.l2_user = True
+            elif key == "u":
+                try:
+                    o.limits["ugid_limit"] = c_strtol(val) % 2**32
+                except ValueError:
+                    raise Usage(usage) from None
+            elif key == "g":
+                o.l2_group = True
+            elif key == "t":
+                if setugid:
+                    o.l2_grace = True
+                else:
+                    o.sqt = True
+            elif key == "c":
+                o.file = val
+            elif key == "f":
+                o.force = True
+            elif key == "p":
+                o.path = globolize_path(val)
+                o.limits["path"] = o.path
+            elif key in ("b", "B", "i", "I"):
+                parse = parse_blocks if key in "bB" else parse_count
+                try:
+                    o.limits[LIMIT_OPTS[key]] = parse(val)
+                except ValueError:
+                    raise Usage(usage) from None
+            elif key in ("e", "n"):
+                try:
+                    o.limits[LIMIT_OPTS[key]] = parse_time(val)
+                except ValueError:
+                    raise Usage(TIME_USAGE) from None
+            elif key == "R":
+                o.relative = True
+    except GetoptError as e:
+        raise Usage(e.text + usage) from None
+    o.rest = parser.rest
+    if o.relative and o.file:
+        raise VzError(EC_USAGE, "-c and -R options can't be set together\n")
     return o
 
 
-def quota_file(o: dict) -> QuotaFile:
-    if o.get("file"):
-        return QuotaFile.for_id(o["qid"], o["file"])
-    if o.get("relative"):
-        path = o["limits"].get("path")
-        if not path:
-            raise VzError(EC_NOPATH, "-R needs the quota path (-p)")
-        path = path.rstrip("/")
-        return QuotaFile.for_id(o["qid"], os.path.join(os.path.dirname(path),
-                                                       "quota." + os.path.basename(path)))
-    return QuotaFile.for_id(o["qid"])
+def quota_file(o: Opts, create: bool = False) -> QuotaFile:
+    """get_quota_file_name() of src/quota_io.c: -c FILE; with -R the file next to
+    the -p directory (``quota.<name>``); else the default place."""
+    if o.file:
+        return QuotaFile.for_id(o.qid, o.file)
+    if o.relative:
+        if not o.path:
+            raise VzError(EC_QUOTAFILE, "can't open quota config file (null)\n")
+        path = o.path.rstrip("/") or "/"
+        name = os.path.join(os.path.dirname(path), "quota." + os.path.basename(path))
+        if not create:
+            try:
+                os.stat(name)
+            except OSError as e:
+                raise VzError(EC_QUOTAFILE, f"can't open quota config file {name}\n"
+                              f": {e.strerror}") from None
+        return QuotaFile.for_id(o.qid, name)
+    return QuotaFile.for_id(o.qid)
 
 
-def do_scan(path: str, out: Out):
-    out.info(f"scanning {path}")
-    shown = progress.counter(f"vzquota: counting {path}", quiet=out.quiet)
+def load(qf: QuotaFile) -> QuotaState:
+    return qf.load()
+
+
+def creatable(o: Opts, qf: QuotaFile) -> None:
+    """open_quota_file(O_CREAT) of the original: a file named by -c or -R goes
+    where it is named, into a directory that exists (none is created)."""
+    if (o.file or o.relative) and not os.path.isdir(os.path.dirname(qf.path) or "."):
+        raise VzError(EC_QUOTAFILE, f"create quota file '{qf.path}': No such file or "
+                      "directory")
+
+
+def scan_path(path: str, out: Out, ugids: bool):
+    """scan() of src/quotacheck.c, with its messages."""
+    out.info(f"scan mount point begin '{path}'\n")
     try:
-        r = scan(path, per_id=True, progress=shown)
+        os.stat(path)
+    except OSError as e:
+        raise VzError(EC_SYSERR, f"quota check : stat {path}: {e.strerror}") from None
+    if not os.path.isdir(path):
+        raise VzError(EC_SYSERR, f"quota check : path {path} is not dir")
+    shown = progress.counter(f"vzquota: counting {path}", quiet=out.level < LOG_WARNING)
+    try:
+        r = scan(path, per_id=ugids, progress=shown)
+    except CrossDevice:
+        shown.close()
+        raise VzError(EC_EXDEV, "quota check : crossing mount point") from None
     except VzError:
         shown.close()
         raise
     except OSError as e:
         shown.close()
-        raise VzError(EC_SYSERR, f"Can't scan quota path {path}: {e.strerror}") from None
+        raise VzError(EC_SYSERR, f"quota check : {e.filename or path}: "
+                      f"{e.strerror}") from None
     shown.close(r.inodes)
     return r
 
 
 def rescan(st: QuotaState, path: str | None, out: Out) -> None:
+    """calc_current_usage(): uid/gid objects are counted only with the 2nd level on."""
     if not path:
-        raise VzError(EC_NOPATH, f"Quota path for id {st.qid} is not known; give it with -p")
-    if not os.path.isdir(path):
-        raise VzError(EC_NOPATH, f"Quota path {path} for id {st.qid} is not a directory")
-    r = do_scan(path, out)
-    QuotaEngine(st).set_usage(r.space, r.inodes, r.users, r.groups)
+        raise VzError(13, "path to mount point can't be read from config file,\n"
+                      "use -p <mount_point> option\n")
+    r = scan_path(path, out, st.ugid_on)
+    if not st.ugid_on:
+        st.users.clear()
+        st.groups.clear()
+    QuotaEngine(st).set_usage(r.space, r.inodes, r.users if st.ugid_on else {},
+                              r.groups if st.ugid_on else {})
+    st.ugid_exceeded = False     # offline: no id was refused
     st.path = path
     st.dirty = False
     st.mounted = False
 
 
-def update_file(o: dict, change) -> int:
-    """Offline read-modify-write of the quota file under its lock."""
+def limit_warnings(st: QuotaState, out: Out, given: set | None) -> None:
+    """The warnings of check_limits() (src/quotaon.c); ``given`` None = all."""
+    def g(key: str) -> bool:
+        return given is None or key in given
+    s, i = st.level1.space, st.level1.inodes
+    if s.hard < s.usage and g("bhard"):
+        out.warn(f"block_hard_limit [{kib(s.hard)}] < block_current_usage [{kib(s.usage)}]\n")
+    elif s.soft < s.usage and g("bsoft"):
+        out.warn(f"block_soft_limit [{kib(s.soft)}] < block_current_usage [{kib(s.usage)}]\n")
+    if i.hard < i.usage and g("ihard"):
+        out.warn(f"inode_hard_limit [{i.hard}] < inode_current_usage [{i.usage}]\n")
+    elif i.soft < i.usage and g("isoft"):
+        out.warn(f"inode_soft_limit [{i.soft}] < inode_current_usage [{i.usage}]\n")
+    n = len(st.users) + len(st.groups)
+    if st.ugid_on and st.ugid_limit < n and g("ugid_limit"):
+        out.warn(f"ugid_limit [{st.ugid_limit}] < ugid_current_usage [{n}]\n")
+
+
+def on_messages(st: QuotaState, out: Out, sid: int) -> None:
+    """What quota_syscall_on() of the original says when it turns a quota on:
+    more uid/gid objects (with usage or limits) than the ugid limit cannot all
+    be loaded (a warning), then whether the 2nd level is active (info)."""
+    def real(o: QuotaObject) -> bool:
+        return any((c.usage, c.soft, c.hard) != (0, 0, 0) for c in (o.space, o.inodes))
+    active = st.ugid_on and st.ugid_limit > 0
+    n = sum(map(real, st.users.values())) + sum(map(real, st.groups.values()))
+    if active and n > st.ugid_limit:
+        out.warn(f"Quotas were not loaded for some users/groups for id {sid} due to "
+                 "ugid limit\n")
+    if st.ugid_on:
+        out.info(f"User/group quota was activated with ugid limit of {st.ugid_limit}\n")
+    else:
+        out.info("User/group quota is off\n")
+
+
+def set_from_line(st: QuotaState, limits: dict) -> None:
+    """set_quotas_from_line(): limits, plus the dirty marks of turning the 2nd
+    level on (-s 0 -> 1) or giving it a first ugid limit (-u 0 -> N)."""
+    was_on, was_limit = st.ugid_on, st.ugid_limit
+    apply_limits(st, limits)
+    if "ugid_on" in limits and not was_on and st.ugid_on:
+        st.dirty = True
+    if "ugid_limit" in limits and not was_limit and st.ugid_limit and st.ugid_on:
+        st.dirty = True
+
+
+def live(o: Opts, cmd: str, **args) -> dict | None:
+    return control.request(o.qid, cmd, **args)
+
+
+def live_state(reply: dict) -> QuotaState:
+    return state_from_dict(reply["state"])
+
+
+# ---- commands (src/quotaon.c, src/stat.c) ---------------------------------------
+
+def cmd_init(o: Opts, out: Out) -> int:
+    lim = o.limits
+    if not o.path or any(k not in lim for k in LIMIT_OPTS.values()):
+        raise Usage(USAGES["init"])
+    qf = quota_file(o, create=True)
+    ping = live(o, "ping")
+    if ping is not None and not ping.get("dropped"):
+        raise VzError(EC_RUN, "Quota is running, stop it first")
+    creatable(o, qf)
+    st = QuotaState(qid=o.qid)
+    with qf.lock():
+        if qf.exists():
+            out.warn("Quota file exists, it will be overwritten\n")
+        apply_limits(st, {k: v for k, v in lim.items() if k != "path"})
+        rescan(st, o.path, out)
+        # A mount whose quota was dropped (drop -f) runs on uncounted: the
+        # figure is not to be trusted until `on` recounts it there.
+        st.dirty = ping is not None
+        if o.relative:
+            st.path = o.path
+        limit_warnings(st, out, None)
+        QuotaEngine(st).refresh_timers()
+        st.ugid_exceeded = False
+        qf.save(st)
+    out.info(f"quota initialization for id {o.sid} complete\n")
+    return 0
+
+
+def cmd_on(o: Opts, out: Out) -> int:
     qf = quota_file(o)
+    load(qf)                                  # the original reads the file first
+    reply = live(o, "ping")
+    if reply is not None:
+        if reply.get("active"):
+            out.warn(f"Quota is running for id {o.sid} already\n")
+            return EC_RUN
+        reply = live(o, "on", limits=o.limits)
+        if reply is not None and "state" in reply:
+            limit_warnings(live_state(reply), out, None)
+            on_messages(live_state(reply), out, o.sid)
+        out.info(f"Quota was switched on for id {o.sid}\n")
+        return 0
+    with qf.lock():
+        st = qf.load()
+        force = o.force
+        if o.path and st.path and st.path != o.path:
+            force = True                      # a new place: count it again
+        if st.on and not st.mounted and not o.force:
+            out.warn(f"Quota is running for id {o.sid} already\n")
+            return EC_RUN
+        set_from_line(st, o.limits)
+        if not st.ugid_on or not st.ugid_limit:
+            st.users.clear()
+            st.groups.clear()
+            st.user_grace.space = st.user_grace.inodes = 0
+            st.group_grace.space = st.group_grace.inodes = 0
+            st.ugid_exceeded = False
+        again = False
+        if st.mounted and not o.nocheck:
+            out.warn(f"Incorrect quota shutdown for id {o.sid}, recalculating disk usage\n")
+            again = True
+        if st.dirty and not again and not o.nocheck:
+            out.info(f"quota usage is invalid for id {o.sid}, recalculating disk usage...\n")
+            again = True
+        if force and not again:
+            out.info(f"Force quota checking for id {o.sid}...\n")
+            again = True
+        if again:
+            rescan(st, o.path or st.path, out)
+        limit_warnings(st, out, None)
+        QuotaEngine(st).refresh_timers()
+        on_messages(st, out, o.sid)
+        st.on = True
+        qf.save(st)
+    out.info(f"Quota was switched on for id {o.sid}\n")
+    return 0
+
+
+def cmd_off(o: Opts, out: Out) -> int:
+    qf = quota_file(o)
+    readable = True
+    try:
+        load(qf)
+    except VzError as e:
+        if not o.force:
+            raise
+        out.error(e.message)
+        out.warn(f"Force switching quota off for id {o.sid} (quota file may be "
+                 "inconsistent)\n")
+        readable = False
+    reply = live(o, "ping")
+    if reply is not None and reply.get("active"):
+        live(o, "off")
+        out.info(f"Quota was switched off for id {o.sid}\n")
+        return 0
+    out.error(f"Quota is not running for id {o.sid}")
+    if not readable:
+        return EC_NOTRUN
+    with qf.lock():
+        st = qf.load()
+        if not st.on:
+            return EC_NOTRUN
+        out.warn(f"Repairing quota: it was incorrectly marked as running for id {o.sid}\n")
+        st.on = False
+        qf.save(st)
+    out.info(f"Quota was switched off for id {o.sid}\n")
+    return 0
+
+
+def cmd_drop(o: Opts, out: Out) -> int:
+    qf = quota_file(o)
+    if not qf.exists():
+        raise qf.missing()
+    ping = live(o, "ping")
+    if ping is not None and not ping.get("dropped"):
+        out.warn(f"Quota is running for id {o.sid}\n")
+        if not o.force:
+            return EC_RUN
+        out.warn("Force quota file delete\n")
+        if live(o, "drop") is not None:
+            out.info(f"Quota file was deleted for id {o.sid}\n")
+            return 0
+    with qf.lock():
+        qf.remove()
+    out.info(f"Quota file was deleted for id {o.sid}\n")
+    return 0
+
+
+def cmd_setlimit(o: Opts, out: Out) -> int:
+    lim = o.limits
+    if not (o.path or any(k in lim for k in LIMIT_OPTS.values()) or o.sqt
+            or "ugid_limit" in lim or o.force):
+        raise Usage(USAGES["setlimit"])
+    qf = quota_file(o)
+    load(qf)
+    given = set(lim)
+    reply = live(o, "setlimit", limits=lim, force=o.force)
+    if reply is not None:
+        if "state" in reply:
+            limit_warnings(live_state(reply), out, given)
+        out.info(f"Quota limits were set for id {o.sid}\n")
+        return 0
+    with qf.lock():
+        st = qf.load()
+        set_from_line(st, lim)
+        limit_warnings(st, out, given)
+        if o.force:
+            st.dirty = True
+        QuotaEngine(st).refresh_timers()
+        qf.save(st)
+    out.info(f"Quota limits were set for id {o.sid}\n")
+    return 0
+
+
+def cmd_setlimit2(o: Opts, out: Out) -> int:
+    rest = o.rest
+    req: dict = {"kind": "group" if o.l2_group else "user"}
+    try:
+        if o.l2_grace:
+            if len(rest) != 2:
+                raise ValueError
+            req["bgrace"], req["igrace"] = parse_time(rest[0]), parse_time(rest[1])
+        else:
+            if len(rest) != 5:
+                raise ValueError
+            req["id"] = c_strtol(rest[0]) % 2**32
+            req["bsoft"], req["bhard"] = parse_blocks(rest[1]), parse_blocks(rest[2])
+            req["isoft"], req["ihard"] = parse_count(rest[3]), parse_count(rest[4])
+    except ValueError:
+        raise Usage(USAGES["setlimit2"]) from None
+    qf = quota_file(o)
+    st = load(qf)
+    reply = live(o, "ping")
+    if reply is not None and reply.get("active"):
+        if not reply.get("ugid_active"):
+            raise VzError(EC_NOTRUN, "Second level quota accounting is off")
+        live(o, "setlimit2", **req)
+        return 0
+    # Not in the original (it needs a running quota): offline, the file keeps
+    # the limits for the next mount -- as long as the 2nd level is on.
+    if not st.ugid_on:
+        raise VzError(EC_NOTRUN, "Second level quota accounting is off")
+
+    def change(st: QuotaState) -> None:
+        apply_limits2(st, req)
+        QuotaEngine(st).refresh_timers()
     with qf.lock():
         st = qf.load()
         change(st)
@@ -198,257 +630,226 @@ def update_file(o: dict, change) -> int:
     return 0
 
 
-def live(o: dict, cmd: str, **args) -> dict | None:
-    return control.request(o["qid"], cmd, **args)
-
-
-# ---- commands -----------------------------------------------------------------
-
-def cmd_init(o: dict, out: Out) -> int:
-    lim = o["limits"]
-    missing = [f for f, k in (("-b", "bsoft"), ("-B", "bhard"), ("-i", "isoft"),
-                              ("-I", "ihard"), ("-e", "bgrace"), ("-n", "igrace"))
-               if k not in lim]
-    if "path" not in lim:
-        missing.insert(0, "-p")
-    if missing:
-        raise usage_error("init: all of -p -b -B -i -I -e -n are required "
-                          f"(missing {' '.join(missing)})")
-    qf = quota_file(o)
-    st = QuotaState(qid=o["qid"])
-    apply_limits(st, lim)
-    ping = live(o, "ping")
-    if ping is not None and not ping.get("dropped"):
-        raise VzError(EC_RUN, f"Quota is running for id {o['qid']}, stop it first")
-    with qf.lock():
-        if qf.exists():
-            out.warn("Quota file exists, it will be overwritten")
-        rescan(st, lim["path"], out)
-        # A mount whose quota was dropped (drop -f) runs on uncounted: the
-        # figure is not to be trusted until `on` recounts it there.
-        st.dirty = ping is not None
-        qf.save(st)
+def cmd_reload2(o: Opts, out: Out) -> int:
+    load(quota_file(o))
+    reply = live(o, "ping")
+    if reply is not None and reply.get("active") and reply.get("ugid_active"):
+        live(o, "reload2")
     return 0
 
 
-def _live_any(o: dict) -> bool:
-    """True when a mount carries the id (quota on or off inside it, not dropped)."""
-    ping = live(o, "ping")
-    return ping is not None and not ping.get("dropped")
+def print_state(st: QuotaState, now: int, o: Opts, out: Out, *, active: bool,
+                live_figures: bool, unknown_status: bool = False) -> None:
+    sys.stdout.write(format_usage(st, now, bool(out.batch)))
+    if o.sqt:
+        sys.stdout.write(format_ugid(st, now, active=active, live=live_figures,
+                                     batch=bool(out.batch), unknown_status=unknown_status))
 
 
-def cmd_on(o: dict, out: Out) -> int:
-    if live(o, "on", limits=o["limits"]) is not None:
-        return 0
-
-    def change(st: QuotaState) -> None:
-        # No mount answered for the id: a file that still says "mounted" was
-        # left by a mount that died (crash, kill -9, reboot), whatever "on" says.
-        if st.on and not st.mounted and not o.get("force"):
-            raise VzError(EC_RUN, f"Quota is already running for id {o['qid']}")
-        apply_limits(st, o["limits"])
-        if st.dirty or st.mounted or o.get("force"):
-            if st.mounted:
-                out.warn(f"Incorrect quota shutdown for id {o['qid']}, recalculating "
-                         "disk usage")
-            rescan(st, o["limits"].get("path") or st.path, out)
-        QuotaEngine(st).refresh_timers()
-        st.on = True
-    return update_file(o, change)
-
-
-def cmd_off(o: dict, out: Out) -> int:
-    if live(o, "off") is not None:
-        return 0
-
-    def change(st: QuotaState) -> None:
-        if not st.on:
-            raise VzError(EC_NOTRUN, f"Quota is not running for id {o['qid']}")
-        st.on = False
-    return update_file(o, change)
-
-
-def cmd_drop(o: dict, out: Out) -> int:
-    qf = quota_file(o)
-    if _live_any(o):
-        if not o.get("force"):
-            raise VzError(EC_RUN, f"Quota is running for id {o['qid']}, stop it first "
-                          "(or use -f)")
-        if live(o, "drop") is not None:
-            return 0
-    with qf.lock():
-        qf.remove()
-    return 0
-
-
-def cmd_setlimit(o: dict, out: Out) -> int:
-    if not o["limits"] and not o.get("force"):
-        raise usage_error("setlimit: give at least one limit or flag")
-    if live(o, "setlimit", limits=o["limits"], force=bool(o.get("force"))) is not None:
-        return 0
-
-    def change(st: QuotaState) -> None:
-        apply_limits(st, o["limits"])
-        if o.get("force"):
-            st.dirty = True
-        QuotaEngine(st).refresh_timers()
-    return update_file(o, change)
-
-
-def cmd_setlimit2(o: dict, out: Out) -> int:
-    rest = o["rest"]
-    req: dict = {"kind": o.get("kind", "user")}
-    if o.get("t"):
-        args = rest
-        if len(args) != 2:
-            raise usage_error("setlimit2 -t: two grace times are required (block inode)")
-        req["bgrace"] = _num(args[0], parse_time, "block grace time")
-        req["igrace"] = _num(args[1], parse_time, "inode grace time")
-    else:
-        if "ugid" not in o or len(rest) != 4:
-            raise usage_error("setlimit2: -u|-g ugid bsoft bhard isoft ihard are required")
-        if not o["ugid"].isdigit():
-            raise usage_error(f"setlimit2: bad ugid '{o['ugid']}'")
-        req["id"] = int(o["ugid"])
-        req["bsoft"] = _num(rest[0], parse_blocks, "block soft limit")
-        req["bhard"] = _num(rest[1], parse_blocks, "block hard limit")
-        req["isoft"] = _num(rest[2], parse_count, "inode soft limit")
-        req["ihard"] = _num(rest[3], parse_count, "inode hard limit")
-    if live(o, "setlimit2", **req) is not None:
-        return 0
-
-    def change(st: QuotaState) -> None:
-        apply_limits2(st, req)
-        QuotaEngine(st).refresh_timers()
-    return update_file(o, change)
-
-
-def cmd_reload2(o: dict, out: Out) -> int:
-    if live(o, "reload2") is None:
-        raise VzError(EC_NOTRUN, f"Quota is not running for id {o['qid']}")
-    return 0
-
-
-def print_state(st: QuotaState, now: int, o: dict, batch: bool, *, active: bool,
-                live_figures: bool) -> None:
-    sys.stdout.write(format_usage(st, now, batch))
-    if o.get("t"):
-        sys.stdout.write(format_ugid(st, now, active=active, live=live_figures, batch=batch))
-
-
-def cmd_stat(o: dict, out: Out, batch: bool) -> int:
-    reply = live(o, "stat", save=not o.get("force"))
-    if reply is None:
-        raise VzError(EC_NOTRUN, "Quota accounting is off, try vzquota show id")
-    st = state_from_dict(reply["state"])
-    print_state(st, reply["now"], o, batch, active=reply["ugid_active"], live_figures=True)
-    if o.get("t") and not reply["ugid_active"]:
+def cmd_stat(o: Opts, out: Out) -> int:
+    if not o.force:
+        load(quota_file(o))                   # read (and checked) before asking
+    try:
+        reply = live(o, "stat", save=not o.force)
+    except VzError as e:
+        if e.code != EC_NOTRUN:
+            raise
+        reply = None
+    if reply is None or not reply.get("active", True):
+        raise VzError(EC_NOTRUN, "Quota accounting is off, try vzquota show id\n")
+    st = live_state(reply)
+    print_state(st, reply["now"], o, out, active=reply["ugid_active"], live_figures=True,
+                unknown_status=o.force)
+    if o.sqt and not reply["ugid_active"]:
         return EC_UGID_NOTRUN
     return 0
 
 
-def cmd_show(o: dict, out: Out, batch: bool) -> int:
-    st = quota_file(o).load()
-    print_state(st, int(time.time()), o, batch,
+def cmd_show(o: Opts, out: Out) -> int:
+    qf = quota_file(o)
+    try:
+        st = load(qf)
+    except VzError as e:
+        if e.code != EC_NOQUOTAFILE:
+            raise
+        out.error(e.message)
+        raise VzError(EC_NOQUOTAFILE, "Quota file must exist for show command") from None
+    if st.mounted:
+        out.warn("Quota is running, so data reported from quota file may not reflect "
+                 "current values\n")
+    print_state(st, int(time.time()), o, out,
                 active=st.mounted and st.ugid_on and st.ugid_limit > 0, live_figures=False)
-    if st.dirty:
-        return EC_QUOTADIRTY
+    return EC_QUOTADIRTY if st.dirty else 0
+
+
+def cmd_recalc(o: Opts, out: Out) -> int:
+    qf = quota_file(o)
+    load(qf)
+    if live(o, "recalc") is not None:
+        return 0
+    with qf.lock():
+        st = qf.load()
+        rescan(st, o.path or st.path, out)
+        qf.save(st)
     return 0
 
 
-def cmd_recalc(o: dict, out: Out) -> int:
-    if live(o, "recalc") is not None:
-        return 0
-    return update_file(o, lambda st: rescan(st, o["limits"].get("path") or st.path, out))
+def cmd_import(o: Opts, out: Out) -> int:
+    """Not in the original: an OpenVZ binary quota file (``/var/vzquota/quota.N``,
+    versions 1-3) becomes this project's quota file of the id, figures intact."""
+    from .ovzfile import read_ovz_file
+    if len(o.rest) != 1:
+        raise Usage(USAGES["import"])
+    st = read_ovz_file(o.rest[0], o.qid)
+    if o.path:
+        st.path = o.path
+    qf = quota_file(o, create=True)
+    ping = live(o, "ping")
+    if ping is not None and not ping.get("dropped"):
+        raise VzError(EC_RUN, "Quota is running, stop it first")
+    creatable(o, qf)
+    with qf.lock():
+        if qf.exists():
+            out.warn("Quota file exists, it will be overwritten\n")
+        st.dirty = st.dirty or ping is not None     # a dropped mount runs uncounted
+        qf.save(st)
+    out.info(f"quota file {o.rest[0]} imported for id {o.sid}\n")
+    return 0
 
 
-def cmd_list(rest: list[str], batch: bool, as_json: bool) -> int:
-    if rest:
-        raise usage_error(f"list: unexpected argument '{rest[0]}'")
+def cmd_list(args: list[str], out: Out, as_json: bool) -> int:
+    """Not in the original: every quota id with a file or a live mount."""
+    if args:
+        raise Usage(USAGES["list"])
     quotas = [report.gather(qid, ugid=False) for qid in report.known_ids()]
     if as_json:
         sys.stdout.write(json.dumps({"schema": report.SCHEMA, "now": int(time.time()),
                                      "quotas": quotas}, indent=1) + "\n")
     else:
-        sys.stdout.write(report.format_list(quotas, batch))
+        sys.stdout.write(report.format_list(quotas, bool(out.batch)))
     return 0
 
 
-def cmd_json(cmd: str, o: dict) -> int:
-    """stat/show --json: the same figures and exit codes as the text."""
+def cmd_json(o: Opts, out: Out) -> int:
+    """stat/show --json (not in the original): the same figures, checks and exit
+    codes as the text."""
     qf = quota_file(o)
-    if cmd == "stat":
-        reply = live(o, "stat", save=not o.get("force"))
-        if reply is None:
-            raise VzError(EC_NOTRUN, "Quota accounting is off, try vzquota show id")
-        st = state_from_dict(reply["state"])
+    if o.cmd == "stat":
+        if not o.force:
+            load(qf)
+        try:
+            reply = live(o, "stat", save=not o.force)
+        except VzError as e:
+            if e.code != EC_NOTRUN:
+                raise
+            reply = None
+        if reply is None or not reply.get("active", True):
+            raise VzError(EC_NOTRUN, "Quota accounting is off, try vzquota show id\n")
+        st = live_state(reply)
         doc = report.quota(st, reply["now"], source="mount", live=True,
                            active=reply["active"], ugid_active=reply["ugid_active"],
-                           file=qf.path, ugid=bool(o.get("t")))
-        code = EC_UGID_NOTRUN if o.get("t") and not reply["ugid_active"] else 0
+                           file=qf.path, ugid=o.sqt)
+        code = EC_UGID_NOTRUN if o.sqt and not reply["ugid_active"] else 0
     else:
-        st = qf.load()
+        try:
+            st = load(qf)
+        except VzError as e:
+            if e.code != EC_NOQUOTAFILE:
+                raise
+            out.error(e.message)
+            raise VzError(EC_NOQUOTAFILE, "Quota file must exist for show command") from None
+        ping = live(o, "ping")
         doc = report.quota(st, int(time.time()), source="file",
-                           live=_live_any(o), active=False, ugid_active=False,
-                           file=qf.path, ugid=bool(o.get("t")))
+                           live=ping is not None and not ping.get("dropped"), active=False,
+                           ugid_active=False, file=qf.path, ugid=o.sqt)
         code = EC_QUOTADIRTY if st.dirty else 0
     sys.stdout.write(json.dumps(doc, indent=1) + "\n")
     return code
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    out = Out()
-    batch = False
+HANDLERS = {"init": cmd_init, "on": cmd_on, "off": cmd_off, "drop": cmd_drop,
+            "setlimit": cmd_setlimit, "setlimit2": cmd_setlimit2, "reload2": cmd_reload2,
+            "stat": cmd_stat, "show": cmd_show, "recalc": cmd_recalc, "import": cmd_import,
+            "list": cmd_list}
+
+
+def parse_global(argv: list[str], usage: str, out: Out) -> tuple[list[str], bool] | int:
+    """parse_global_options() of src/common.c: ``+hvqVb``, --help, --version.
+    Returns (the arguments after them, help asked) or an exit code."""
+    parser = GetoptLong(argv, "+hvqVb", {"help": (NO_ARG, "h"), "version": (NO_ARG, "V")})
+    helped = False
     try:
-        i = 0
-        while i < len(argv) and argv[i].startswith("-"):
-            for ch in argv[i][1:]:
-                if ch == "h":
-                    sys.stdout.write(USAGE)
-                    return 0
-                if ch == "V":
-                    print(f"vzquota version {__version__} (simfs)")
-                    return 0
-                if ch == "q":
-                    out.quiet = True
-                elif ch == "v":
-                    out.verbose += 1
-                elif ch == "b":
-                    batch = True
-                else:
-                    raise usage_error(f"unknown option -{ch}")
-            i += 1
-        if i >= len(argv):
-            sys.stderr.write(USAGE)
-            return EC_USAGE
-        cmd = argv[i]
-        if cmd not in COMMANDS:
-            raise usage_error(f"unknown command '{cmd}'")
+        for key, _ in parser:
+            if key == "h":
+                helped = True
+            elif key == "V":
+                sys.stdout.write(f"Vzquota version {__version__}\n")
+                return 0
+            elif key == "v":
+                out.level += 1
+            elif key == "b":
+                out.batch += 1
+            elif key == "q":
+                out.level = LOG_ERROR
+    except GetoptError as e:
+        raise Usage(e.text + usage) from None
+    if not parser.rest:
+        raise Usage(usage)
+    return parser.rest, helped
+
+
+def run(argv: list[str]) -> int:
+    out = Out()
+    try:
+        parsed = parse_global([PROG, *argv], USAGE, out)
+        if isinstance(parsed, int):
+            return parsed
+        args, helped = parsed
+        cmd = args[0]
+        if cmd not in HANDLERS:
+            raise Usage(f"Unknown command: '{cmd}'\n\n{USAGE}")
+        if helped:
+            raise Usage(USAGES[cmd])
         if os.geteuid() != 0:
             raise VzError(EC_SYSERR, "vzquota must be run as root (the host's root "
                           "owns the quota files and the live mounts)")
-        rest = argv[i + 1:]
-        as_json = "--json" in rest
+        rest = args[1:]
+        as_json = cmd in JSON_COMMANDS and "--json" in rest
         if as_json:
-            if cmd not in ("list", "stat", "show"):
-                raise usage_error(f"{cmd}: --json is for list, stat and show")
             rest = [a for a in rest if a != "--json"]
         if cmd == "list":
-            return cmd_list(rest, batch, as_json)
+            return cmd_list(rest, out, as_json)
         o = parse_command(cmd, rest)
         if as_json:
-            return cmd_json(cmd, o)
-        if cmd == "stat":
-            return cmd_stat(o, out, batch)
-        if cmd == "show":
-            return cmd_show(o, out, batch)
-        return globals()[f"cmd_{cmd}"](o, out)
+            return cmd_json(o, out)
+        return HANDLERS[cmd](o, out)
+    except Usage as u:
+        sys.stderr.write(u.text)
+        return EC_USAGE
     except VzError as e:
-        print(f"vzquota : (error) {e.message}", file=sys.stderr)
+        out.error(e.message)
         return e.code
     except KeyboardInterrupt:
         return EC_SYSERR
+
+
+def quiet_on_closed_pipe(fn, *args) -> int:
+    """Run ``fn``; a reader that went away (``| head -1``) ends the process the
+    way it ends the C original: killed by SIGPIPE, without a word."""
+    try:
+        rc = fn(*args)
+        sys.stdout.flush()
+        return rc
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGPIPE)
+        return EC_SYSERR
+
+
+def main(argv: list[str] | None = None) -> int:
+    return quiet_on_closed_pipe(run, sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

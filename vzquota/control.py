@@ -97,16 +97,35 @@ def encode(msg: dict) -> bytes:
     return json.dumps(msg, separators=(",", ":")).encode() + b"\n"
 
 
-def request(qid: int, cmd: str, timeout: float = 600.0, **args) -> dict | None:
+DEFAULT_TIMEOUT = 10.0
+
+
+def request_timeout() -> float:
+    """Seconds a client waits for a mount's answer: ``$VZQUOTA_TIMEOUT`` (a
+    positive number) or DEFAULT_TIMEOUT."""
+    try:
+        value = float(os.environ.get("VZQUOTA_TIMEOUT", ""))
+    except ValueError:
+        return DEFAULT_TIMEOUT
+    return value if 0 < value < 1e9 else DEFAULT_TIMEOUT
+
+
+def request(qid: int, cmd: str, timeout: float | None = None, **args) -> dict | None:
     """Send one request to the live mount of ``qid``.  Returns its answer, or
     None when no mount carries the id.  A refusal raises ``VzError`` with the
-    code the mount gave."""
+    code the mount gave; a mount that does not answer within ``timeout``
+    seconds (default: ``request_timeout()``) raises ``VzError`` (EC_LIVE)."""
     path = socket_path(qid)
+    if timeout is None:
+        timeout = request_timeout()
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         s.settimeout(timeout)
         try:
             s.connect(path)
+        except TimeoutError:
+            raise VzError(EC_LIVE, f"The mount of quota id {qid} did not answer within "
+                          f"{timeout:g} seconds") from None
         except OSError as e:
             if e.errno in (errno.ENOENT, errno.ECONNREFUSED):
                 return None
@@ -125,6 +144,9 @@ def request(qid: int, cmd: str, timeout: float = 600.0, **args) -> dict | None:
                 buf += chunk
                 if len(buf) > MAX_LINE:
                     break
+        except TimeoutError:
+            raise VzError(EC_LIVE, f"The mount of quota id {qid} did not answer within "
+                          f"{timeout:g} seconds") from None
         except OSError as e:
             raise VzError(EC_LIVE, f"The mount of quota id {qid} did not answer: "
                           f"{e.strerror or e}") from None

@@ -69,7 +69,7 @@ def _object_grace(c: Counter) -> int:
 
 
 def format_ugid(state: QuotaState, now: int, *, active: bool, live: bool,
-                batch: bool = False) -> str:
+                batch: bool = False, unknown_status: bool = False) -> str:
     """The ``-t`` appendix: 2nd-level status, grace table, per-object rows.
 
     ``active``: the 2nd level is being accounted by the source of the figures
@@ -96,6 +96,8 @@ def format_ugid(state: QuotaState, now: int, *, active: bool, live: bool,
       non-zero and loaded >= limit. The ``-b`` flag is the original's
       "fixed set" bit: an id was refused or objects were left unloaded.
     * ``dqi_flags`` is always 0 (the model has no per-type quotafile flags).
+    * ``unknown_status`` (``stat -f``, which reads no file): the file's on/off
+      shows as ``-`` (``-1`` with ``-b``), as print_ugid_status() does.
     """
     objs = _objects(state)
     limit = state.ugid_limit
@@ -104,12 +106,13 @@ def format_ugid(state: QuotaState, now: int, *, active: bool, live: bool,
     has_unloaded = accounted and limit > 0 and len(objs) > limit
     out = []
     if batch:
-        out.append("%d %d\n" % (state.ugid_on, active))
+        out.append("%d %d\n" % (-1 if unknown_status else state.ugid_on, active))
         out.append("%d %d %d\n" % (nloaded, len(objs), limit))
         out.append("%d\n" % (state.ugid_exceeded or has_unloaded))
     else:
         exceeded = state.ugid_exceeded or (limit and nloaded >= limit)
-        out.append("User/group quota: %s,%s\n" % ("on" if state.ugid_on else "off",
+        out.append("User/group quota: %s,%s\n" % ("-" if unknown_status else
+                                                  "on" if state.ugid_on else "off",
                                                   "active" if active else "inactive"))
         out.append("%sUgids: loaded %d, total %d, limit %d\n"
                    % ("*" if len(objs) > limit else "", nloaded, len(objs), limit))

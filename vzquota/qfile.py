@@ -136,41 +136,45 @@ def encode(st: QuotaState) -> bytes:
     return f"{MAGIC} {VERSION}\n{body}\nsha256 {digest}\n".encode("ascii")
 
 
-def corrupt_error(where: str, why: str) -> VzError:
-    """The one message for a quota file whose contents do not check out."""
-    return VzError(EC_QUOTAFILE, f"Quota file {where} is corrupt ({why}); "
-                   "recreate it with vzquota init")
+# The words of the original (src/quota_io.c) for a file it cannot use.
+NOT_A_QUOTA_FILE = "Can't detect quota file version; file is not a VZ quota file"
+CORRUPTED = "quota file is corrupted"
 
 
+def bad_checksum(qid: int | str) -> str:
+    return f"Quota file check sum is invalid for id {qid}; file is broken"
 
-def decode(data: bytes, where: str) -> QuotaState:
-    def corrupt(why: str) -> VzError:
+
+def corrupt_error(where: str, why: str = CORRUPTED) -> VzError:
+    """The one error for a quota file whose contents do not check out, in the
+    original's words (``why`` is one of them; ``where`` is kept for callers)."""
+    return VzError(EC_QUOTAFILE, why)
+
+
+def decode(data: bytes, where: str, qid: int | None = None) -> QuotaState:
+    def corrupt(why: str = CORRUPTED) -> VzError:
         return corrupt_error(where, why)
     try:
         text = data.decode("ascii")
     except UnicodeDecodeError:
-        raise corrupt("not a quota file") from None
+        raise corrupt(NOT_A_QUOTA_FILE) from None
+    head, _, rest = text.partition("\n")
+    magic, _, version = head.partition(" ")
+    if magic != MAGIC or version != str(VERSION):
+        raise corrupt(NOT_A_QUOTA_FILE)
     lines = text.split("\n")
     if len(lines) != 4 or lines[3] != "":
-        raise corrupt("truncated or not a quota file")
-    head, body, check = lines[:3]
-    magic, _, version = head.partition(" ")
-    if magic != MAGIC:
-        raise corrupt("bad magic")
-    if version != str(VERSION):
-        raise VzError(EC_QUOTAFILE, f"Quota file {where} has unsupported format "
-                      f"version {version}")
+        raise corrupt()
+    body, check = lines[1:3]
     if check != "sha256 " + hashlib.sha256(body.encode("ascii")).hexdigest():
-        raise corrupt("checksum mismatch")
+        raise corrupt(bad_checksum(where if qid is None else qid))
     try:
         d = json.loads(body)
         if type(d) is not dict:
             raise ValueError("not an object")
         return state_from_dict(d)
-    except RecursionError:
-        raise corrupt("bad contents: nested too deeply") from None
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise corrupt(f"bad contents: {str(e)[:100]}") from None
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        raise corrupt() from None
 
 
 # ---- file I/O ----------------------------------------------------------------
@@ -252,8 +256,13 @@ class QuotaFile:
     def for_id(cls, qid: int, path: str | None = None) -> "QuotaFile":
         return cls(qid, path or default_path(qid))
 
+    @property
+    def signed_id(self) -> int:
+        """The id as the original's messages print it (``%d``: 4294967295 is -1)."""
+        return self.qid - 2**32 if self.qid >= 2**31 else self.qid
+
     def missing(self) -> VzError:
-        return VzError(EC_NOQUOTAFILE, f"Can't open quota file for id {self.qid}, maybe "
+        return VzError(EC_NOQUOTAFILE, f"Can't open quota file for id {self.signed_id}, maybe "
                        "you need to reinitialize quota: No such file or directory")
 
     @property
@@ -283,8 +292,8 @@ class QuotaFile:
         except FileNotFoundError:
             raise self.missing() from None
         except OSError as e:
-            raise VzError(EC_QUOTAFILE, f"Can't read quota file {self.path}: "
-                          f"{e.strerror}") from None
+            raise VzError(EC_QUOTAFILE, f"Can't open quota file for id {self.signed_id}, "
+                          f"maybe you need to reinitialize quota: {e.strerror}") from None
         try:
             fd = open_safe_file(dfd, self.name, os.O_RDONLY, f"Quota file {self.path}",
                                 EC_QUOTAFILE)
@@ -295,13 +304,13 @@ class QuotaFile:
         except FileNotFoundError:
             raise self.missing() from None
         except OSError as e:
-            raise VzError(EC_QUOTAFILE, f"Can't read quota file {self.path}: "
-                          f"{e.strerror}") from None
+            raise VzError(EC_QUOTAFILE, f"Can't open quota file for id {self.signed_id}, "
+                          f"maybe you need to reinitialize quota: {e.strerror}") from None
         finally:
             os.close(dfd)
         if len(data) > MAX_FILE:
-            raise corrupt_error(self.path, "too large")
-        st = decode(data, self.path)
+            raise corrupt_error(self.path)
+        st = decode(data, self.path, self.signed_id)
         if st.qid != self.qid:
             raise VzError(EC_QUOTAFILE, f"Quota file {self.path} belongs to quota id "
                           f"{st.qid}, not {self.qid}")
@@ -419,8 +428,10 @@ class QuotaLock:
         try:
             while not self.try_acquire():
                 if time.monotonic() >= deadline:
-                    raise VzError(EC_LOCKED, f"Quota file for id {self.qid} is locked "
-                                  "by another vzquota; try again later")
+                    # open_quota_file() of the original (src/quota_io.c)
+                    sid = self.qid - 2**32 if self.qid >= 2**31 else self.qid
+                    raise VzError(EC_LOCKED, "can't lock quota file, some quota operations "
+                                  f"are performing for id {sid}")
                 time.sleep(0.05)
         except OSError as e:
             self.release()

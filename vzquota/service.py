@@ -145,7 +145,8 @@ def validate_request(req: object) -> dict:
 
 def check_pair(kind: str, soft: int, hard: int) -> None:
     if hard < soft:
-        raise VzError(EC_USAGE, f"{kind}_hard_limit [{hard}] < {kind}_soft_limit [{soft}]")
+        # check_limits() of the original; its format ends in "\n" (an empty line)
+        raise VzError(EC_USAGE, f"{kind}_hard_limit [{hard}] < {kind}_soft_limit [{soft}]\n")
 
 
 def apply_limits(st: QuotaState, limits: dict) -> None:
@@ -163,10 +164,8 @@ def apply_limits(st: QuotaState, limits: dict) -> None:
         st.grace1.space = limits["bgrace"]
     if "igrace" in limits:
         st.grace1.inodes = limits["igrace"]
-    if "ugid_limit" in limits:
+    if "ugid_limit" in limits:          # as the original: -u alone does not turn -s on
         st.ugid_limit = limits["ugid_limit"]
-        if "ugid_on" not in limits:
-            st.ugid_on = st.ugid_limit > 0 or st.ugid_on
     if "ugid_on" in limits:
         st.ugid_on = bool(limits["ugid_on"])
     if limits.get("path"):
@@ -350,7 +349,7 @@ class LiveQuota:
             return self.reply()
         if cmd == "stat":
             if self.engine is None:
-                raise VzError(EC_NOTRUN, "Quota accounting is off, try vzquota show id")
+                raise VzError(EC_NOTRUN, "Quota accounting is off, try vzquota show id\n")
             if req.get("save"):
                 self.save()
             return self.reply()
