@@ -40,7 +40,7 @@ FUSE_VALUED = {"fsname", "subtype", "max_read"}
 # Words mount(8)/fstab may pass that mean nothing to a running filesystem.
 IGNORED = {"defaults", "auto", "noauto", "user", "users", "nouser", "owner", "group",
            "nofail", "_netdev", "loop"}
-SIMFS_VALUED = {"quotaid", "quotafile", "log", "checkpoint", "runtime", "hook"}
+SIMFS_VALUED = {"quotaid", "quotafile", "log", "checkpoint", "runtime", "hook", "maxopen"}
 # Where the daemon logs when there is no syslog socket (/dev/log) to log to.
 FALLBACK_LOG = "/var/log/simfs.log"
 # The source df and /proc/mounts show, inside the container too (as OpenVZ
@@ -88,6 +88,11 @@ def parse_options(words: list[str], private: str) -> tuple[set[str], dict[str, s
         if own["runtime"] not in RUNTIMES:
             raise UsageError(f"runtime must be one of {', '.join(RUNTIMES)}, "
                              f"not {own['runtime']!r}")
+    if "maxopen" in own:
+        v = own["maxopen"]
+        if not _DIGITS.fullmatch(v) or not 16 <= int(v) <= 1 << 20:
+            raise UsageError(f"maxopen must be a number of open files from 16 to "
+                             f"{1 << 20}, not {v!r}")
     if "checkpoint" in own:
         c = own["checkpoint"]
         if not _DECIMAL.fullmatch(c) or not 0 < float(c) <= MAX_CHECKPOINT:
@@ -108,6 +113,8 @@ def parser() -> argparse.ArgumentParser:
                     "disk quotas (vzquota) and a statfs that shows the quota.",
         epilog="Options for -o: quotaid=N (account and enforce quota id N), "
                "quotafile=FILE, checkpoint=SECS (save usage this often, default 30), "
+               "maxopen=N (files and directories the container may hold open at once, "
+               "default 65536), "
                "log=FILE, hook=CMD (run at quota limit events), "
                "runtime=uvloop|asyncio|trio (event loop, default uvloop), "
                "debug; and the usual mount options (ro, rw, dev, suid, exec, "
@@ -437,12 +444,14 @@ def checks(args: argparse.Namespace, own: dict[str, str], foreground: bool):
 
 
 def build(args: argparse.Namespace, fuse_opts: set[str], own: dict[str, str]):
+    from .inodes import MAX_OPEN
     from .mount import Mount
     return Mount(os.path.abspath(args.private), os.path.abspath(args.root), fuse_opts,
                  quotaid=int(own["quotaid"]) if "quotaid" in own else None,
                  quotafile=own.get("quotafile"),
                  checkpoint=float(own.get("checkpoint", 30)),
-                 runtime=own.get("runtime", "uvloop"), hook=own.get("hook"))
+                 runtime=own.get("runtime", "uvloop"), hook=own.get("hook"),
+                 max_open=int(own.get("maxopen", MAX_OPEN)))
 
 
 def daemon(m, debug: bool, logfile, ready_fd: int) -> int:

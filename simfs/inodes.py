@@ -1,15 +1,30 @@
-"""The inode table: every backing inode the kernel knows, by (st_dev, st_ino).
+"""The inode table: every backing inode the kernel knows, by (st_dev, st_ino),
+with a bounded number of descriptors.
 
-Role: maps FUSE inode numbers to ``Inode`` records that hold an ``O_PATH``
-descriptor of the backing inode (so a rename in the backing tree never leaves a
-stale path), the kernel's lookup count, the number of open handles, and what
-the quota charged for the inode (its owner and allocated bytes).
+Role: maps FUSE inode numbers to ``Inode`` records: the kernel's lookup count,
+the number of open handles, what the quota charged for the inode (its owner and
+allocated bytes), and how to reach the backing inode without a path: a kernel
+*file handle* (``name_to_handle_at``), re-opened as an ``O_PATH`` descriptor
+(``open_by_handle_at`` on a descriptor of the private area) when needed.  Only
+an LRU of at most ``Budget.cached`` such descriptors stays open, so no number of
+lookups (``ls -l`` of a huge directory) can fill the daemon's descriptor table.
+``Inode.fd`` gives the descriptor, re-opening it on a miss; in the common case
+(it is in the LRU) it costs a dictionary move.  A caller may use at most a few
+``.fd`` values at once (the LRU keeps at least 16).
+
+Pinned descriptors are never evicted: the root's, those of inodes unlinked
+through the mount while the kernel still holds them (so that they stay alive
+and their numbers cannot be reused, as on a local filesystem), up to
+``Budget.pinned``; and, on a backing filesystem without file handles (checked
+at start), every inode's, up to ``Budget.pinned``: past it, new lookups fail
+with ENFILE (``has_room``).
 
 FUSE inode numbers are the backing ``st_ino`` except that the private area's
 root is 1 (``pyfuse3.ROOT_INODE``) and a backing inode numbered 1 takes the
 root's number: a bijection, so numbers are stable across lookups and hard links
-share one inode.  While an ``Inode`` exists its ``O_PATH`` descriptor keeps the
-backing inode alive, so its number cannot be reused under us.
+share one inode.  An unlinked inode that is neither pinned nor open is dead:
+if the backing filesystem reuses its number, ``adopt`` notices, tells
+``on_reused`` (which settles the dead inode's quota) and starts the record anew.
 
 Concurrency: used only from the event loop that serves the mount; no method
 awaits, so each call is atomic with respect to other requests.
@@ -20,24 +35,58 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import resource
 import stat
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable
 
+from . import lower
 from .lower import open_path
 
 log = logging.getLogger(__name__)
 
 ROOT = 1
+RESERVE_FDS = 160      # the daemon's own: control socket and clients, quota file,
+                       # checkpoints, fsync threads, one transient fd per request
+CACHED_FDS = 4096      # LRU of O_PATH descriptors of inodes with a file handle
+PINNED_FDS = 4096      # descriptors that may not be evicted (see the docstring)
+MAX_OPEN = 65536       # default budget of open files and directories (-o maxopen)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How the daemon's descriptors are shared out."""
+    cached: int      # inode descriptors in the LRU
+    pinned: int      # inode descriptors never evicted
+    files: int       # handles of open files and directories (one fd each)
+
+    @classmethod
+    def plan(cls, limit: int, max_open: int = MAX_OPEN) -> "Budget":
+        """Shares for an RLIMIT_NOFILE of ``limit``, keeping RESERVE_FDS."""
+        avail = max(limit - RESERVE_FDS, 64)
+        cached = max(16, min(CACHED_FDS, avail // 4))
+        pinned = max(16, min(PINNED_FDS, avail // 4))
+        files = max(16, min(max_open, avail - cached - pinned))
+        return cls(cached, pinned, files)
 
 
 class Inode:
-    __slots__ = ("ino", "fd", "lookups", "opens", "space", "uid", "gid", "mode",
-                 "unlinked", "freed")
+    __slots__ = ("ino", "_fd", "handle", "table", "pinned", "lookups", "opens", "space",
+                 "uid", "gid", "mode", "unlinked", "freed")
 
-    def __init__(self, ino: int, fd: int, st: os.stat_result):
+    def __init__(self, table: "InodeTable", ino: int, st: os.stat_result,
+                 handle: bytes | None):
+        self.table = table
         self.ino = ino
-        self.fd = fd              # O_PATH|O_NOFOLLOW descriptor of the backing inode
+        self._fd = -1             # O_PATH|O_NOFOLLOW descriptor while it has one
+        self.handle = handle      # kernel file handle; None: the fd is pinned
+        self.pinned = False
         self.lookups = 0          # kernel lookup count
         self.opens = 0            # open file handles
+        self.reset(st)
+
+    def reset(self, st: os.stat_result) -> None:
         self.space = st.st_blocks * 512   # allocated bytes, as last charged
         self.uid = st.st_uid      # owner the quota charges
         self.gid = st.st_gid
@@ -46,19 +95,51 @@ class Inode:
         self.freed = False        # and the quota has given back what it held
 
     @property
+    def fd(self) -> int:
+        """An O_PATH descriptor of the backing inode (ESTALE if it is gone)."""
+        fd = self._fd
+        if fd >= 0:
+            if not self.pinned:
+                self.table.lru.move_to_end(self.ino)
+            return fd
+        return self.table.reopen(self)
+
+    @property
     def is_dir(self) -> bool:
         return stat.S_ISDIR(self.mode)
 
 
 class InodeTable:
-    def __init__(self, root_fd: int):
+    def __init__(self, root_fd: int, budget: Budget | None = None,
+                 file_handles: bool = True):
         st = os.fstat(root_fd)
         self.dev = st.st_dev
         self.root_ino = st.st_ino
+        self.budget = budget or Budget.plan(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
         self.inodes: dict[int, Inode] = {}
-        root = Inode(ROOT, root_fd, st)
+        self.lru: OrderedDict[int, Inode] = OrderedDict()
+        self.pinned = 0
+        self.on_reused: Callable[[Inode], None] | None = None
+        self._warned_pins = False
+        # open_by_handle_at wants an open (not O_PATH) descriptor of the filesystem
+        self.mount_fd = lower.reopen(root_fd, os.O_RDONLY | os.O_DIRECTORY)
+        self.file_handles = file_handles and self._handles_work(root_fd)
+        if not self.file_handles:
+            log.info("the private area's filesystem has no file handles: one "
+                     "descriptor per cached inode, at most %d inodes", self.budget.pinned)
+        root = Inode(self, ROOT, st, None)
+        root._fd = root_fd
+        root.pinned = True        # not counted: the root is not the container's
         root.lookups = 1 << 62    # never forgotten
         self.inodes[ROOT] = root
+
+    def _handles_work(self, root_fd: int) -> bool:
+        try:
+            os.close(lower.open_handle(self.mount_fd, lower.handle_of(root_fd)))
+            return True
+        except OSError as e:
+            log.debug("file handles unavailable: %s", e)
+            return False
 
     @property
     def root(self) -> Inode:
@@ -86,15 +167,95 @@ class InodeTable:
                         st.st_ino)
             raise OSError(errno.ENOTSUP, "mount point inside the private area")
 
+    # ---- descriptors ---------------------------------------------------------------
+
+    def open_fds(self) -> int:
+        """Inode descriptors held now (the root's excluded)."""
+        return len(self.lru) + self.pinned
+
+    def has_room(self) -> bool:
+        """Whether one more inode can be adopted (always, with file handles)."""
+        return self.file_handles or self.pinned < self.budget.pinned
+
+    def need_room(self) -> None:
+        if not self.has_room():
+            raise OSError(errno.ENFILE, "inode descriptor budget exhausted")
+
+    def _cache(self, inode: Inode, fd: int) -> None:
+        inode._fd = fd
+        self.lru[inode.ino] = inode
+        while len(self.lru) > self.budget.cached:
+            _, old = self.lru.popitem(last=False)
+            os.close(old._fd)
+            old._fd = -1
+
+    def reopen(self, inode: Inode) -> int:
+        if inode.handle is None:
+            raise OSError(errno.ESTALE, f"inode {inode.ino} has no descriptor")
+        fd = lower.open_handle(self.mount_fd, inode.handle)
+        self._cache(inode, fd)
+        return fd
+
+    def stale(self, inode: Inode) -> bool:
+        """An unlinked inode nothing keeps alive: its number may be reused."""
+        return inode.unlinked and inode._fd < 0 and inode.opens <= 0
+
+    def keep(self, inode: Inode) -> None:
+        """``inode`` lost its last name: pin its descriptor so that it stays alive
+        for the kernel references to it (within ``Budget.pinned``)."""
+        if inode.pinned:
+            return
+        if self.pinned >= self.budget.pinned:
+            if not self._warned_pins:
+                self._warned_pins = True
+                log.warning("more than %d unlinked inodes held at once: further ones "
+                            "are not kept alive (ESTALE once evicted)", self.budget.pinned)
+            return
+        if inode._fd < 0:
+            try:
+                self.reopen(inode)
+            except OSError:
+                return            # already gone
+        del self.lru[inode.ino]
+        inode.pinned = True
+        self.pinned += 1
+
+    # ---- references ----------------------------------------------------------------
+
     def adopt(self, fd: int, st: os.stat_result) -> Inode:
         """Count one kernel reference to the inode behind ``fd`` (which the table
-        now owns: it is closed if the inode is already known)."""
+        now owns: kept as its descriptor, or closed)."""
         ino = self.fuse_ino(st.st_ino)
         inode = self.inodes.get(ino)
+        if inode is not None and self.stale(inode):
+            # the backing filesystem reused a dead inode's number
+            if self.on_reused is not None:
+                self.on_reused(inode)
+            inode.reset(st)
+            if inode.handle is not None:
+                try:
+                    inode.handle = lower.handle_of(fd)
+                except OSError:
+                    inode.handle = None
         if inode is None:
-            inode = self.inodes[ino] = Inode(ino, fd, st)
-        else:
+            handle = None
+            if self.file_handles:
+                try:
+                    handle = lower.handle_of(fd)
+                except OSError:
+                    handle = None
+            if handle is None and self.pinned >= self.budget.pinned:
+                os.close(fd)
+                raise OSError(errno.ENFILE, "inode descriptor budget exhausted")
+            inode = self.inodes[ino] = Inode(self, ino, st, handle)
+        if inode._fd >= 0:
             os.close(fd)
+        elif inode.handle is not None:
+            self._cache(inode, fd)
+        else:
+            inode._fd = fd
+            inode.pinned = True
+            self.pinned += 1
         inode.lookups += 1
         return inode
 
@@ -126,9 +287,17 @@ class InodeTable:
 
     def drop(self, inode: Inode) -> None:
         del self.inodes[inode.ino]
-        os.close(inode.fd)
+        if inode.pinned:
+            inode.pinned = False
+            self.pinned -= 1
+        else:
+            self.lru.pop(inode.ino, None)
+        if inode._fd >= 0:
+            os.close(inode._fd)
+            inode._fd = -1
 
     def close_all(self) -> None:
         for inode in list(self.inodes.values()):
             if inode.ino != ROOT:
                 self.drop(inode)
+        os.close(self.mount_fd)

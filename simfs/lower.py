@@ -1,8 +1,9 @@
 """The backing tree, reached only through file descriptors.
 
 Role: the system calls simfs makes on the private area that Python's ``os`` does
-not offer directly (renameat2, fchownat/utimensat on an ``O_PATH`` descriptor),
-the ``/proc/self/fd`` re-open path, and the hole arithmetic that tells how many
+not offer directly (renameat2, fchownat/utimensat on an ``O_PATH`` descriptor,
+kernel file handles: name_to_handle_at/open_by_handle_at, getdents64), the
+``/proc/self/fd`` re-open path, and the hole arithmetic that tells how many
 new blocks a write would allocate.  Everything here raises ``OSError`` only and
 knows nothing of FUSE or of quotas.
 
@@ -11,7 +12,8 @@ never sends a name with ``/``), or an ``O_PATH`` descriptor of the inode itself;
 no path of the private area is ever resolved from the host's root, so a symlink
 in the container can never lead the daemon outside it.
 
-Concurrency: stateless functions; safe from any thread.
+Concurrency: stateless functions; safe from any thread, except ``getdents``
+(one shared buffer: call it from the request loop only).
 """
 
 from __future__ import annotations
@@ -84,6 +86,60 @@ def readlink_path(fd: int) -> bytes:
         e = ctypes.get_errno()
         raise OSError(e, f"readlinkat: {os.strerror(e)}")
     return buf.raw[:n]
+
+
+MAX_HANDLE_SZ = 128
+
+
+class _FileHandle(ctypes.Structure):
+    _fields_ = [("handle_bytes", ctypes.c_uint), ("handle_type", ctypes.c_int),
+                ("f_handle", ctypes.c_ubyte * MAX_HANDLE_SZ)]
+
+
+def handle_of(fd: int) -> bytes:
+    """The kernel file handle of the inode behind ``fd`` (``struct file_handle``
+    as bytes); OSError (EOPNOTSUPP, EOVERFLOW...) where the filesystem has none."""
+    fh = _FileHandle()
+    fh.handle_bytes = MAX_HANDLE_SZ
+    mount_id = ctypes.c_int()
+    if _libc.name_to_handle_at(fd, b"", ctypes.byref(fh), ctypes.byref(mount_id),
+                               AT_EMPTY_PATH) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"name_to_handle_at: {os.strerror(e)}")
+    return ctypes.string_at(ctypes.addressof(fh), 8 + fh.handle_bytes)
+
+
+def open_handle(mount_fd: int, handle: bytes) -> int:
+    """An O_PATH descriptor of the inode a file handle names (never following a
+    symlink); ESTALE once the inode is gone.  ``mount_fd``: an open (not O_PATH)
+    descriptor on the same filesystem."""
+    fd = _libc.open_by_handle_at(mount_fd, handle, OPATH_FLAGS)
+    if fd < 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"open_by_handle_at: {os.strerror(e)}")
+    return fd
+
+
+DIRENT_BUF = 8192
+_dirent_buf = ctypes.create_string_buffer(DIRENT_BUF)
+_DIRENT = struct.Struct("=QqHB")     # d_ino, d_off, d_reclen, d_type; then d_name
+
+
+def getdents(fd: int) -> bytes:
+    """The next chunk of ``struct linux_dirent64`` records of directory ``fd``
+    (at most DIRENT_BUF bytes); b"" at the end."""
+    n = _libc.getdents64(fd, _dirent_buf, DIRENT_BUF)
+    if n < 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"getdents64: {os.strerror(e)}")
+    return _dirent_buf.raw[:n]
+
+
+def dirent(buf: bytes, pos: int) -> tuple[int, int, int, bytes]:
+    """(d_ino, d_off, d_reclen, d_name) of the record at ``pos`` of ``buf``."""
+    ino, off, reclen, _ = _DIRENT.unpack_from(buf, pos)
+    start = pos + _DIRENT.size
+    return ino, off, reclen, buf[start:buf.index(b"\0", start)]
 
 
 def open_path(name: bytes, dir_fd: int) -> int:

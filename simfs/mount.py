@@ -39,7 +39,7 @@ from vzquota.scan import ScanResult, scan
 from vzquota.service import LiveQuota
 
 from . import events
-from .inodes import ROOT
+from .inodes import MAX_OPEN, ROOT
 from .ops import SimOperations
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,7 @@ class Mount:
     quotafile: str | None = None
     checkpoint: float = 30.0
     runtime: str = RUNTIMES[0]
+    max_open: int = MAX_OPEN
     ops: SimOperations | None = None
     live: LiveQuota | None = None
     _locks: list[tuple[int, str]] = field(default_factory=list)
@@ -170,7 +171,7 @@ class Mount:
                     self._shown = None
             except VzError as e:
                 raise MountError(e.message) from None
-        self.ops = SimOperations(root_fd)
+        self.ops = SimOperations(root_fd, self.max_open)
         if self.live is not None:
             self.live.orphans = self._orphans
             self.ops.quota = self.live.engine
@@ -315,15 +316,20 @@ class Mount:
     async def _control(self) -> None:
         listener = await SocketListener.from_socket(self._sock)
         async with anyio.create_task_group() as tg:
+            delay = 0.0
             while True:
                 try:
                     conn = await listener.accept()
                 except OSError as e:
                     # EMFILE/ENFILE/ENOBUFS...: the connection waits in the
-                    # backlog; the mount must not die of it.
-                    log.warning("control: accept failed: %s", e)
-                    await anyio.sleep(0.1)
+                    # backlog; the mount must not die of it.  Logged once per
+                    # streak, retried with a growing pause (up to 1 s).
+                    if not delay:
+                        log.warning("control: accept failed (%s); backing off", e)
+                    delay = min(1.0, delay * 2 or 0.05)
+                    await anyio.sleep(delay)
                     continue
+                delay = 0.0
                 tg.start_soon(self._client, conn)
 
     async def _client(self, conn: SocketStream) -> None:

@@ -34,6 +34,7 @@ import functools
 import json
 import logging
 import os
+import resource
 import stat
 import time
 from dataclasses import dataclass
@@ -48,7 +49,7 @@ from vzquota.errors import QuotaExceeded
 from vzquota.model import GROUP, USER
 
 from . import lower
-from .inodes import ROOT, Inode, InodeTable
+from .inodes import MAX_OPEN, ROOT, Budget, Inode, InodeTable
 from .statfs import host_figures, quota_figures
 
 log = logging.getLogger(__name__)
@@ -119,8 +120,13 @@ class Handle:
 
 @dataclass
 class DirHandle:
+    """An open directory: its own descriptor, read in getdents64 chunks (the
+    memory per handle is one chunk, whatever the directory's size)."""
     inode: Inode
-    entries: list[bytes]
+    fd: int
+    buf: bytes = b""      # the chunk being listed
+    pos: int = 0          # its next record
+    off: int = 0          # the offset the kernel will ask for next (see readdir)
 
 
 class SimOperations(pyfuse3.Operations):
@@ -128,9 +134,11 @@ class SimOperations(pyfuse3.Operations):
 
     enable_writeback_cache = False
 
-    def __init__(self, root_fd: int):
+    def __init__(self, root_fd: int, max_open: int = MAX_OPEN):
         super().__init__()
-        self.table = InodeTable(root_fd)
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self.table = InodeTable(root_fd, Budget.plan(limit, max_open))
+        self.table.on_reused = self._reused
         self.bsize = os.fstatvfs(root_fd).f_bsize or 4096
         # What a directory may grow by when it takes one more name (ext4's
         # switch to an indexed directory adds 2 blocks); raised to the largest
@@ -179,6 +187,12 @@ class SimOperations(pyfuse3.Operations):
         a.st_mtime_ns = st.st_mtime_ns
         a.st_ctime_ns = st.st_ctime_ns
         return a
+
+    def _room_for_a_handle(self) -> None:
+        """Every open file and directory holds one descriptor: refuse one more
+        past the budget (the daemon keeps its reserve)."""
+        if len(self.handles) >= self.table.budget.files:
+            raise OSError(errno.ENFILE, "open files budget exhausted")
 
     def _new_fh(self, h: Handle | DirHandle) -> int:
         fh = self._next_fh
@@ -249,8 +263,11 @@ class SimOperations(pyfuse3.Operations):
     def refresh(self) -> None:
         """Re-read what every known inode allocates (after a recount: writes
         made while quota was off were not followed)."""
-        for inode in self.table.inodes.values():
-            st = os.fstat(inode.fd)
+        for inode in list(self.table.inodes.values()):
+            try:
+                st = os.fstat(inode.fd)
+            except OSError:           # gone (ESTALE): nothing to re-read
+                continue
             inode.space, inode.uid, inode.gid = st.st_blocks * 512, st.st_uid, st.st_gid
 
     def _reconcile_dir(self, parent: Inode) -> None:
@@ -308,6 +325,7 @@ class SimOperations(pyfuse3.Operations):
                    make: Callable[[int, int], None]) -> tuple[Inode, os.stat_result]:
         """Reserve one inode (and ``space``), run ``make(uid, gid)`` which creates
         ``name`` in ``parent``, give it to the caller, commit what it took."""
+        self.table.need_room()
         uid, gid = self._new_owner(parent, ctx)
         dres = self._reserve_dir(parent, ctx)
         try:
@@ -354,6 +372,7 @@ class SimOperations(pyfuse3.Operations):
                 self.quota.free(st.st_uid, st.st_gid, st.st_blocks * 512, 1)
             return
         inode.unlinked = True
+        self.table.keep(inode)        # alive while the kernel can reach it
 
     def _dropped(self, inode: Inode | None) -> None:
         """The kernel can no longer reach ``inode`` (left the table)."""
@@ -361,6 +380,11 @@ class SimOperations(pyfuse3.Operations):
             self.gapped.discard(inode)
             if inode.unlinked:
                 self._free(inode)
+
+    def _reused(self, inode: Inode) -> None:
+        """The backing filesystem gave a dead inode's number to a new one: the
+        dead one is settled now (the table then starts its record anew)."""
+        self._free(inode)
 
     def _free(self, inode: Inode) -> None:
         """Give back what a gone inode held, once."""
@@ -500,6 +524,7 @@ class SimOperations(pyfuse3.Operations):
     @errno_boundary
     async def create(self, parent_inode, name, mode, flags, ctx):
         parent = self.table.get(parent_inode)
+        self._room_for_a_handle()
         perm = stat.S_IMODE(mode) & ~ctx.umask
         fds: list[int] = []
 
@@ -628,6 +653,7 @@ class SimOperations(pyfuse3.Operations):
         # O_NOFOLLOW would refuse the /proc/self/fd magic link itself (ELOOP):
         # the inode is already resolved without following anything.
         fl = flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_DIRECT | os.O_NOFOLLOW)
+        self._room_for_a_handle()
         fd = lower.reopen(node.fd, fl)
         node.opens += 1
         fh = self._new_fh(Handle(fd, node, ctx.uid != 0))
@@ -745,55 +771,83 @@ class SimOperations(pyfuse3.Operations):
     @errno_boundary
     async def opendir(self, inode, ctx):
         node = self.table.get(inode)
+        self._room_for_a_handle()
         fd = lower.reopen(node.fd, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            with os.scandir(fd) as it:
-                names = [b".", b".."] + [os.fsencode(e.name) for e in it]
-        finally:
-            os.close(fd)
-        return self._new_fh(DirHandle(node, names))
+        return self._new_fh(DirHandle(node, fd))
 
     @errno_boundary
     async def readdir(self, fh, start_id, token):
+        """Stream the backing directory: each entry's next offset is the backing
+        filesystem's own cookie (d_off), so a listing resumes where the kernel
+        asks (lseek, as seekdir does) and stays correct while entries come and
+        go.  ``.`` and ``..`` come first with offsets 1 and 2 (the root's ``..``
+        is the root itself); the backing ones are skipped.  Each entry is
+        lookup-counted (readdirplus) once the kernel has taken it."""
         h = self.handles[fh]
-        dfd = h.inode.fd
-        names = h.entries
-        for i in range(start_id, len(names)):
-            name = names[i]
-            if name in (b".", b".."):
-                # listed as a local directory lists them; never lookup-counted
+        if start_id < 2:
+            for i, name in ((0, b"."), (1, b"..")):
+                if start_id > i:
+                    continue
                 if name == b"." or h.inode.ino == ROOT:
-                    st = os.fstat(dfd)
+                    st = os.fstat(h.fd)
                 else:
-                    st = os.stat(b"..", dir_fd=dfd, follow_symlinks=False)
+                    st = os.stat(b"..", dir_fd=h.fd, follow_symlinks=False)
                 if not pyfuse3.readdir_reply(token, name, self._attrs(st), i + 1):
                     return
+            start_id = 2
+        if start_id != h.off:
+            os.lseek(h.fd, 0 if start_id == 2 else start_id, os.SEEK_SET)
+            h.buf, h.pos, h.off = b"", 0, start_id
+        table = self.table
+        emitted = False
+        while True:
+            if h.pos >= len(h.buf):
+                h.buf, h.pos = lower.getdents(h.fd), 0
+                if not h.buf:
+                    return
+            d_ino, d_off, reclen, name = lower.dirent(h.buf, h.pos)
+            if name == b"." or name == b"..":
+                h.pos += reclen
                 continue
+            fd = -1
             try:
-                fd = lower.open_path(name, dfd)
+                st = os.stat(name, dir_fd=h.fd, follow_symlinks=False)
+                inode = table.find(st.st_ino)
+                if inode is None or table.stale(inode):
+                    if not table.has_room():
+                        if emitted:
+                            return
+                        raise OSError(errno.ENFILE, "inode descriptor budget exhausted")
+                    fd = lower.open_path(name, h.fd)
+                    st = os.fstat(fd)
             except FileNotFoundError:
+                h.pos += reclen             # gone since getdents saw it
                 continue
-            st = os.fstat(fd)
-            if st.st_dev != self.table.dev:
-                os.close(fd)
+            if st.st_dev != table.dev:      # a mount point: hidden
+                if fd >= 0:
+                    os.close(fd)
+                h.pos += reclen
                 continue
-            if not pyfuse3.readdir_reply(token, name, self._attrs(st), i + 1):
-                os.close(fd)
+            if not pyfuse3.readdir_reply(token, name, self._attrs(st), d_off):
+                if fd >= 0:
+                    os.close(fd)
                 return
-            self.table.adopt(fd, st)
+            emitted = True
+            h.pos += reclen
+            h.off = d_off
+            if fd >= 0:
+                table.adopt(fd, st)
+            else:
+                inode.lookups += 1
 
     @errno_boundary
     async def releasedir(self, fh):
-        del self.handles[fh]
+        os.close(self.handles.pop(fh).fd)
 
     @errno_boundary
     async def fsyncdir(self, fh, datasync):
         h = self.handles[fh]
-        fd = lower.reopen(h.inode.fd, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            await anyio.to_thread.run_sync(os.fsync, fd)
-        finally:
-            os.close(fd)
+        await anyio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, h.fd)
 
     # ---- filesystem ----------------------------------------------------------
 

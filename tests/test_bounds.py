@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import os
+import resource
 import subprocess
 import textwrap
 import time
@@ -122,4 +123,266 @@ def test_cp_a_and_tar_of_acl_trees_degrade_like_a_filesystem_without_acls(mounte
     assert (root / "x" / "acl").read_text() == "a\n"
     assert not any(n.startswith("system.posix_acl")
                    for p in private.rglob("*") for n in os.listxattr(p))
+    alive(m)
+
+
+# ---- descriptors ----------------------------------------------------------------------
+
+
+def daemon_fds(m) -> int:
+    return len(os.listdir(f"/proc/{m.proc.pid}/fd"))
+
+
+def daemon_rss(m) -> int:
+    with open(f"/proc/{m.proc.pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) * 1024
+
+
+def big_dir(private, n: int):
+    """``n`` files in private/big, each holding its own name."""
+    d = private / "big"
+    d.mkdir()
+    for i in range(n):
+        fd = os.open(d / f"f{i:06d}", os.O_WRONLY | os.O_CREAT, 0o644)
+        os.write(fd, f"f{i:06d}".encode())
+        os.close(fd)
+    os.chmod(d, 0o755)
+    return d
+
+
+READ_ALL = textwrap.dedent("""
+    import os, sys
+    d = sys.argv[1]
+    bad = [n for n in sorted(os.listdir(d)) if open(os.path.join(d, n)).read() != n]
+    print(len(os.listdir(d)), len(bad))
+""")
+
+
+def test_ls_l_of_a_huge_directory_keeps_the_daemon_s_descriptors_bounded(mounted):
+    """The repro: ``ls -l`` of a 100k-entry directory left one O_PATH descriptor
+    per entry in the daemon, which then answered EMFILE to everything.  Now only
+    an LRU of them stays open, and every inode is still reachable (each file is
+    opened and read again after the LRU has turned over)."""
+    from simfs.inodes import CACHED_FDS
+    private, root, m = mounted
+    n = CACHED_FDS + 2000
+    big_dir(private, n)
+    before = daemon_fds(m)
+    r = subprocess.run(["ls", "-l", str(root / "big")], capture_output=True, text=True,
+                       user=1000, group=1000)
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.splitlines()) == n + 1
+    after = daemon_fds(m)
+    assert after <= before + CACHED_FDS, (before, after)
+    # find(1) sees what a local listing sees, inode numbers included
+    got = subprocess.run(["find", str(root / "big"), "-mindepth", "1", "-printf", "%f %i %s\n"],
+                         capture_output=True, text=True, check=True).stdout
+    want = subprocess.run(["find", str(private / "big"), "-mindepth", "1", "-printf",
+                           "%f %i %s\n"], capture_output=True, text=True, check=True).stdout
+    assert sorted(got.splitlines()) == sorted(want.splitlines())
+    r = py_as(1000, 1000, READ_ALL, str(root / "big"))
+    assert r.stdout.split() == [str(n), "0"], r.stderr
+    assert daemon_fds(m) <= before + CACHED_FDS
+    alive(m)
+
+
+def test_open_files_beyond_the_budget_get_enfile_and_the_daemon_serves_on(mounter, area):
+    """Every open file or directory holds a descriptor of the daemon's: past
+    ``maxopen`` the container gets ENFILE, not the daemon EMFILE."""
+    private, root = area
+    m = mounter(private, root, "maxopen=40")
+    (root / "d").mkdir()
+    os.chmod(root / "d", 0o777)
+    code = textwrap.dedent("""
+        import errno, os, sys
+        d = sys.argv[1]
+        held, errs = [], []
+        for i in range(60):
+            try:
+                if i % 2:
+                    held.append(os.open(d, os.O_RDONLY | os.O_DIRECTORY))
+                else:
+                    held.append(os.open(f"{d}/f{i}", os.O_RDWR | os.O_CREAT, 0o644))
+            except OSError as e:
+                errs.append(errno.errorcode[e.errno])
+        print(len(held), sorted(set(errs)))
+        for fd in held:
+            os.close(fd)
+        fd = os.open(f"{d}/after", os.O_RDWR | os.O_CREAT, 0o644)
+        os.write(fd, b"ok")
+        os.close(fd)
+        print(open(f"{d}/after").read())
+    """)
+    r = py_as(1000, 1000, code, str(root / "d"))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split("\n")[:2] == ["40 ['ENFILE']", "ok"], r.stdout
+    alive(m)
+
+
+def test_an_unlinked_file_held_by_the_container_stays_reachable_after_the_lru_turns(mounted):
+    """A file unlinked while held by an O_PATH descriptor can still be reopened
+    through /proc (as on a local filesystem), even after enough other lookups
+    to evict every cached descriptor."""
+    from simfs.inodes import CACHED_FDS
+    private, root, m = mounted
+    big_dir(private, CACHED_FDS + 500)
+    code = textwrap.dedent("""
+        import os, sys
+        root = sys.argv[1]
+        with open(root + "/victim", "w") as f:
+            f.write("still here")
+        o = os.open(root + "/victim", os.O_PATH)
+        os.unlink(root + "/victim")
+        for n in os.listdir(root + "/big"):
+            os.lstat(root + "/big/" + n)
+        os.system("ls -l " + root + "/big > /dev/null")
+        print(open(f"/proc/self/fd/{o}").read(), os.fstat(o).st_nlink)
+    """)
+    r = py_as(0, 0, code, str(root))
+    assert r.stdout.split("\n")[0] == "still here 0", (r.stdout, r.stderr)
+    alive(m)
+
+
+def test_control_channel_survives_emfile_at_accept(mounter, area):
+    """The repro: once the daemon's descriptor table was full, the next
+    ``vzquota`` connection killed it (EMFILE from accept()).  Here the host
+    lowers the daemon's limit live and floods the control socket: accept fails,
+    the daemon backs off, and answers once descriptors are free again."""
+    import socket
+
+    from conftest import vzquota
+    from vzquota import control
+    private, root = area
+    vzquota("init", "101", "-p", str(private), "-b", "100000", "-B", "120000", "-i", "1000",
+            "-I", "1200", "-e", "1d", "-n", "1d")
+    vzquota("on", "101")
+    m = mounter(private, root, "quotaid=101")
+    soft, hard = resource.prlimit(m.proc.pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(m.proc.pid, resource.RLIMIT_NOFILE, (daemon_fds(m) + 8, hard))
+    conns = []
+    for _ in range(14):
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(control.socket_path(101))
+        conns.append(s)
+    deadline = time.monotonic() + 20
+    while "accept failed" not in m.logtext():
+        assert time.monotonic() < deadline, m.logtext()
+        time.sleep(0.05)
+    assert m.proc.poll() is None, m.logtext()
+    for s in conns:
+        s.close()
+    resource.prlimit(m.proc.pid, resource.RLIMIT_NOFILE, (soft, hard))
+    assert vzquota("stat", "101").returncode == 0
+    (root / "f").write_bytes(b"x")
+    alive(m)
+
+
+# ---- memory ---------------------------------------------------------------------------
+
+
+def test_open_directory_handles_cost_bounded_memory(mounted):
+    """The repro: each opendir copied the whole listing (300 handles on a
+    100k-entry directory: 32 MB -> 1.13 GB).  Now a handle holds one chunk of
+    entries, whatever the directory's size."""
+    private, root, m = mounted
+    n, handles = 20000, 100
+    big_dir(private, n)
+    code = textwrap.dedent("""
+        import os, sys
+        d, k = sys.argv[1], int(sys.argv[2])
+        fds = [os.open(d, os.O_RDONLY | os.O_DIRECTORY) for _ in range(k)]
+        print(len(os.listdir(d)), flush=True)
+        sys.stdin.readline()
+    """)
+    os.listdir(root / "big")                   # warm the inode table first
+    base = daemon_rss(m)
+    p = subprocess.Popen([sys_python(), "-c", code, str(root / "big"), str(handles)],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                         user=1000, group=1000)
+    try:
+        assert p.stdout.readline().strip() == str(n)
+        grown = daemon_rss(m) - base
+    finally:
+        p.stdin.close()
+        p.wait()
+    assert grown < handles * 64 * 1024 + 8 * 1024 * 1024, grown
+    alive(m)
+
+
+def sys_python() -> str:
+    from conftest import USER_PYTHON
+    return USER_PYTHON
+
+
+# ---- directory listings ---------------------------------------------------------------
+
+
+def test_listing_while_entries_come_and_go_has_no_duplicates_and_skips_none(mounted):
+    """Entries created and removed during a listing may or may not appear, but
+    those present throughout appear exactly once, and no name twice."""
+    import threading
+    private, root, m = mounted
+    d = root / "d"
+    d.mkdir()
+    stable = {f"s{i:05d}" for i in range(3000)}
+    for name in stable:
+        (private / "d" / name).write_bytes(b"")
+    stop = threading.Event()
+
+    def churn():
+        i = 0
+        while not stop.is_set():
+            p = d / f"c{i % 400:05d}"
+            if i // 400 % 2:
+                p.unlink(missing_ok=True)
+            else:
+                p.write_bytes(b"")
+            i += 1
+    t = threading.Thread(target=churn)
+    t.start()
+    try:
+        for _ in range(10):
+            names = os.listdir(d)
+            assert len(names) == len(set(names))
+            assert stable <= set(names)
+    finally:
+        stop.set()
+        t.join()
+    alive(m)
+
+
+def test_seekdir_telldir_and_rewinddir(mounted):
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.opendir.restype = ctypes.c_void_p
+    libc.readdir.restype = ctypes.c_void_p
+    libc.readdir.argtypes = libc.telldir.argtypes = libc.closedir.argtypes = \
+        libc.rewinddir.argtypes = [ctypes.c_void_p]
+    libc.telldir.restype = ctypes.c_long
+    libc.seekdir.argtypes = [ctypes.c_void_p, ctypes.c_long]
+    private, root, m = mounted
+    for i in range(500):
+        (private / f"n{i:04d}").write_bytes(b"")
+    NAME = 19                                   # offsetof(struct dirent64, d_name)
+
+    def read_all(dp) -> list[bytes]:
+        out = []
+        while True:
+            e = libc.readdir(dp)
+            if not e:
+                return out
+            out.append(ctypes.string_at(e + NAME))
+    dp = libc.opendir(bytes(root))
+    first = [ctypes.string_at(libc.readdir(dp) + NAME) for _ in range(200)]
+    pos = libc.telldir(dp)
+    rest = read_all(dp)
+    libc.seekdir(dp, pos)
+    again = read_all(dp)
+    libc.rewinddir(dp)
+    whole = read_all(dp)
+    libc.closedir(dp)
+    assert again == rest
+    assert whole == first + rest
+    assert first[:2] == [b".", b".."]
+    assert sorted(whole[2:]) == sorted(f"n{i:04d}".encode() for i in range(500))
     alive(m)
