@@ -320,12 +320,15 @@ class Mount:
             while True:
                 try:
                     conn = await listener.accept()
-                except OSError as e:
-                    # EMFILE/ENFILE/ENOBUFS...: the connection waits in the
-                    # backlog; the mount must not die of it.  Logged once per
-                    # streak, retried with a growing pause (up to 1 s).
+                except (OSError, anyio.BrokenResourceError) as e:
+                    # EMFILE/ENFILE/ENOBUFS... (anyio wraps them in
+                    # BrokenResourceError; the listener stays usable): the
+                    # connection waits in the backlog; the mount must not die
+                    # of it.  Logged once per streak, retried with a growing
+                    # pause (up to 1 s).
                     if not delay:
-                        log.warning("control: accept failed (%s); backing off", e)
+                        log.warning("control: accept failed (%s); backing off",
+                                    e.__cause__ or e)
                     delay = min(1.0, delay * 2 or 0.05)
                     await anyio.sleep(delay)
                     continue

@@ -247,7 +247,8 @@ def test_an_unlinked_file_held_by_the_container_stays_reachable_after_the_lru_tu
     alive(m)
 
 
-def test_control_channel_survives_emfile_at_accept(mounter, area):
+@pytest.mark.parametrize("runtime", ["uvloop", "asyncio", "trio"])
+def test_control_channel_survives_emfile_at_accept(mounter, area, runtime):
     """The repro: once the daemon's descriptor table was full, the next
     ``vzquota`` connection killed it (EMFILE from accept()).  Here the host
     lowers the daemon's limit live and floods the control socket: accept fails,
@@ -260,7 +261,7 @@ def test_control_channel_survives_emfile_at_accept(mounter, area):
     vzquota("init", "101", "-p", str(private), "-b", "100000", "-B", "120000", "-i", "1000",
             "-I", "1200", "-e", "1d", "-n", "1d")
     vzquota("on", "101")
-    m = mounter(private, root, "quotaid=101")
+    m = mounter(private, root, "quotaid=101", f"runtime={runtime}")
     soft, hard = resource.prlimit(m.proc.pid, resource.RLIMIT_NOFILE)
     resource.prlimit(m.proc.pid, resource.RLIMIT_NOFILE, (daemon_fds(m) + 8, hard))
     conns = []
