@@ -391,3 +391,61 @@ def test_seekdir_telldir_and_rewinddir(mounted):
     assert first[:2] == [b".", b".."]
     assert sorted(whole[2:]) == sorted(f"n{i:04d}".encode() for i in range(500))
     alive(m)
+
+
+# ---- a backing filesystem without file handles (unit level: the table alone) -------------
+
+
+def test_without_file_handles_inodes_keep_descriptors_up_to_a_cap(world_tmp):
+    """Where name_to_handle_at is unsupported every known inode keeps its
+    descriptor, so their number is capped: past it a lookup fails with ENFILE
+    (nothing leaks), and a forgotten inode makes room again."""
+    from simfs.inodes import Budget, InodeTable
+    d = world_tmp / "area"
+    d.mkdir()
+    for i in range(40):
+        (d / f"f{i}").write_bytes(b"")
+    root_fd = os.open(d, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    table = InodeTable(root_fd, Budget(cached=16, pinned=20, files=16), file_handles=False)
+    try:
+        got = []
+        for i in range(20):
+            got.append(table.lookup(table.root, f"f{i}".encode())[0])
+        assert all(n.handle is None and n.pinned for n in got)
+        before = len(os.listdir("/proc/self/fd"))
+        assert errno_of(table.lookup, table.root, b"f20") == errno.ENFILE
+        assert len(os.listdir("/proc/self/fd")) == before
+        assert table.lookup(table.root, b"f3")[0] is got[3]      # a known one: no new fd
+        table.forget(got[0].ino, 1)
+        assert table.lookup(table.root, b"f20")[0].lookups == 1
+        assert table.open_fds() == 20
+    finally:
+        table.close_all()
+        os.close(root_fd)
+
+
+def test_with_file_handles_the_lru_turns_and_every_inode_stays_reachable(world_tmp):
+    from simfs.inodes import Budget, InodeTable
+    d = world_tmp / "area"
+    d.mkdir()
+    for i in range(100):
+        (d / f"f{i}").write_bytes(b"%d" % i)
+    root_fd = os.open(d, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    table = InodeTable(root_fd, Budget(cached=16, pinned=16, files=16))
+    try:
+        assert table.file_handles
+        nodes = [table.lookup(table.root, f"f{i}".encode())[0] for i in range(100)]
+        assert table.open_fds() == 16
+        for i, n in enumerate(nodes):
+            assert os.fstat(n.fd).st_ino == os.stat(d / f"f{i}").st_ino
+            assert table.open_fds() <= 16
+        # an unlinked inode held by the kernel is pinned (kept alive), within its cap
+        nodes[5].fd                                  # in the LRU when it is unlinked
+        os.unlink(d / "f5")
+        table.keep(nodes[5])
+        for n in nodes[20:60]:
+            n.fd
+        assert os.fstat(nodes[5].fd).st_nlink == 0
+    finally:
+        table.close_all()
+        os.close(root_fd)
