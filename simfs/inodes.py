@@ -12,7 +12,9 @@ share one inode.  While an ``Inode`` exists its ``O_PATH`` descriptor keeps the
 backing inode alive, so its number cannot be reused under us.
 
 Concurrency: used only from the event loop that serves the mount; no method
-awaits, so each call is atomic with respect to other requests.
+awaits, so each call is atomic with respect to other requests.  The one
+exception is ``_Closer``'s thread, which only closes descriptors of unlinked
+inodes after the table has dropped them.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import queue
 import stat
+import threading
 
 from .lower import open_path
 
@@ -48,6 +52,37 @@ class Inode:
     @property
     def is_dir(self) -> bool:
         return stat.S_ISDIR(self.mode)
+
+
+class _Closer:
+    """Closes the descriptors of unlinked inodes in one worker thread.  The last
+    close of an unlinked backing inode is where the backing filesystem frees it
+    (ext4 truncates and evicts it inside close(2)): about a quarter of the
+    daemon's time under ``rm``, serialised with every other request when done on
+    the loop.  The thread only ever closes descriptors the table gave up; the
+    queue holds no more of them than the table held."""
+
+    def __init__(self):
+        self._q: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def close(self, fd: int) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="simfs-closer",
+                                            daemon=True)
+            self._thread.start()
+        self._q.put(fd)
+
+    def _run(self) -> None:
+        while True:
+            fd = self._q.get()
+            try:
+                os.close(fd)
+            except OSError as e:
+                log.warning("closing the descriptor of an unlinked inode: %s", e)
+
+
+_closer = _Closer()
 
 
 class InodeTable:
@@ -126,7 +161,10 @@ class InodeTable:
 
     def drop(self, inode: Inode) -> None:
         del self.inodes[inode.ino]
-        os.close(inode.fd)
+        if inode.unlinked:
+            _closer.close(inode.fd)
+        else:
+            os.close(inode.fd)
 
     def close_all(self) -> None:
         for inode in list(self.inodes.values()):
