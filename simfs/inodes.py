@@ -62,20 +62,32 @@ class _Closer:
     the loop.  The thread only ever closes descriptors the table gave up; the
     queue holds no more of them than the table held."""
 
+    IDLE = 1.0      # seconds without work before the thread ends (a process
+                    # without threads may fork: see vzquota.scan)
+
     def __init__(self):
         self._q: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
     def close(self, fd: int) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="simfs-closer",
-                                            daemon=True)
-            self._thread.start()
         self._q.put(fd)
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="simfs-closer",
+                                                daemon=True)
+                self._thread.start()
 
     def _run(self) -> None:
         while True:
-            fd = self._q.get()
+            try:
+                fd = self._q.get(timeout=self.IDLE)
+            except queue.Empty:
+                with self._lock:
+                    if self._q.empty():
+                        self._thread = None
+                        return
+                continue
             try:
                 os.close(fd)
             except OSError as e:
