@@ -13,7 +13,7 @@ backing inode alive, so its number cannot be reused under us.
 
 Concurrency: used only from the event loop that serves the mount; no method
 awaits, so each call is atomic with respect to other requests.  The one
-exception is ``_Closer``'s thread, which only closes descriptors of unlinked
+exception is ``Closer``'s thread, which only closes descriptors of unlinked
 inodes after the table has dropped them.
 """
 
@@ -54,7 +54,7 @@ class Inode:
         return stat.S_ISDIR(self.mode)
 
 
-class _Closer:
+class Closer:
     """Closes the descriptors of unlinked inodes in one worker thread.  The last
     close of an unlinked backing inode is where the backing filesystem frees it
     (ext4 truncates and evicts it inside close(2)): about a quarter of the
@@ -94,8 +94,6 @@ class _Closer:
                 log.warning("closing the descriptor of an unlinked inode: %s", e)
 
 
-_closer = _Closer()
-
 
 class InodeTable:
     def __init__(self, root_fd: int):
@@ -103,6 +101,9 @@ class InodeTable:
         self.dev = st.st_dev
         self.root_ino = st.st_ino
         self.inodes: dict[int, Inode] = {}
+        # the daemon sets one (Mount.prepare); without it (unit tests, tools)
+        # every descriptor is closed inline
+        self.closer: Closer | None = None
         root = Inode(ROOT, root_fd, st)
         root.lookups = 1 << 62    # never forgotten
         self.inodes[ROOT] = root
@@ -173,8 +174,8 @@ class InodeTable:
 
     def drop(self, inode: Inode) -> None:
         del self.inodes[inode.ino]
-        if inode.unlinked:
-            _closer.close(inode.fd)
+        if inode.unlinked and self.closer is not None:
+            self.closer.close(inode.fd)
         else:
             os.close(inode.fd)
 

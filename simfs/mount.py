@@ -40,6 +40,7 @@ from vzquota.service import LiveQuota
 
 from . import events
 from .inodes import ROOT
+from .inodes import Closer
 from .ops import SimOperations
 
 log = logging.getLogger(__name__)
@@ -171,6 +172,7 @@ class Mount:
             except VzError as e:
                 raise MountError(e.message) from None
         self.ops = SimOperations(root_fd)
+        self.ops.table.closer = Closer()
         if self.live is not None:
             self.live.orphans = self._orphans
             self.ops.quota = self.live.engine
