@@ -39,7 +39,7 @@ from vzquota.scan import ScanResult, scan
 from vzquota.service import LiveQuota
 
 from . import events
-from .inodes import MAX_OPEN, ROOT
+from .inodes import MAX_OPEN, ROOT, Closer
 from .ops import SimOperations
 
 log = logging.getLogger(__name__)
@@ -172,6 +172,7 @@ class Mount:
             except VzError as e:
                 raise MountError(e.message) from None
         self.ops = SimOperations(root_fd, self.max_open)
+        self.ops.table.closer = Closer()
         if self.live is not None:
             self.live.orphans = self._orphans
             self.ops.quota = self.live.engine
