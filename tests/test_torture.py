@@ -12,9 +12,10 @@ import sys
 from pathlib import Path
 
 TORTURE = Path(__file__).resolve().parent.parent / "tools" / "torture"
-# whiteout (item 3), big-dir (items 9, 10) and control (item 11) still fail on
+# whiteout (item 3) and big-dir (items 9, 10) still fail on
 # tmpfs: tests/test_attacks.py holds them as strict xfails; add them here once fixed
-CLEAN_ON_TMPFS = "reopen-unlinked,hardlink-names,xattr-blocks,sparse-prealloc,root-reserve,race,kill9"
+CLEAN_ON_TMPFS = ("reopen-unlinked,hardlink-names,xattr-blocks,sparse-prealloc,root-reserve,"
+                  "control,race,kill9")
 
 
 def test_torture_short_run_is_clean(fuse):
