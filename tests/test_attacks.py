@@ -1,0 +1,93 @@
+"""Every attack of issue 7 (items 1-5, 8-11, races, kill -9) on ext4, XFS,
+btrfs and tmpfs, each followed by the two invariants: no sample of the live
+figures over a hard limit while it ran, and live usage == the independent
+recount (find + du) at both levels once it is done (tests/attacks.py).
+
+A hole not fixed yet is a strict xfail naming its item: the mark must go once
+the fix lands (a strict xfail that passes fails the suite).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import attacks
+import backing as bk
+
+ALL = bk.KINDS
+
+
+def holes(reason: str, *kinds: str, strict: bool = True):
+    """Strict xfail on ``kinds`` with ``reason`` (a hole not fixed yet)."""
+    return pytest.mark.parametrize("backing", bk.params(
+        xfail={k: (reason, strict) for k in kinds}), indirect=True)
+
+
+
+@pytest.fixture
+def env(backing, fuse, world_tmp):
+    e = attacks.Env(backing, world_tmp)
+    try:
+        yield e
+    finally:
+        e.cleanup()
+
+
+def check(env, name: str, **kw) -> None:
+    r = attacks.run_attack(env, name, **kw)
+    assert r.ok, f"{name} on {env.backing.kind}: {r.detail}\n  " + "\n  ".join(r.problems)
+
+
+@holes("issue 7 item 5: XFS speculative preallocation takes usage to 16 MiB "
+       "over a 12 MiB hard limit; EDQUOT at 8 MiB of data", "xfs")
+def test_reopen_unlinked(env):
+    check(env, "reopen-unlinked")
+
+
+def test_hardlink_names(env):
+    check(env, "hardlink-names", links=20_000)
+
+
+@holes("issue 7 item 3: whiteouts are not charged: 11 inodes under a limit of 6", *ALL)
+def test_whiteout(env):
+    check(env, "whiteout")
+
+
+@holes("issue 7 item 4: xattr blocks are not charged (2 MB on ext4, 4 MB on XFS)",
+       "ext4", "xfs")
+def test_xattr_blocks(env):
+    check(env, "xattr-blocks")
+
+
+@holes("issue 7 item 5: XFS preallocation: usage over the hard limit and 52 KiB "
+       "above the recount", "xfs")
+def test_sparse_prealloc(env):
+    check(env, "sparse-prealloc")
+
+
+@holes("issue 7 item 8: a user writes into ext4's root reserve", "ext4")
+def test_root_reserve(env):
+    check(env, "root-reserve")
+
+
+@holes("issue 7 items 9, 10: ls -l of a big directory kills the daemon with EMFILE", *ALL)
+def test_big_dir(env):
+    # tools/torture runs 100,000 entries; 25,000 already pass the daemon's
+    # descriptor limit and keep this test within a minute per backing
+    check(env, "big-dir", entries=25_000, handles=200)
+
+
+def test_control(env):
+    check(env, "control")
+
+
+@pytest.mark.parametrize("backing", bk.params(xfail={
+    # both in most runs, not all (random writers, a random kill instant):
+    # XFS preallocation takes usage over the hard limit while writers race;
+    # ext4 extent blocks are allocated at writeback after the recount at mount
+    "xfs": ("issue 7 item 5: XFS preallocation takes usage over the hard limit while "
+            "writers race", False),
+    "ext4": ("issue 7 item 5: ext4 extent blocks allocated at writeback after the "
+             "recount", False)}), indirect=True)
+def test_kill9(env):
+    check(env, "kill9")
