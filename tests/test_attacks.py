@@ -48,13 +48,10 @@ def test_hardlink_names(env):
     check(env, "hardlink-names", links=20_000)
 
 
-@holes("issue 7 item 3: whiteouts are not charged: 11 inodes under a limit of 6", *ALL)
 def test_whiteout(env):
     check(env, "whiteout")
 
 
-@holes("issue 7 item 4: xattr blocks are not charged (2 MB on ext4, 4 MB on XFS)",
-       "ext4", "xfs")
 def test_xattr_blocks(env):
     check(env, "xattr-blocks")
 
@@ -65,12 +62,10 @@ def test_sparse_prealloc(env):
     check(env, "sparse-prealloc")
 
 
-@holes("issue 7 item 8: a user writes into ext4's root reserve", "ext4")
 def test_root_reserve(env):
     check(env, "root-reserve")
 
 
-@holes("issue 7 items 9, 10: ls -l of a big directory kills the daemon with EMFILE", *ALL)
 def test_big_dir(env):
     # tools/torture runs 100,000 entries; 25,000 already pass the daemon's
     # descriptor limit and keep this test within a minute per backing
