@@ -38,8 +38,6 @@ def check(env, name: str, **kw) -> None:
     assert r.ok, f"{name} on {env.backing.kind}: {r.detail}\n  " + "\n  ".join(r.problems)
 
 
-@holes("issue 7 item 5: XFS speculative preallocation takes usage to 16 MiB "
-       "over a 12 MiB hard limit; EDQUOT at 8 MiB of data", "xfs")
 def test_reopen_unlinked(env):
     check(env, "reopen-unlinked")
 
