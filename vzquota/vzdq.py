@@ -28,8 +28,8 @@ import os
 import re
 import sys
 
-from . import __version__, control
-from .cli import (LOG_ERROR, Out, Usage, globolize_path, parse_qid,
+from . import control
+from .cli import (Out, Usage, globolize_path, parse_global, parse_qid,
                   quiet_on_closed_pipe, scan_path)
 from .errors import EC_NOTRUN, EC_USAGE, VzError
 from .gnugetopt import NO_ARG, REQUIRED, GetoptError, GetoptLong
@@ -71,30 +71,6 @@ _DUMP_LONG = {"quota-file": (REQUIRED, "c"), "gracetime": (NO_ARG, "G"),
               "limits": (NO_ARG, "U"), "exptimes": (NO_ARG, "T")}
 
 
-def _global(argv: list[str], usage: str, out: Out) -> tuple[list[str], bool] | int:
-    """parse_global_options() of src/common.c (as in vzquota)."""
-    parser = GetoptLong(argv, "+hvqVb", {"help": (NO_ARG, "h"), "version": (NO_ARG, "V")})
-    helped = False
-    try:
-        for key, _ in parser:
-            if key == "h":
-                helped = True
-            elif key == "V":
-                sys.stdout.write(f"Vzquota version {__version__}\n")
-                return 0
-            elif key == "v":
-                out.level += 1
-            elif key == "q":
-                out.level = LOG_ERROR
-            elif key == "b":
-                out.batch += 1
-    except GetoptError as e:
-        raise Usage(e.text + usage) from None
-    if not parser.rest:
-        raise Usage(usage)
-    return parser.rest, helped
-
-
 def _prog(argv0: str, name: str) -> str:
     return os.path.basename(argv0) or name
 
@@ -117,7 +93,7 @@ def _run(fn, name: str, usage: str, argv: list[str] | None) -> int:
 # ---- vzdqcheck ----------------------------------------------------------------
 
 def _check(argv: list[str], usage: str, out: Out) -> int:
-    parsed = _global(argv, usage, out)
+    parsed = parse_global(argv, usage, out)
     if isinstance(parsed, int):
         return parsed
     path = globolize_path(parsed[0][0])       # -h does not stop it, as in the original
@@ -138,7 +114,7 @@ def _dump_options(argv: list[str], usage: str, out: Out, shortopts: str,
                   longopts: dict) -> tuple[int, str | None, bool, set] | int:
     """parse_global_options() then parse_options() as vzdqdump.c/vzdqload.c call
     them: the quota id first, then -c FILE, -f and the commands -G -U -T."""
-    parsed = _global(argv, usage, out)
+    parsed = parse_global(argv, usage, out)
     if isinstance(parsed, int):
         return parsed
     args, helped = parsed
