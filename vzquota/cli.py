@@ -646,9 +646,11 @@ def print_state(st: QuotaState, now: int, o: Opts, out: Out, *, active: bool,
                                      batch=bool(out.batch), unknown_status=unknown_status))
 
 
-def cmd_stat(o: Opts, out: Out) -> int:
+def live_stat(o: Opts, qf: QuotaFile) -> dict:
+    """The live mount's answer to ``stat`` (the file is read and checked first,
+    unless -f); exit 6 when accounting is off."""
     if not o.force:
-        load(quota_file(o))                   # read (and checked) before asking
+        load(qf)
     try:
         reply = live(o, "stat", save=not o.force)
     except VzError as e:
@@ -657,6 +659,11 @@ def cmd_stat(o: Opts, out: Out) -> int:
         reply = None
     if reply is None or not reply.get("active", True):
         raise VzError(EC_NOTRUN, "Quota accounting is off, try vzquota show id\n")
+    return reply
+
+
+def cmd_stat(o: Opts, out: Out) -> int:
+    reply = live_stat(o, quota_file(o))
     st = live_state(reply)
     print_state(st, reply["now"], o, out, active=reply["ugid_active"], live_figures=True,
                 unknown_status=o.force)
@@ -735,16 +742,7 @@ def cmd_json(o: Opts, out: Out) -> int:
     codes as the text."""
     qf = quota_file(o)
     if o.cmd == "stat":
-        if not o.force:
-            load(qf)
-        try:
-            reply = live(o, "stat", save=not o.force)
-        except VzError as e:
-            if e.code != EC_NOTRUN:
-                raise
-            reply = None
-        if reply is None or not reply.get("active", True):
-            raise VzError(EC_NOTRUN, "Quota accounting is off, try vzquota show id\n")
+        reply = live_stat(o, qf)
         st = live_state(reply)
         doc = report.quota(st, reply["now"], source="mount", live=True,
                            active=reply["active"], ugid_active=reply["ugid_active"],
