@@ -52,10 +52,15 @@ def test_recalc_live_while_writing_is_exact_once_quiet(mounter, area):
     t = threading.Thread(target=writer)
     t.start()
     try:
-        vzquota("recalc", QID)                  # the mount keeps serving meanwhile
+        # the mount keeps serving meanwhile; a recount that files opened and
+        # closed during every pass kept from being exact says so (exit 3) and
+        # leaves the figures the mount tracked
+        r = vzquota("recalc", QID, check=False)
     finally:
         stop.set()
         t.join()
+    assert r.returncode == 0 or (r.returncode == 3 and "not exact" in r.stderr), \
+        (r.returncode, r.stderr)
     vzquota("recalc", QID)                      # quiet now: exact
     assert_exact(private)
 
