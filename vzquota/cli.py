@@ -672,15 +672,20 @@ def cmd_stat(o: Opts, out: Out) -> int:
     return 0
 
 
-def cmd_show(o: Opts, out: Out) -> int:
-    qf = quota_file(o)
+def load_for_show(qf: QuotaFile, out: Out) -> QuotaState:
+    """The file ``show`` prints; a missing one adds the original's second line."""
     try:
-        st = load(qf)
+        return load(qf)
     except VzError as e:
         if e.code != EC_NOQUOTAFILE:
             raise
         out.error(e.message)
         raise VzError(EC_NOQUOTAFILE, "Quota file must exist for show command") from None
+
+
+def cmd_show(o: Opts, out: Out) -> int:
+    qf = quota_file(o)
+    st = load_for_show(qf, out)
     if st.mounted:
         out.warn("Quota is running, so data reported from quota file may not reflect "
                  "current values\n")
@@ -749,13 +754,7 @@ def cmd_json(o: Opts, out: Out) -> int:
                            file=qf.path, ugid=o.sqt)
         code = EC_UGID_NOTRUN if o.sqt and not reply["ugid_active"] else 0
     else:
-        try:
-            st = load(qf)
-        except VzError as e:
-            if e.code != EC_NOQUOTAFILE:
-                raise
-            out.error(e.message)
-            raise VzError(EC_NOQUOTAFILE, "Quota file must exist for show command") from None
+        st = load_for_show(qf, out)
         ping = live(o, "ping")
         doc = report.quota(st, int(time.time()), source="file",
                            live=ping is not None and not ping.get("dropped"), active=False,
