@@ -62,8 +62,13 @@ def run(serve, runtime: str = RUNTIMES[0]):
     """Run ``serve()`` on the chosen event loop, with pyfuse3 switched to it."""
     import pyfuse3.asyncio
     if runtime == "trio":
+        log.info("request loop: trio, pyfuse3's worker tasks")
         pyfuse3.asyncio.disable()
         return anyio.run(serve, backend="trio")
+    # patches/: pyfuse3 serves requests from a reader callback, not worker tasks
+    patched = hasattr(pyfuse3.asyncio, "callback_loop")
+    log.info("request loop: %s, %s", runtime,
+             "pyfuse3's callback loop (patched)" if patched else "pyfuse3's worker tasks")
     pyfuse3.asyncio.enable()
     pyfuse3.asyncio.notify_closing = _notify_closing
     return anyio.run(serve, backend="asyncio",

@@ -28,6 +28,7 @@ write-back cache stays off so that ``EDQUOT`` is returned by write(2) itself.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import errno
 import functools
@@ -81,6 +82,17 @@ TIMEOUT = 10.0                  # entry/attr cache: every change comes through u
 # generation, so readers do not count.)
 MUTATING = frozenset({"setattr", "mknod", "mkdir", "symlink", "create", "link", "unlink",
                       "rmdir", "rename", "write", "setxattr", "removexattr", "fallocate"})
+
+
+def in_thread(fn: Callable, *args):
+    """An awaitable running ``fn(*args)`` in a worker thread.  Under asyncio a
+    plain executor future: pyfuse3's callback loop (patches/) first runs a
+    handler outside any task, where anyio cannot tell which loop it is on."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:          # trio
+        return anyio.to_thread.run_sync(fn, *args)
+    return loop.run_in_executor(None, fn, *args)
 
 
 def errno_boundary(fn: Callable) -> Callable:
@@ -763,7 +775,7 @@ class SimOperations(pyfuse3.Operations):
     @errno_boundary
     async def fsync(self, fh, datasync):
         h = self.handles[fh]
-        await anyio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, h.fd)
+        await in_thread(os.fdatasync if datasync else os.fsync, h.fd)
         self._reconcile(h.inode, os.fstat(h.fd))
 
     # ---- directories ---------------------------------------------------------
@@ -847,7 +859,7 @@ class SimOperations(pyfuse3.Operations):
     @errno_boundary
     async def fsyncdir(self, fh, datasync):
         h = self.handles[fh]
-        await anyio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, h.fd)
+        await in_thread(os.fdatasync if datasync else os.fsync, h.fd)
 
     # ---- filesystem ----------------------------------------------------------
 
