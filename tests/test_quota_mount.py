@@ -1,7 +1,8 @@
 """The 1st-level quota through a real mount (SPEC sections 4 and 5).
 
-Every scenario ends by checking that the live usage equals a fresh scan of the
-private area (``assert_exact``), the invariant that keeps accounting honest.
+Every scenario ends by checking that the live usage equals an independent
+recount of the private area (find + du, ``backing.recount``: ``assert_exact``),
+the invariant that keeps accounting honest.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ import time
 
 import pytest
 
+import backing as bk
 from conftest import py_as, vzquota
 from vzquota import control
-from vzquota.scan import scan
 
 K = 1024
 QID = "101"
@@ -49,10 +50,9 @@ def wait_for(cond, timeout: float = 10.0) -> None:
 
 
 def assert_exact(private) -> None:
-    """Live usage equals a fresh scan of the private area."""
-    r = scan(str(private))
-    wait_for(lambda: usage() == (r.space, r.inodes))
-    assert usage() == (r.space, r.inodes)
+    """Live usage (1st level) equals the independent recount of the private
+    area, waiting (bounded) for the asynchronous FORGET of unlinked inodes."""
+    bk.assert_usage_matches(private, QID, ugid=False)
 
 
 @pytest.fixture

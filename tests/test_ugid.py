@@ -1,6 +1,7 @@
 """The 2nd-level quota (per uid and gid inside a container) through a real mount.
 
-Each scenario checks the live per-id usage against a fresh scan per id.
+Each scenario checks the live usage, per id too, against an independent
+recount (find + du, ``backing.recount``).
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
+import backing as bk
 from conftest import py_as, vzquota
 from vzquota import control
-from vzquota.scan import scan
 
 K = 1024
 QID = "101"
@@ -41,16 +42,9 @@ def per_id(table: list) -> dict[int, tuple[int, int]]:
 
 
 def assert_exact(private) -> None:
-    r = scan(str(private))
-    # an unlinked inode is freed at the kernel's asynchronous FORGET
-    deadline = time.monotonic() + 10
-    while (live()["state"]["level1"][1][0] != r.inodes
-           and time.monotonic() < deadline):
-        time.sleep(0.02)
-    st = live()["state"]
-    assert (st["level1"][0][0], st["level1"][1][0]) == (r.space, r.inodes)
-    assert per_id(st["users"]) == {u: tuple(v) for u, v in r.users.items()}
-    assert per_id(st["groups"]) == {g: tuple(v) for g, v in r.groups.items()}
+    """Live usage, both levels, equals the independent recount (bounded wait
+    for the asynchronous FORGET of unlinked inodes)."""
+    bk.assert_usage_matches(private, QID)
 
 
 @pytest.fixture
