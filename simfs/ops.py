@@ -19,10 +19,12 @@ host's root as the virtual ``trusted.simfs.requests`` attribute of the root).
 Missing names are answered as negative entries the kernel caches, and FLUSH
 with ENOSYS (the kernel then stops sending it): fewer round trips.
 
-Concurrency: pyfuse3 runs handlers as tasks of one event loop on one thread.  Handlers do
-their backing I/O inline (pread/pwrite are fast and offloading measured slower);
-only fsync goes to a worker thread.  No handler awaits between a reservation
-and its commit or release, so a charge is never seen half done.  The kernel
+Concurrency: pyfuse3 runs handlers on one event loop on one thread.  Handlers do
+their backing I/O inline (pread/pwrite are fast and offloading measured slower),
+except fsync and the part of a large read the page cache cannot serve at once,
+which go to a worker thread (reads touch no quota state).  No handler awaits
+between a reservation and its commit or release, so a charge is never seen half
+done.  The kernel
 write-back cache stays off so that ``EDQUOT`` is returned by write(2) itself.
 """
 
@@ -74,6 +76,9 @@ COUNTS_XATTR = b"trusted.simfs.requests"   # read-only, virtual, root only: requ
 # refused with EOPNOTSUPP, and ACLs already in the private area are not shown.
 ACL_XATTRS = frozenset((b"system.posix_acl_access", b"system.posix_acl_default"))
 TIMEOUT = 10.0                  # entry/attr cache: every change comes through us
+# Reads of at least this many bytes that the backing page cache cannot serve at
+# once (RWF_NOWAIT) go to a worker thread.
+READ_NOWAIT = 32 << 10
 
 
 # Handlers that may change names or allocations: ``SimOperations.mutations``
@@ -163,6 +168,7 @@ class SimOperations(pyfuse3.Operations):
         # inodes holding blocks the hard limits left uncharged (see _reconcile)
         self.gapped: set[Inode] = set()
         self.quota: QuotaEngine | None = None
+        self._nowait = True       # the backing filesystem takes RWF_NOWAIT reads
         self.handles: dict[int, Handle | DirHandle] = {}
         self._next_fh = 1
         # FUSE requests answered, per operation (a dict increment per request;
@@ -675,7 +681,26 @@ class SimOperations(pyfuse3.Operations):
 
     @errno_boundary
     async def read(self, fh, off, size):
-        return os.pread(self.handles[fh].fd, size, off)
+        fd = self.handles[fh].fd
+        if size < READ_NOWAIT or not self._nowait:
+            return os.pread(fd, size, off)
+        # What the page cache holds is read here; the rest in a worker thread,
+        # so that a cold read does not stop the loop and readahead's requests
+        # reach the disk together.
+        buf = bytearray(size)
+        try:
+            n = os.preadv(fd, (buf,), off, os.RWF_NOWAIT)
+            if n == size or n == 0:       # all of it, or the end of the file
+                return memoryview(buf)[:n]
+        except BlockingIOError:
+            n = 0
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            self._nowait = False          # the backing filesystem cannot
+            n = 0
+        m = await in_thread(os.preadv, fd, (memoryview(buf)[n:],), off + n)
+        return memoryview(buf)[:n + m]
 
     @errno_boundary
     async def write(self, fh, off, buf):

@@ -107,3 +107,44 @@ def test_unmount_with_fsyncs_in_flight(mounter, area):
     assert not t.is_alive()
     assert m.wait() == 0, m.logtext()
     assert "Traceback" not in m.logtext()
+
+
+def test_large_reads_cold_and_partly_cached(mounter, area):
+    """Large reads the backing page cache cannot serve at once go to a worker
+    thread (RWF_NOWAIT first): the data is the file's, whether all of it, part
+    of it or none of it was cached, at every offset and across the end."""
+    private, root = area
+    mounter(private, root)
+    data = os.urandom(8 << 20) + b"tail"          # not a multiple of anything
+    (root / "f").write_bytes(data)
+    os.sync()
+
+    def drop(backing_ranges) -> None:
+        fd = os.open(root / "f", os.O_RDONLY)     # the mount's own page cache
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+        fd = os.open(private / "f", os.O_RDONLY)  # the backing file's, in part
+        for off, length in backing_ranges:
+            os.posix_fadvise(fd, off, length, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+
+    for ranges in ([(0, 0)], [(3 << 20, 0)], [(1 << 20, 1 << 20), (5 << 20, 100_000)], []):
+        drop(ranges)
+        fd = os.open(root / "f", os.O_RDONLY)
+        try:
+            got = bytearray()
+            off = 0
+            while True:
+                chunk = os.pread(fd, 1 << 20, off)
+                if not chunk:
+                    break
+                got += chunk
+                off += len(chunk)
+        finally:
+            os.close(fd)
+        assert got == data, f"backing ranges dropped: {ranges}"
+    drop([(0, 0)])
+    with open(root / "f", "rb") as f:                 # odd offsets and sizes
+        for off in (0, 4095, (4 << 20) + 3, len(data) - 70_000, len(data) - 4, len(data)):
+            f.seek(off)
+            assert f.read(300_000) == data[off:off + 300_000]
