@@ -75,7 +75,7 @@ COUNTS_XATTR = b"trusted.simfs.requests"   # read-only, virtual, root only: requ
 # enforced.  The mount behaves as a filesystem without ACL support: these are
 # refused with EOPNOTSUPP, and ACLs already in the private area are not shown.
 ACL_XATTRS = frozenset((b"system.posix_acl_access", b"system.posix_acl_default"))
-TIMEOUT = 10.0                  # entry/attr cache: every change comes through us
+TIMEOUT = 60.0                  # entry/attr cache: every change comes through us
 # Reads of at least this many bytes that the backing page cache cannot serve at
 # once (RWF_NOWAIT) go to a worker thread.
 READ_NOWAIT = 32 << 10

@@ -67,8 +67,10 @@ fi
 # pyfuse3 with patches/pyfuse3-*.patch applied (see patches/README.md).
 PYFUSE3=3.5.0
 PATCHES=$(ls patches/pyfuse3-$PYFUSE3-*.patch)
-WHEELS=/var/cache/simfs-vzquota/pyfuse3-$PYFUSE3-$(cat $PATCHES | sha256sum | cut -c1-16)
+PATCHSUM=$(cat $PATCHES | sha256sum | cut -c1-16)
 patched_pyfuse3() {     # $1: the python of a virtual environment
+    local WHEELS
+    WHEELS=/var/cache/simfs-vzquota/pyfuse3-$PYFUSE3-$PATCHSUM-$("$1" -c 'import sys; print(sys.implementation.cache_tag)')
     if "$1" -c "import sys, pyfuse3, pyfuse3.asyncio as a
 sys.exit(pyfuse3.__version__ != '$PYFUSE3' or not hasattr(a, 'callback_loop'))" 2>/dev/null; then
         return
