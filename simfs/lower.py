@@ -230,6 +230,38 @@ def start_writeback(fd: int) -> None:
                                  SYNC_FILE_RANGE_WRITE), "sync_file_range")
 
 
+XFS_SUPER_MAGIC = 0x58465342
+FS_IOC_FSGETXATTR = 0x801C581F
+FS_IOC_FSSETXATTR = 0x401C5820
+FS_XFLAG_EXTSIZE = 0x800
+_FSXATTR = struct.Struct("=IIIII8x")  # fsx_xflags, fsx_extsize, fsx_nextents, projid, cowextsize
+
+
+def fs_magic(fd: int) -> int:
+    """The ``f_type`` of the filesystem behind ``fd`` (fstatfs)."""
+    buf = ctypes.create_string_buffer(256)      # struct statfs is 120 bytes
+    _check(_libc.fstatfs(fd, buf), "fstatfs")
+    return struct.unpack_from("=q", buf)[0]
+
+
+def exact_allocation(fd: int, bs: int) -> bool:
+    """Give the XFS regular file open as ``fd`` an extent size hint of one
+    block (``bs``): XFS then allocates a write's blocks inside write(2), exactly
+    (no delayed allocation, no speculative preallocation), extent-map blocks
+    included.  True if the file has such a hint now; False if it cannot get
+    one (it already maps extents: XFS refuses to change the hint then)."""
+    buf = bytearray(_FSXATTR.size)
+    fcntl.ioctl(fd, FS_IOC_FSGETXATTR, buf)
+    xflags, extsize, nextents, projid, cow = _FSXATTR.unpack(buf)
+    if xflags & FS_XFLAG_EXTSIZE and extsize == bs:
+        return True
+    if nextents:
+        return False
+    _FSXATTR.pack_into(buf, 0, xflags | FS_XFLAG_EXTSIZE, bs, nextents, projid, cow)
+    fcntl.ioctl(fd, FS_IOC_FSSETXATTR, buf)
+    return True
+
+
 def span(off: int, n: int, bs: int) -> int:
     """Upper bound of the bytes a write of ``n`` bytes at ``off`` may allocate."""
     return (-(-(off + n) // bs) - off // bs) * bs

@@ -133,6 +133,7 @@ class Handle:
     inode: Inode
     user: bool = False      # opened by a non-root caller: kept out of the root reserve
     wrote: bool = False     # written through: settled at its last release
+    trim: bool = False      # XFS file without exact allocation: trimmed after each write
 
 
 @dataclass
@@ -157,6 +158,8 @@ class SimOperations(pyfuse3.Operations):
         self.table = InodeTable(root_fd, Budget.plan(limit, max_open))
         self.table.on_reused = self._reused
         self.bsize = os.fstatvfs(root_fd).f_bsize or 4096
+        # XFS: regular files get exact allocation (see _exact)
+        self.xfs = lower.fs_magic(root_fd) == lower.XFS_SUPER_MAGIC
         # What a directory may grow by when it takes one more name (ext4's
         # switch to an indexed directory adds 2 blocks); raised to the largest
         # growth seen, so the reservation stays an upper bound.
@@ -262,6 +265,17 @@ class SimOperations(pyfuse3.Operations):
         except OSError:           # no FIEMAP (tmpfs) or no hole punching
             return False
         return True
+
+    def _exact(self, fd: int) -> bool:
+        """On XFS, make a regular file allocate exactly what each write needs,
+        inside the write (lower.exact_allocation): no speculative preallocation
+        to charge now and see vanish later.  False for a file that cannot (it
+        already maps extents): its writes are trimmed instead (Handle.trim)."""
+        try:
+            return lower.exact_allocation(fd, self.bsize)
+        except OSError as e:
+            log.warning("no exact allocation on XFS (%s): writes are trimmed", e)
+            return False
 
     def _settle_file(self, fd: int) -> int:
         """At the last release of a written file: make the backing filesystem
@@ -560,7 +574,10 @@ class SimOperations(pyfuse3.Operations):
                 os.close(fd)
             raise
         inode.opens += 1
-        fh = self._new_fh(Handle(fds[0], inode, ctx.uid != 0))
+        h = Handle(fds[0], inode, ctx.uid != 0)
+        fh = self._new_fh(h)
+        if self.xfs:
+            h.trim = not self._exact(fds[0])
         return self._file_info(fh, flags), self._attrs(st, inode.ino)
 
     @errno_boundary
@@ -674,7 +691,10 @@ class SimOperations(pyfuse3.Operations):
         self._room_for_a_handle()
         fd = lower.reopen(node.fd, fl)
         node.opens += 1
-        fh = self._new_fh(Handle(fd, node, ctx.uid != 0))
+        h = Handle(fd, node, ctx.uid != 0)
+        fh = self._new_fh(h)
+        if self.xfs and flags & os.O_ACCMODE != os.O_RDONLY and stat.S_ISREG(node.mode):
+            h.trim = not self._exact(fd)
         if flags & os.O_TRUNC:
             self._reconcile(node, os.fstat(fd))
         return self._file_info(fh, flags)
@@ -746,6 +766,8 @@ class SimOperations(pyfuse3.Operations):
         try:
             written = os.pwrite(h.fd, buf if n == len(buf) else buf[:n], off)
             st = os.fstat(h.fd)
+            if h.trim and self._trim(h.fd, st):
+                st = os.fstat(h.fd)
         except BaseException:
             q.release(res)
             raise

@@ -54,8 +54,6 @@ def test_xattr_blocks(env):
     check(env, "xattr-blocks")
 
 
-@holes("issue 7 item 5: XFS preallocation: usage over the hard limit and 52 KiB "
-       "above the recount", "xfs")
 def test_sparse_prealloc(env):
     check(env, "sparse-prealloc")
 
@@ -74,13 +72,5 @@ def test_control(env):
     check(env, "control")
 
 
-@pytest.mark.parametrize("backing", bk.params(xfail={
-    # both in most runs, not all (random writers, a random kill instant):
-    # XFS preallocation takes usage over the hard limit while writers race;
-    # ext4 extent blocks are allocated at writeback after the recount at mount
-    "xfs": ("issue 7 item 5: XFS preallocation takes usage over the hard limit while "
-            "writers race", False),
-    "ext4": ("issue 7 item 5: ext4 extent blocks allocated at writeback after the "
-             "recount", False)}), indirect=True)
 def test_kill9(env):
     check(env, "kill9")
