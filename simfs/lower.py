@@ -205,7 +205,9 @@ def fit_prefix(hole_list: list[tuple[int, int]], off: int, n: int, room: int,
 FS_IOC_FIEMAP = 0xC020660B
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
+SYNC_FILE_RANGE_WAIT_BEFORE = 1
 SYNC_FILE_RANGE_WRITE = 2
+SYNC_FILE_RANGE_WAIT_AFTER = 4
 
 
 def extents(fd: int, start: int) -> int:
@@ -216,18 +218,40 @@ def extents(fd: int, start: int) -> int:
     return struct.unpack("=QQIIII", buf)[3]
 
 
+_FIEMAP = struct.Struct("=QQIIII")
+_EXTENT = struct.Struct("=QQQQQIIII")
+
+
+def mapped(fd: int, count: int, bs: int) -> int:
+    """Bytes (in whole blocks of ``bs``) that the first ``count`` extents of
+    ``fd`` map, delayed ones included: its data, without the blocks of its
+    extent map or attributes."""
+    buf = bytearray(_FIEMAP.pack(0, (1 << 63) - 1, 0, 0, count, 0) + bytes(_EXTENT.size * count))
+    fcntl.ioctl(fd, FS_IOC_FIEMAP, buf)
+    total = 0
+    for i in range(_FIEMAP.unpack_from(buf)[3]):
+        length = _EXTENT.unpack_from(buf, _FIEMAP.size + i * _EXTENT.size)[2]
+        total += -(-length // bs) * bs
+    return total
+
+
 def punch(fd: int, off: int, n: int) -> None:
     """Deallocate [off, off+n) of ``fd``, keeping its size."""
     _check(_libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
                            ctypes.c_long(off), ctypes.c_long(n)), "fallocate")
 
 
-def start_writeback(fd: int) -> None:
+def start_writeback(fd: int, wait: bool = False) -> None:
     """Start writeback of ``fd``'s dirty pages now (sync_file_range WRITE): the
     backing filesystem allocates their blocks (and extent blocks) before this
-    returns, without waiting for the I/O."""
-    _check(_libc.sync_file_range(fd, ctypes.c_long(0), ctypes.c_long(0),
-                                 SYNC_FILE_RANGE_WRITE), "sync_file_range")
+    returns.  With ``wait``, also wait until that I/O (and what the filesystem
+    does when it completes: ext4 converts the new extents to written ones and
+    may then free an extent-tree block again) is done; no journal commit."""
+    flags = SYNC_FILE_RANGE_WRITE
+    if wait:
+        flags |= SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WAIT_AFTER
+    _check(_libc.sync_file_range(fd, ctypes.c_long(0), ctypes.c_long(0), flags),
+           "sync_file_range")
 
 
 XFS_SUPER_MAGIC = 0x58465342

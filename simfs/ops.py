@@ -11,7 +11,9 @@ exactly once, when it leaves the inode table (its FORGET or last release).
 Blocks the backing filesystem allocates late (ext4 extent blocks at writeback,
 XFS preallocation) are charged when they appear and when a file settles (near
 a limit before each write, at its last release, at FORGET), never past a hard
-limit: what a limit leaves over waits in ``gapped`` until space is freed.  Every handler goes through ``errno_boundary``, the one
+limit: what a limit leaves over waits in ``gapped`` until space is freed, the
+inode kept in the table meanwhile (up to GAPS_HELD of them) even once the
+kernel let go of it.  Every handler goes through ``errno_boundary``, the one
 place where ``OSError`` becomes its errno, a quota refusal becomes ``EDQUOT`` and
 anything unexpected is logged with its traceback and answered with ``EIO``.
 It also counts the requests answered per operation (``counts``, shown to the
@@ -68,6 +70,7 @@ SETTLE_ZONE = 1 << 20
 # allocated at writeback.
 EXTENTS_IN_INODE = 4
 DIR_GROWTH = 4                  # blocks reserved for a directory taking a new name
+GAPS_HELD = 1024                # gapped inodes kept in the table after the kernel let go
 QUOTA_XATTR = b"user.vzquota"   # read-only, virtual, on the root only
 COUNTS_XATTR = b"trusted.simfs.requests"   # read-only, virtual, root only: request counts
 # POSIX ACLs: the kernel checks only the mode bits (default_permissions; pyfuse3
@@ -170,6 +173,9 @@ class SimOperations(pyfuse3.Operations):
         self._host_next = 0.0
         # inodes holding blocks the hard limits left uncharged (see _reconcile)
         self.gapped: set[Inode] = set()
+        # those of them the kernel let go, kept in the table by one reference
+        # of ours (at most GAPS_HELD) until their gap is charged (see _hold)
+        self.held: set[Inode] = set()
         self.quota: QuotaEngine | None = None
         self._nowait = True       # the backing filesystem takes RWF_NOWAIT reads
         self.handles: dict[int, Handle | DirHandle] = {}
@@ -248,9 +254,39 @@ class SimOperations(pyfuse3.Operations):
         """Charge what the hard limits left uncharged, now that room came back."""
         for inode in list(self.gapped):
             if self.table.inodes.get(inode.ino) is inode and not inode.freed:
-                self._reconcile(inode, os.fstat(inode.fd))
+                try:
+                    st = os.fstat(inode.fd)
+                except OSError:           # gone (ESTALE): nothing left to charge
+                    self.gapped.discard(inode)
+                    continue
+                self._reconcile(inode, st)
             else:
                 self.gapped.discard(inode)
+        if self.held:
+            for inode in [i for i in self.held if i not in self.gapped]:
+                self._unhold(inode)
+
+    def _hold(self, inode: Inode) -> bool:
+        """The kernel let go of ``inode``: if it holds blocks a hard limit left
+        uncharged, keep it in the table (one reference of ours) so that they
+        are charged once room comes back and a later unlink frees only what
+        was charged.  True if it is kept."""
+        if inode in self.gapped and inode not in self.held and len(self.held) < GAPS_HELD:
+            self.held.add(inode)
+            inode.lookups += 1
+            return True
+        return False
+
+    def _unhold(self, inode: Inode) -> None:
+        """Drop our reference to a held inode (its gap is charged, or it is
+        gone); it leaves the table if the kernel holds it no more."""
+        if inode in self.held:
+            self.held.discard(inode)
+            inode.lookups -= 1
+            if (inode.lookups <= 0 and inode.opens <= 0
+                    and self.table.inodes.get(inode.ino) is inode):
+                self.table.drop(inode)
+                self._dropped(inode)
 
     def _trim(self, fd: int, st: os.stat_result) -> bool:
         """Give back the blocks a file holds past its end (XFS's speculative
@@ -278,19 +314,33 @@ class SimOperations(pyfuse3.Operations):
             return False
 
     def _settle_file(self, fd: int) -> int:
-        """At the last release of a written file: make the backing filesystem
-        allocate now what it would allocate later (extent blocks at writeback
-        once a file has more extents than its inode holds) and drop its
-        preallocation past the end, so that what is charged stays true after
-        the inode leaves the table.  Returns how many extents it maps."""
-        self._trim(fd, os.fstat(fd))
+        """Make the backing filesystem allocate (or free) now what it would at
+        writeback, and drop its preallocation past the end, so that what is
+        charged stays true after the inode leaves the table.  Its writeback is
+        done and waited for when its extent map may change size then: more
+        extents than the inode holds (ext4 adds extent-tree blocks at
+        writeback, and frees one again when the completed I/O merges extents),
+        or fewer but blocks beyond its data (an extent-tree block a truncate
+        left, which the next writeback merges back into the inode).  Returns
+        how many extents it maps."""
+        st = os.fstat(fd)
+        if self._trim(fd, st):
+            st = os.fstat(fd)
         try:
             n = lower.extents(fd, 0)
-            if n > EXTENTS_IN_INODE:
-                lower.start_writeback(fd)
+            if n > EXTENTS_IN_INODE or (
+                    n > 0 and st.st_blocks * 512 > lower.mapped(fd, n, self.bsize)):
+                lower.start_writeback(fd, wait=True)
         except OSError:
             return 0
         return n
+
+    @staticmethod
+    def _writeback(fd: int) -> None:
+        try:
+            lower.start_writeback(fd, wait=True)
+        except OSError:
+            pass
 
     def refresh(self) -> None:
         """Re-read what every known inode allocates (after a recount: writes
@@ -402,14 +452,18 @@ class SimOperations(pyfuse3.Operations):
         if inode is None:
             if self.quota is not None:
                 self.quota.free(st.st_uid, st.st_gid, st.st_blocks * 512, 1)
+                if self.gapped:
+                    self._settle_gaps()
             return
         inode.unlinked = True
         self.table.keep(inode)        # alive while the kernel can reach it
+        self._unhold(inode)           # freed now if only we held it
 
     def _dropped(self, inode: Inode | None) -> None:
         """The kernel can no longer reach ``inode`` (left the table)."""
         if inode is not None:
             self.gapped.discard(inode)
+            self.held.discard(inode)
             if inode.unlinked:
                 self._free(inode)
 
@@ -459,7 +513,9 @@ class SimOperations(pyfuse3.Operations):
                 if (node is not None and ino != ROOT and not node.unlinked
                         and node.lookups <= n and node.opens <= 0):
                     # leaving the table: charge what it holds now, for good
+                    # (or keep it, if a hard limit left some of it uncharged)
                     self._reconcile(node, os.fstat(node.fd))
+                    self._hold(node)
                 self._dropped(self.table.forget(ino, n))
             except Exception:
                 log.exception("forget of inode %d failed", ino)
@@ -739,6 +795,7 @@ class SimOperations(pyfuse3.Operations):
             return written
         uid, gid = node.uid, node.gid
         res = None
+        tree = False
         if want <= host:
             try:
                 # far from every limit: held with SETTLE_ZONE to spare, for
@@ -756,15 +813,19 @@ class SimOperations(pyfuse3.Operations):
             extents = self._settle_file(h.fd)
             self._reconcile(node, os.fstat(h.fd))
             room = q.room(uid, gid)
-            if extents > EXTENTS_IN_INODE:
-                # a new extent may need a block of the extent tree at writeback
+            tree = extents >= EXTENTS_IN_INODE
+            if tree:
+                # a new extent may need a block of the extent tree: reserved
+                # too, and allocated before the commit (writeback below)
                 room = max(0, room - self.bsize)
             n, want = self._fit(h.fd, off, n, min(room, host),
                                 errno.ENOSPC if host < room else errno.EDQUOT)
-            res = q.reserve(uid, gid, want)
+            res = q.reserve(uid, gid, want + (self.bsize if tree else 0))
         h.wrote = True
         try:
             written = os.pwrite(h.fd, buf if n == len(buf) else buf[:n], off)
+            if tree:
+                self._writeback(h.fd)
             st = os.fstat(h.fd)
             if h.trim and self._trim(h.fd, st):
                 st = os.fstat(h.fd)
@@ -810,12 +871,14 @@ class SimOperations(pyfuse3.Operations):
         try:
             if node.opens == 1:
                 if h.wrote:
+                    # inline, as the writeback it starts always was (awaited,
+                    # an unmount could abort the request before its reply)
                     self._settle_file(h.fd)
                 self._reconcile(node, os.fstat(h.fd))
         finally:
             os.close(h.fd)
             node.opens -= 1
-        if node.opens == 0 and node.lookups <= 0:
+        if node.opens == 0 and node.lookups <= 0 and not self._hold(node):
             self.table.drop(node)
             self._dropped(node)
 
