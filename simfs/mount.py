@@ -180,6 +180,7 @@ class Mount:
         self.ops.table.closer = Closer()
         if self.live is not None:
             self.live.orphans = self._orphans
+            self.live.gaps = lambda: len(self.ops.gapped) + self.ops.lost_gaps
             self.ops.quota = self.live.engine
             self._listen()
 

@@ -176,6 +176,7 @@ class SimOperations(pyfuse3.Operations):
         # those of them the kernel let go, kept in the table by one reference
         # of ours (at most GAPS_HELD) until their gap is charged (see _hold)
         self.held: set[Inode] = set()
+        self.lost_gaps = 0      # gapped inodes let go past GAPS_HELD
         self.quota: QuotaEngine | None = None
         self._nowait = True       # the backing filesystem takes RWF_NOWAIT reads
         self.handles: dict[int, Handle | DirHandle] = {}
@@ -351,6 +352,11 @@ class SimOperations(pyfuse3.Operations):
             except OSError:           # gone (ESTALE): nothing to re-read
                 continue
             inode.space, inode.uid, inode.gid = st.st_blocks * 512, st.st_uid, st.st_gid
+        # the recount charged what they hold: no gap is left
+        self.gapped.clear()
+        self.lost_gaps = 0
+        for inode in list(self.held):
+            self._unhold(inode)
 
     def _reconcile_dir(self, parent: Inode) -> None:
         self._reconcile(parent, os.fstat(parent.fd))
@@ -462,6 +468,8 @@ class SimOperations(pyfuse3.Operations):
     def _dropped(self, inode: Inode | None) -> None:
         """The kernel can no longer reach ``inode`` (left the table)."""
         if inode is not None:
+            if inode in self.gapped and not inode.unlinked:
+                self.lost_gaps += 1   # no longer followed (GAPS_HELD reached)
             self.gapped.discard(inode)
             self.held.discard(inode)
             if inode.unlinked:

@@ -258,6 +258,9 @@ class LiveQuota:
         # (uid, gid, bytes) of files no scan can see but that stay charged
         # (unlinked, not yet given back); the mount fills this in.
         self.orphans: Callable[[], list[tuple[int, int, int]]] = list
+        # How many files hold blocks the hard limits left uncharged (allocated
+        # late by the backing filesystem at the limit); the mount fills this in.
+        self.gaps: Callable[[], int] = lambda: 0
 
     def _apply(self, engine: QuotaEngine, result: ScanResult) -> None:
         apply_scan(engine, result)
@@ -295,13 +298,20 @@ class LiveQuota:
 
     def stop(self) -> None:
         """The clean stop: give back what files unlinked but still open hold
-        (their space goes with the mount), save usage, clear the accounting mark."""
+        (their space goes with the mount), save usage, clear the accounting mark;
+        mark usage dirty if files hold blocks a hard limit left uncharged."""
         if self.dropped:
             self._stop_dropped()
             return
         if self.engine is not None:
             for uid, gid, space in self.orphans():
                 self.engine.free(uid, gid, space, 1)
+            gaps = self.gaps()
+            if gaps:
+                # the saved usage is short of what those files hold
+                log.info("quota %d: %d files hold blocks a hard limit left uncharged: "
+                         "marked dirty, the next start recounts", self.state.qid, gaps)
+                self.state.dirty = True
         self.state.mounted = False
         self.save()
 
