@@ -225,17 +225,24 @@ def forgets(root: Path) -> int:
 
 
 @pytest.mark.parametrize("backing", bk.params(only=("ext4",)), indirect=True)
-def test_late_block_at_the_limit_charged_after_forget(backing_quota):
-    """A block the backing allocates after the hard limit was reached (ext4's
-    extent-tree block at the last close) waits uncharged; once the kernel has
-    forgotten the file and space is freed, it is charged: live usage equals
-    the recount (it stayed short for good when the file left the table)."""
+def _quota_with_a_gap(backing_quota):
+    """A quota'd mount where uid 1001 ran GAP in its own directory: a file
+    holds a block the hard limit left uncharged."""
     qm = backing_quota(B=L1_BLOCKS, I=L1_INODES)
     d = qm.root / "u"
     d.mkdir()
     os.chown(d, 1001, 2001)
     r = py_as(1001, 2001, GAP, str(d))
     assert r.returncode == 0, r.stderr
+    return qm
+
+
+def test_late_block_at_the_limit_charged_after_forget(backing_quota):
+    """A block the backing allocates after the hard limit was reached (ext4's
+    extent-tree block at the last close) waits uncharged; once the kernel has
+    forgotten the file and space is freed, it is charged: live usage equals
+    the recount (it stayed short for good when the file left the table)."""
+    qm = _quota_with_a_gap(backing_quota)
     before = forgets(qm.root)
     with open("/proc/sys/vm/drop_caches", "w") as f:
         f.write("2")
@@ -243,7 +250,7 @@ def test_late_block_at_the_limit_charged_after_forget(backing_quota):
     while forgets(qm.root) == before and time.monotonic() < deadline:
         time.sleep(0.05)
     assert forgets(qm.root) > before, "the kernel never forgot the files"
-    (d / "g").unlink()
+    (qm.root / "u" / "g").unlink()
     qm.assert_exact()
 
 
@@ -281,12 +288,7 @@ def test_gap_at_a_clean_stop_is_recounted(backing_quota, mounter):
     """A clean stop while a file holds a block a hard limit left uncharged
     marks usage dirty: the next mount recounts, and live usage equals the
     recount (the saved figure was one block short and was trusted)."""
-    qm = backing_quota(B=L1_BLOCKS, I=L1_INODES)
-    d = qm.root / "u"
-    d.mkdir()
-    os.chown(d, 1001, 2001)
-    r = py_as(1001, 2001, GAP, str(d))
-    assert r.returncode == 0, r.stderr
+    qm = _quota_with_a_gap(backing_quota)
     assert qm.mount.umount() == 0
     m = mounter(qm.private, qm.root, "dev", "suid", f"quotaid={qm.qid}")
     assert "usage is dirty" in m.logtext()
