@@ -985,15 +985,12 @@ class SimOperations(pyfuse3.Operations):
     async def statfs(self, ctx):
         lst = os.statvfs(self.table.root.fd)
         q = self.quota
-        if q is None:
-            f = host_figures(lst)
-        else:
-            l1 = q.state.level1
-            f = quota_figures(lst, l1.space.soft, l1.space.usage, l1.inodes.soft,
-                              l1.inodes.usage)
+        f = host_figures(lst) if q is None else quota_figures(
+            lst, q.state.level1.space.soft, q.state.level1.space.usage,
+            q.state.level1.inodes.soft, q.state.level1.inodes.usage)
         out = pyfuse3.StatvfsData()
-        for k, v in vars(f).items():
-            setattr(out, k, v)
+        (out.f_bsize, out.f_frsize, out.f_blocks, out.f_bfree, out.f_bavail,
+         out.f_files, out.f_ffree, out.f_favail, out.f_namemax) = f
         return out
 
     @errno_boundary

@@ -5,45 +5,35 @@ soft limits and usage to the figures the container sees.  Size is the soft limit
 used is the usage; when the host disk has less room than the quota would allow,
 the size shrinks (the usage stays true).
 
+Both functions return a plain tuple in ``FIELDS`` order: they run for every
+``statfs`` request, so they avoid per-call objects and builtin calls (the
+formula as SPEC section 5 writes it is the reference in tests/test_statfs.py).
+
 Concurrency: pure.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+FIELDS = ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail",
+          "f_files", "f_ffree", "f_favail", "f_namemax")
 
 
-@dataclass
-class Figures:
-    f_bsize: int
-    f_frsize: int
-    f_blocks: int
-    f_bfree: int
-    f_bavail: int
-    f_files: int
-    f_ffree: int
-    f_favail: int
-    f_namemax: int
-
-
-def host_figures(lower) -> Figures:
+def host_figures(lower) -> tuple:
     """The backing filesystem's figures (an ``os.statvfs_result``) as they are."""
-    return Figures(lower.f_bsize, lower.f_frsize, lower.f_blocks, lower.f_bfree,
-                   lower.f_bavail, lower.f_files, lower.f_ffree, lower.f_favail,
-                   lower.f_namemax)
+    return (lower.f_bsize, lower.f_frsize, lower.f_blocks, lower.f_bfree,
+            lower.f_bavail, lower.f_files, lower.f_ffree, lower.f_favail,
+            lower.f_namemax)
 
 
-def quota_figures(lower, soft_bytes: int, usage_bytes: int, isoft: int, icur: int) -> Figures:
+def quota_figures(lower, soft_bytes: int, usage_bytes: int, isoft: int, icur: int) -> tuple:
     """The container's figures under a 1st-level quota (SPEC section 5)."""
     b = lower.f_frsize or lower.f_bsize
-    free_q = max(0, soft_bytes - usage_bytes) // b
-    adj = max(0, free_q - lower.f_bfree)
-    f_bfree = free_q - adj
-    f_bavail = min(lower.f_bavail, free_q)
-    f_blocks = soft_bytes // b - adj
-    free_i = max(0, isoft - icur)
-    adj_i = max(0, free_i - lower.f_ffree)
-    f_ffree = free_i - adj_i
-    f_files = isoft - adj_i
-    return Figures(lower.f_bsize, b, f_blocks, f_bfree, f_bavail, f_files, f_ffree,
-                   min(f_ffree, lower.f_favail), lower.f_namemax)
+    free_q = (soft_bytes - usage_bytes) // b if soft_bytes > usage_bytes else 0
+    adj = free_q - lower.f_bfree if free_q > lower.f_bfree else 0     # the disk is short
+    bavail = lower.f_bavail if lower.f_bavail < free_q else free_q
+    free_i = isoft - icur if isoft > icur else 0
+    adj_i = free_i - lower.f_ffree if free_i > lower.f_ffree else 0
+    ffree = free_i - adj_i
+    favail = ffree if ffree < lower.f_favail else lower.f_favail
+    return (lower.f_bsize, b, soft_bytes // b - adj, free_q - adj, bavail,
+            isoft - adj_i, ffree, favail, lower.f_namemax)
