@@ -30,7 +30,6 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Callable
 
 from .errors import QuotaExceeded
@@ -42,15 +41,19 @@ INFINITE = float("inf")
 EVENTS_MAX = 1024
 
 
-@dataclass
 class Reservation:
-    """What one in-flight allocation holds: (counter, amount) pairs."""
+    """What one in-flight allocation holds: ``space`` bytes and ``inodes``
+    inodes on each of ``objs`` (the quota objects it was checked against, with
+    their graces and levels; None once released)."""
 
-    held: list[tuple[Counter, int]] = field(default_factory=list)
-    space: int = 0
-    inodes: int = 0
-    uid: int = -1
-    gid: int = -1
+    __slots__ = ("objs", "space", "inodes", "uid", "gid")
+
+    def __init__(self, objs: list | None, space: int, inodes: int, uid: int, gid: int):
+        self.objs = objs
+        self.space = space
+        self.inodes = inodes
+        self.uid = uid
+        self.gid = gid
 
 
 class QuotaEngine:
@@ -163,35 +166,48 @@ class QuotaEngine:
         held) when any level refuses."""
         now = self.now()
         objs = self._objects(uid, gid, create=True)
+        space = max(0, space)
+        inodes = max(0, inodes)
         for obj, _, level in objs:
-            if space > 0 and self._refuses(obj.space, level, space, now):
+            if space and self._refuses(obj.space, level, space, now):
                 self._refused(obj, level, uid, gid, "space", space, now)
                 raise QuotaExceeded(level, "space", self.room(uid, gid))
-            if inodes > 0 and self._refuses(obj.inodes, level, inodes, now):
+            if inodes and self._refuses(obj.inodes, level, inodes, now):
                 self._refused(obj, level, uid, gid, "inodes", inodes, now)
                 raise QuotaExceeded(level, "inodes")
-        res = Reservation(space=space, inodes=inodes, uid=uid, gid=gid)
         for obj, _, _ in objs:
-            for c, amount in ((obj.space, space), (obj.inodes, inodes)):
-                if amount > 0:
-                    c.rsv += amount
-                    res.held.append((c, amount))
-        return res
+            obj.space.rsv += space
+            obj.inodes.rsv += inodes
+        return Reservation(objs, space, inodes, uid, gid)
 
     def release(self, res: Reservation) -> None:
-        """Give back what ``res`` holds, charging nothing."""
-        for c, amount in res.held:
-            c.rsv = max(0, c.rsv - amount)
-        res.held.clear()
+        """Give back what ``res`` holds, charging nothing (once; again is a no-op)."""
+        objs, res.objs = res.objs, None
+        if objs is None:
+            return
+        space, inodes = res.space, res.inodes
+        for obj, _, _ in objs:
+            c = obj.space
+            c.rsv = c.rsv - space if c.rsv > space else 0
+            c = obj.inodes
+            c.rsv = c.rsv - inodes if c.rsv > inodes else 0
 
     def commit(self, res: Reservation, space: int | None = None, inodes: int | None = None) -> None:
         """Turn a reservation into usage.  ``space``/``inodes`` are what was really
         allocated (default: what was reserved); the difference is not refused
-        (the allocation already happened), as the kernel's claim does."""
+        (the allocation already happened), as the kernel's claim does.  Charged
+        to the objects the reservation was checked against: they hold a
+        reservation, so none of them left its table meanwhile."""
+        objs = res.objs
         self.release(res)
-        self.charge(res.uid, res.gid,
-                    res.space if space is None else space,
-                    res.inodes if inodes is None else inodes)
+        space = res.space if space is None else space
+        inodes = res.inodes if inodes is None else inodes
+        if objs is None:                  # released before: an ordinary charge
+            self.charge(res.uid, res.gid, space, inodes)
+        elif space or inodes:
+            self._apply(objs, space, inodes)
+            if space < 0 or inodes < 0:
+                self._drop_empty(res.uid, res.gid)
 
     def room(self, uid: int, gid: int, soft: bool = True) -> int:
         """Bytes an inode owned by uid:gid may still allocate before a refusal
@@ -207,27 +223,34 @@ class QuotaEngine:
         refusing: a commit's correction, a directory that grew, a free."""
         if not space and not inodes:
             return
-        now = self.now()
         try:
             objs = self._objects(uid, gid, create=space > 0 or inodes > 0)
         except QuotaExceeded:
             # Already allocated: account what we can (the 1st level) and keep
             # the ugid-exceeded mark that _objects set.
             objs = self._objects(uid, gid, create=False)
-        for obj, graces, _ in objs:
-            for c, amount, grace in ((obj.space, space, graces.space),
-                                     (obj.inodes, inodes, graces.inodes)):
-                if not amount:
-                    continue
-                c.usage += amount
-                if c.usage < 0:
-                    log.warning("quota %s: usage underflow by %d, clamped to 0",
-                                self.state.qid, -c.usage)
-                    c.usage = 0
-                self._update_timer(c, grace, now)
+        self._apply(objs, space, inodes)
         if space < 0 or inodes < 0:
             self._drop_empty(uid, gid)
+
+    def _apply(self, objs: list, space: int, inodes: int) -> None:
+        """Add ``space`` and ``inodes`` (either sign) to the usage of ``objs``
+        and start or clear their grace timers."""
+        now = self.now()
+        for obj, graces, _ in objs:
+            if space:
+                self._add(obj.space, space, graces.space, now)
+            if inodes:
+                self._add(obj.inodes, inodes, graces.inodes, now)
         self._touch()
+
+    def _add(self, c: Counter, amount: int, grace: int, now: int) -> None:
+        c.usage += amount
+        if c.usage < 0:
+            log.warning("quota %s: usage underflow by %d, clamped to 0",
+                        self.state.qid, -c.usage)
+            c.usage = 0
+        self._update_timer(c, grace, now)
 
     def free(self, uid: int, gid: int, space: int = 0, inodes: int = 0) -> None:
         """Release usage (unlink, truncate, rmdir).  Never fails."""
