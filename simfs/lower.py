@@ -222,17 +222,24 @@ _FIEMAP = struct.Struct("=QQIIII")
 _EXTENT = struct.Struct("=QQQQQIIII")
 
 
-def mapped(fd: int, count: int, bs: int) -> int:
+FIEMAP_EXTENT_DELALLOC = 0x4
+
+
+def mapping(fd: int, count: int, bs: int) -> tuple[int, bool]:
     """Bytes (in whole blocks of ``bs``) that the first ``count`` extents of
     ``fd`` map, delayed ones included: its data, without the blocks of its
-    extent map or attributes."""
+    extent map or attributes.  Exact even while writeback allocates them (a
+    block is either delayed or allocated).  Also whether any is still delayed
+    (its writeback is to come)."""
     buf = bytearray(_FIEMAP.pack(0, (1 << 63) - 1, 0, 0, count, 0) + bytes(_EXTENT.size * count))
     fcntl.ioctl(fd, FS_IOC_FIEMAP, buf)
     total = 0
+    delayed = False
     for i in range(_FIEMAP.unpack_from(buf)[3]):
-        length = _EXTENT.unpack_from(buf, _FIEMAP.size + i * _EXTENT.size)[2]
-        total += -(-length // bs) * bs
-    return total
+        ext = _EXTENT.unpack_from(buf, _FIEMAP.size + i * _EXTENT.size)
+        total += -(-ext[2] // bs) * bs
+        delayed = delayed or bool(ext[5] & FIEMAP_EXTENT_DELALLOC)
+    return total, delayed
 
 
 def punch(fd: int, off: int, n: int) -> None:

@@ -314,27 +314,42 @@ class SimOperations(pyfuse3.Operations):
             log.warning("no exact allocation on XFS (%s): writes are trimmed", e)
             return False
 
-    def _settle_file(self, fd: int) -> int:
+    def _settle_file(self, fd: int) -> tuple[int, os.stat_result]:
         """Make the backing filesystem allocate (or free) now what it would at
         writeback, and drop its preallocation past the end, so that what is
-        charged stays true after the inode leaves the table.  Its writeback is
-        done and waited for when its extent map may change size then: more
-        extents than the inode holds (ext4 adds extent-tree blocks at
-        writeback, and frees one again when the completed I/O merges extents),
-        or fewer but blocks beyond its data (an extent-tree block a truncate
-        left, which the next writeback merges back into the inode).  Returns
-        how many extents it maps."""
+        charged stays true after the inode leaves the table.  Returns how many
+        extents it maps and its stat, read so that it is exact.
+
+        Its writeback is done and waited for when its extent map may change
+        size then: more extents than the inode holds (ext4 adds extent-tree
+        blocks at writeback, and frees one again when the completed I/O merges
+        extents), or fewer but blocks beyond its data (an extent-tree block a
+        truncate left, which the next writeback merges back into the inode).
+        Also when the stat may have been read while writeback (the kernel's
+        own, or one ext4 starts at a rename or close) was allocating delayed
+        blocks: ext4 drops them from the delayed count a moment before it adds
+        them to ``st_blocks``, so a stat read then is short.  The map is read
+        first: nothing delayed means no allocation in flight; a delayed file
+        whose ``st_blocks`` is below its data was read short; one with
+        extended attributes is ambiguous (a block of them can hide a short
+        read).  Then the stat after the wait is exact."""
         st = os.fstat(fd)
         if self._trim(fd, st):
             st = os.fstat(fd)
         try:
             n = lower.extents(fd, 0)
-            if n > EXTENTS_IN_INODE or (
-                    n > 0 and st.st_blocks * 512 > lower.mapped(fd, n, self.bsize)):
+            wait = n > EXTENTS_IN_INODE
+            if n and not wait:
+                data, delayed = lower.mapping(fd, n, self.bsize)
+                st = os.fstat(fd)
+                have = st.st_blocks * 512
+                wait = have > data or (delayed and (have < data or bool(os.listxattr(fd))))
+            if wait:
                 lower.start_writeback(fd, wait=True)
+                st = os.fstat(fd)
         except OSError:
-            return 0
-        return n
+            return 0, os.fstat(fd)
+        return n, st
 
     @staticmethod
     def _writeback(fd: int) -> None:
@@ -818,8 +833,8 @@ class SimOperations(pyfuse3.Operations):
             # and charged), then only the blocks not yet allocated cost
             # anything; write the longest prefix that fits (a short write), or
             # refuse.
-            extents = self._settle_file(h.fd)
-            self._reconcile(node, os.fstat(h.fd))
+            extents, st = self._settle_file(h.fd)
+            self._reconcile(node, st)
             room = q.room(uid, gid)
             tree = extents >= EXTENTS_IN_INODE
             if tree:
@@ -881,8 +896,10 @@ class SimOperations(pyfuse3.Operations):
                 if h.wrote:
                     # inline, as the writeback it starts always was (awaited,
                     # an unmount could abort the request before its reply)
-                    self._settle_file(h.fd)
-                self._reconcile(node, os.fstat(h.fd))
+                    st = self._settle_file(h.fd)[1]
+                else:
+                    st = os.fstat(h.fd)
+                self._reconcile(node, st)
         finally:
             os.close(h.fd)
             node.opens -= 1
