@@ -223,23 +223,33 @@ _EXTENT = struct.Struct("=QQQQQIIII")
 
 
 FIEMAP_EXTENT_DELALLOC = 0x4
+FIEMAP_EXTENT_UNWRITTEN = 0x800
 
 
-def mapping(fd: int, count: int, bs: int) -> tuple[int, bool]:
+def mapping(fd: int, count: int, bs: int) -> tuple[int, bool, bool]:
     """Bytes (in whole blocks of ``bs``) that the first ``count`` extents of
     ``fd`` map, delayed ones included: its data, without the blocks of its
     extent map or attributes.  Exact even while writeback allocates them (a
     block is either delayed or allocated).  Also whether any is still delayed
-    (its writeback is to come)."""
+    (its allocation is to come) and whether any is unwritten (allocated, its
+    I/O or its conversion to written data may still be under way)."""
     buf = bytearray(_FIEMAP.pack(0, (1 << 63) - 1, 0, 0, count, 0) + bytes(_EXTENT.size * count))
     fcntl.ioctl(fd, FS_IOC_FIEMAP, buf)
     total = 0
-    delayed = False
+    flags = 0
     for i in range(_FIEMAP.unpack_from(buf)[3]):
         ext = _EXTENT.unpack_from(buf, _FIEMAP.size + i * _EXTENT.size)
         total += -(-ext[2] // bs) * bs
-        delayed = delayed or bool(ext[5] & FIEMAP_EXTENT_DELALLOC)
-    return total, delayed
+        flags |= ext[5]
+    return total, bool(flags & FIEMAP_EXTENT_DELALLOC), bool(flags & FIEMAP_EXTENT_UNWRITTEN)
+
+
+def settled(fd: int, bs: int) -> bool:
+    """Whether the backing filesystem has nothing left to allocate or convert
+    for ``fd`` (no delayed and no unwritten extent): its ``st_blocks`` cannot
+    change until it is written again, and a stat read now is exact."""
+    n = extents(fd, 0)
+    return not n or not any(mapping(fd, n, bs)[1:])
 
 
 def punch(fd: int, off: int, n: int) -> None:
@@ -259,6 +269,11 @@ def start_writeback(fd: int, wait: bool = False) -> None:
         flags |= SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WAIT_AFTER
     _check(_libc.sync_file_range(fd, ctypes.c_long(0), ctypes.c_long(0), flags),
            "sync_file_range")
+
+
+def syncfs(fd: int) -> None:
+    """Write back the filesystem behind ``fd`` (not O_PATH) and wait (syncfs(2))."""
+    _check(_libc.syncfs(fd), "syncfs")
 
 
 XFS_SUPER_MAGIC = 0x58465342

@@ -4,7 +4,8 @@ FUSE requests and the control channel, checkpoint, and stop cleanly.
 Role: wiring.  ``Mount.prepare`` does everything that can fail before the
 mount exists (so ``simfs`` can report it and exit non-zero); ``Mount.serve``
 runs the tasks: pyfuse3's request loop, the control server, the checkpoint
-timer and the signal handler (SIGTERM/SIGINT/SIGHUP end the loop).
+timer, the sweep of files closed with delayed blocks and the signal handler
+(SIGTERM/SIGINT/SIGHUP end the loop).
 Only after the request loop ended normally is the quota file marked as
 cleanly stopped; after a crash it still says "mounted", and the next start
 recounts.
@@ -45,6 +46,7 @@ from .ops import SimOperations
 log = logging.getLogger(__name__)
 
 RECALC_PASSES = 5
+SWEEP_EVERY = 1.0      # seconds between sweeps of files closed with delayed blocks
 RUNTIMES = ("uvloop", "asyncio", "trio")      # the first is the default
 
 
@@ -231,12 +233,17 @@ class Mount:
                 if self.live is not None:
                     tg.start_soon(self._control)
                     tg.start_soon(self._checkpoints)
+                    tg.start_soon(self._sweeps)
                     tg.start_soon(self._events, tg)
                 await pyfuse3.main()
                 clean = True
                 tg.cancel_scope.cancel()
         finally:
             if self.live is not None and clean:
+                try:
+                    self.ops.settle_all()
+                except Exception:
+                    log.exception("settling files at stop failed")
                 try:
                     self.live.stop()
                 except Exception:
@@ -249,6 +256,17 @@ class Mount:
                     pass
             self._unlock()
             self.ops.table.close_all()
+
+    async def _sweeps(self) -> None:
+        """Every SWEEP_EVERY seconds, charge what files closed with delayed
+        blocks hold once they are allocated (SimOperations.sweep)."""
+        while True:
+            await anyio.sleep(SWEEP_EVERY)
+            if self.ops.unsettled:
+                try:
+                    await self.ops.sweep()
+                except Exception:
+                    log.exception("settling closed files failed")
 
     async def _signals(self) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:

@@ -13,7 +13,9 @@ XFS preallocation) are charged when they appear and when a file settles (near
 a limit before each write, at its last release, at FORGET), never past a hard
 limit: what a limit leaves over waits in ``gapped`` until space is freed, the
 inode kept in the table meanwhile (up to GAPS_HELD of them) even once the
-kernel let go of it.  Every handler goes through ``errno_boundary``, the one
+kernel let go of it.  A file closed while ext4 still has blocks to allocate
+for it is followed (``unsettled``, kept in the table too) until they are, and
+charged then (``sweep``, run periodically by the mount).  Every handler goes through ``errno_boundary``, the one
 place where ``OSError`` becomes its errno, a quota refusal becomes ``EDQUOT`` and
 anything unexpected is logged with its traceback and answered with ``EIO``.
 It also counts the requests answered per operation (``counts``, shown to the
@@ -26,7 +28,7 @@ their backing I/O inline (pread/pwrite are fast and offloading measured slower),
 except fsync and the part of a large read the page cache cannot serve at once,
 which go to a worker thread (reads touch no quota state).  No handler awaits
 between a reservation and its commit or release, so a charge is never seen half
-done.  The kernel
+done; ``sweep`` awaits only a file's writeback, and reads its stat after it.  The kernel
 write-back cache stays off so that ``EDQUOT`` is returned by write(2) itself.
 """
 
@@ -36,6 +38,7 @@ import asyncio
 import collections
 import errno
 import functools
+import itertools
 import json
 import logging
 import os
@@ -71,6 +74,13 @@ SETTLE_ZONE = 1 << 20
 EXTENTS_IN_INODE = 4
 DIR_GROWTH = 4                  # blocks reserved for a directory taking a new name
 GAPS_HELD = 1024                # gapped inodes kept in the table after the kernel let go
+# Files closed while ext4 still had to allocate their delayed blocks, followed
+# until it has (see sweep): at most UNSETTLED_MAX at once (past it a last close
+# settles its file as a write near a limit does); SWEEP_MAX looked at per sweep; one
+# older than SETTLE_AGE seconds has its writeback done by the sweep.
+UNSETTLED_MAX = 4096
+SWEEP_MAX = 512
+SETTLE_AGE = 2.0
 QUOTA_XATTR = b"user.vzquota"   # read-only, virtual, on the root only
 COUNTS_XATTR = b"trusted.simfs.requests"   # read-only, virtual, root only: request counts
 # POSIX ACLs: the kernel checks only the mode bits (default_permissions; pyfuse3
@@ -101,6 +111,16 @@ def in_thread(fn: Callable, *args):
     except RuntimeError:          # trio
         return anyio.to_thread.run_sync(fn, *args)
     return loop.run_in_executor(None, fn, *args)
+
+
+def _writeback_and_close(fd: int) -> None:
+    """In a worker thread: write ``fd`` back and wait for it, then close it."""
+    try:
+        lower.start_writeback(fd, wait=True)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def errno_boundary(fn: Callable) -> Callable:
@@ -177,6 +197,9 @@ class SimOperations(pyfuse3.Operations):
         # of ours (at most GAPS_HELD) until their gap is charged (see _hold)
         self.held: set[Inode] = set()
         self.lost_gaps = 0      # gapped inodes let go past GAPS_HELD
+        # written files whose allocation may still change (delayed blocks at
+        # their last close), oldest first, with the time they were closed
+        self.unsettled: collections.OrderedDict[Inode, float] = collections.OrderedDict()
         self.quota: QuotaEngine | None = None
         self._nowait = True       # the backing filesystem takes RWF_NOWAIT reads
         self.handles: dict[int, Handle | DirHandle] = {}
@@ -264,15 +287,19 @@ class SimOperations(pyfuse3.Operations):
             else:
                 self.gapped.discard(inode)
         if self.held:
-            for inode in [i for i in self.held if i not in self.gapped]:
+            for inode in [i for i in self.held
+                          if i not in self.gapped and i not in self.unsettled]:
                 self._unhold(inode)
 
     def _hold(self, inode: Inode) -> bool:
         """The kernel let go of ``inode``: if it holds blocks a hard limit left
         uncharged, keep it in the table (one reference of ours) so that they
         are charged once room comes back and a later unlink frees only what
-        was charged.  True if it is kept."""
-        if inode in self.gapped and inode not in self.held and len(self.held) < GAPS_HELD:
+        was charged; likewise while its allocation is unsettled (``sweep``).
+        True if it is kept."""
+        if inode in self.held:
+            return False
+        if inode in self.unsettled or (inode in self.gapped and len(self.held) < GAPS_HELD):
             self.held.add(inode)
             inode.lookups += 1
             return True
@@ -314,42 +341,108 @@ class SimOperations(pyfuse3.Operations):
             log.warning("no exact allocation on XFS (%s): writes are trimmed", e)
             return False
 
-    def _settle_file(self, fd: int) -> tuple[int, os.stat_result]:
+    def _settle_file(self, fd: int, follow: bool) -> tuple[int, os.stat_result, bool]:
         """Make the backing filesystem allocate (or free) now what it would at
         writeback, and drop its preallocation past the end, so that what is
         charged stays true after the inode leaves the table.  Returns how many
-        extents it maps and its stat, read so that it is exact.
+        extents it maps, its stat, and whether that stat may still change
+        (delayed blocks left, for ``sweep`` to settle).
 
         Its writeback is done and waited for when its extent map may change
         size then: more extents than the inode holds (ext4 adds extent-tree
         blocks at writeback, and frees one again when the completed I/O merges
         extents), or fewer but blocks beyond its data (an extent-tree block a
         truncate left, which the next writeback merges back into the inode).
-        Also when the stat may have been read while writeback (the kernel's
-        own, or one ext4 starts at a rename or close) was allocating delayed
-        blocks: ext4 drops them from the delayed count a moment before it adds
-        them to ``st_blocks``, so a stat read then is short.  The map is read
-        first: nothing delayed means no allocation in flight; a delayed file
-        whose ``st_blocks`` is below its data was read short; one with
-        extended attributes is ambiguous (a block of them can hide a short
-        read).  Then the stat after the wait is exact."""
+        Delayed blocks left otherwise: ext4 may still allocate them in more
+        pieces than the inode holds, and it takes them off its delayed count a
+        moment before it adds them to ``st_blocks``, so a stat read while
+        writeback allocates is short.  With ``follow`` such a file is returned
+        as unsettled (``sweep`` charges it once they are allocated); without
+        (a write near a limit, which must not wait for every block), a stat
+        that shows it was read short (below the data), or may hide it (a
+        block of extended attributes), is read again after the writeback."""
         st = os.fstat(fd)
         if self._trim(fd, st):
             st = os.fstat(fd)
         try:
             n = lower.extents(fd, 0)
             wait = n > EXTENTS_IN_INODE
+            delayed = False
             if n and not wait:
-                data, delayed = lower.mapping(fd, n, self.bsize)
-                st = os.fstat(fd)
+                data, delayed, _ = lower.mapping(fd, n, self.bsize)
+                st = os.fstat(fd)   # after the map: nothing delayed there, nothing in flight
                 have = st.st_blocks * 512
-                wait = have > data or (delayed and (have < data or bool(os.listxattr(fd))))
+                wait = have > data or (delayed and not follow and (
+                    have < data or bool(os.listxattr(fd))))
             if wait:
                 lower.start_writeback(fd, wait=True)
                 st = os.fstat(fd)
+                delayed = False
         except OSError:
-            return 0, os.fstat(fd)
-        return n, st
+            return 0, os.fstat(fd), False
+        return n, st, delayed and follow
+
+    def _unsettled(self, inode: Inode) -> None:
+        """``inode`` was closed with delayed blocks: follow it until they are
+        allocated (``sweep``)."""
+        self.unsettled[inode] = time.monotonic()
+        self.unsettled.move_to_end(inode)
+
+    def _settled(self, inode: Inode) -> None:
+        if self.unsettled.pop(inode, None) is not None and inode not in self.gapped:
+            self._unhold(inode)
+
+    async def sweep(self) -> None:
+        """Charge what files closed with delayed blocks hold once the backing
+        filesystem has allocated them (no delayed or unwritten extent left: a
+        stat read then is exact, see ``_settle_file``); a file still unsettled
+        SETTLE_AGE seconds after its close has its writeback done here, in a
+        worker thread.  At most SWEEP_MAX files per call; run periodically
+        by the mount (simfs/mount.py)."""
+        now = time.monotonic()
+        for inode, since in list(itertools.islice(self.unsettled.items(), SWEEP_MAX)):
+            if inode.freed or self.table.inodes.get(inode.ino) is not inode:
+                self._settled(inode)
+                continue
+            try:
+                fd = lower.reopen(inode.fd, os.O_RDONLY | os.O_NOATIME)
+            except OSError:           # gone, or not ours to open: nothing to follow
+                self._settled(inode)
+                continue
+            try:
+                if not lower.settled(fd, self.bsize):
+                    if now - since < SETTLE_AGE:
+                        continue
+                    # the thread owns a duplicate: it stays valid (and is
+                    # closed) even if this sweep is cancelled meanwhile
+                    await in_thread(_writeback_and_close, os.dup(fd))
+                    if inode.freed or self.unsettled.get(inode) != since:
+                        continue      # gone, or closed again meanwhile
+                self._reconcile(inode, os.fstat(fd))
+                self._settled(inode)
+            except OSError as e:
+                log.warning("settling inode %d: %s", inode.ino, e)
+                self._settled(inode)
+            finally:
+                os.close(fd)
+
+    def settle_all(self) -> None:
+        """At a clean stop: write back the backing filesystem and charge what
+        every unsettled file holds then."""
+        if not self.unsettled:
+            return
+        fd = lower.reopen(self.table.root.fd, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            lower.syncfs(fd)
+        finally:
+            os.close(fd)
+        for inode in list(self.unsettled):
+            if not inode.freed and self.table.inodes.get(inode.ino) is inode:
+                try:
+                    self._reconcile(inode, os.fstat(inode.fd))
+                except OSError:
+                    pass
+            self._settled(inode)
 
     @staticmethod
     def _writeback(fd: int) -> None:
@@ -487,6 +580,7 @@ class SimOperations(pyfuse3.Operations):
                 self.lost_gaps += 1   # no longer followed (GAPS_HELD reached)
             self.gapped.discard(inode)
             self.held.discard(inode)
+            self.unsettled.pop(inode, None)
             if inode.unlinked:
                 self._free(inode)
 
@@ -833,7 +927,7 @@ class SimOperations(pyfuse3.Operations):
             # and charged), then only the blocks not yet allocated cost
             # anything; write the longest prefix that fits (a short write), or
             # refuse.
-            extents, st = self._settle_file(h.fd)
+            extents, st, _ = self._settle_file(h.fd, follow=False)
             self._reconcile(node, st)
             room = q.room(uid, gid)
             tree = extents >= EXTENTS_IN_INODE
@@ -893,13 +987,18 @@ class SimOperations(pyfuse3.Operations):
         node = h.inode
         try:
             if node.opens == 1:
+                pending = False
                 if h.wrote:
                     # inline, as the writeback it starts always was (awaited,
                     # an unmount could abort the request before its reply)
-                    st = self._settle_file(h.fd)[1]
+                    _, st, pending = self._settle_file(
+                        h.fd, follow=self.quota is not None
+                        and len(self.unsettled) < UNSETTLED_MAX)
                 else:
                     st = os.fstat(h.fd)
                 self._reconcile(node, st)
+                if pending:
+                    self._unsettled(node)
         finally:
             os.close(h.fd)
             node.opens -= 1

@@ -222,8 +222,13 @@ print(n)
 """
 
 
+def requests(root: Path, op: str) -> int:
+    """How many ``op`` requests the mount at ``root`` has answered."""
+    return json.loads(os.getxattr(root, "trusted.simfs.requests")).get(op, 0)
+
+
 def forgets(root: Path) -> int:
-    return json.loads(os.getxattr(root, "trusted.simfs.requests")).get("forget", 0)
+    return requests(root, "forget")
 
 
 @pytest.mark.parametrize("backing", bk.params(only=("ext4",)), indirect=True)
@@ -294,4 +299,61 @@ def test_gap_at_a_clean_stop_is_recounted(backing_quota, mounter):
     assert qm.mount.umount() == 0
     m = mounter(qm.private, qm.root, "dev", "suid", f"quotaid={qm.qid}")
     assert "usage is dirty" in m.logtext()
+    qm.assert_exact()
+
+
+def _fragment_free_space(b: bk.Backing) -> None:
+    """Leave the ext4 backing ``b`` with free blocks that are (nearly all)
+    apart: one-block files (outside the private area, made in order, so
+    mostly in consecutive blocks) take every block, ext4's reserve for
+    metadata included, then every other one is deleted."""
+    src = next(s for mp, _, s in bk._mountinfo() if mp == os.path.realpath(b.mnt))
+    with open(f"/sys/fs/ext4/{os.path.basename(src)}/reserved_clusters", "w") as f:
+        f.write("0")
+    bs = b.statvfs().f_bsize
+    top = b.mnt / "filler"
+    top.mkdir()
+    dfd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    n = 0
+    try:
+        while True:
+            try:
+                fd = os.open(str(n), os.O_WRONLY | os.O_CREAT, 0o600, dir_fd=dfd)
+            except OSError as e:
+                assert e.errno == errno.ENOSPC, e
+                break
+            try:
+                os.posix_fallocate(fd, 0, bs)
+            except OSError as e:
+                assert e.errno == errno.ENOSPC, e
+                break
+            finally:
+                os.close(fd)
+            n += 1
+        for i in range(0, n, 2):
+            os.unlink(str(i), dir_fd=dfd)
+    finally:
+        os.close(dfd)
+    assert n > 1000 and b.statvfs().f_bfree * 3 > n, (n, b.statvfs())
+
+
+@pytest.mark.parametrize("backing", bk.params(only=("ext4",)), indirect=True)
+def test_blocks_allocated_after_the_last_close_are_charged(backing, backing_quota):
+    """A file closed with 16 delayed blocks and one extent: on a disk whose free
+    blocks lie apart ext4 allocates them at writeback in more extents than the
+    inode holds, plus a block of extent tree.  That block comes after
+    the last close; the daemon follows the file until its blocks are
+    allocated and charges it then (it stayed 4 KiB short before)."""
+    qm = backing_quota()
+    _fragment_free_space(backing)
+    bs = backing.statvfs().f_bsize
+    fd = os.open(qm.root / "late", os.O_WRONLY | os.O_CREAT, 0o644)
+    os.write(fd, b"d" * 16 * bs)
+    released = requests(qm.root, "release")
+    os.close(fd)
+    deadline = time.monotonic() + 10      # RELEASE comes after close(2) returns
+    while requests(qm.root, "release") == released and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.sync()
+    assert os.stat(qm.private / "late").st_blocks * 512 == 17 * bs   # the scene happened
     qm.assert_exact()
