@@ -182,16 +182,7 @@ def race_problems(qm, sampler: bk.Sampler, summary: dict) -> list[str]:
     return problems
 
 
-# ext4 under this race ended once in 47 runs 4 KiB below the recount (after
-# the settle-at-close and gap fixes; before them +4 or +8 KiB in 4 runs of 5).
-# A short st_blocks read while writeback allocates is now caught at the last
-# close; it passed 60 of 60 runs just before that change and 70 of 70 after.  The
-# mark stays, not strict, until the rarer holes the man page names are closed.
-RACE_EXT4 = ("issue 7 item 5: ext4 usage ended 4 KiB below the recount in 1 of 47 "
-             "races (0 in 130 since)", False)
-
-
-@pytest.mark.parametrize("backing", bk.params(xfail={"ext4": RACE_EXT4}), indirect=True)
+@pytest.mark.parametrize("backing", bk.params(), indirect=True)
 def test_race_at_the_limit(backing_quota):
     """Invariant (a): 8 writers (4 uids, 2 gids) race at the hard limits with
     writes, appends, creates, truncates, renames, links, xattrs; no sample of
