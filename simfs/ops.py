@@ -15,8 +15,8 @@ limit: what a limit leaves over waits in ``gapped`` until space is freed, the
 inode kept in the table meanwhile (up to GAPS_HELD of them) even once the
 kernel let go of it.  A file closed while ext4 still has blocks to allocate
 for it is followed (``unsettled``, kept in the table too) until they are, and
-charged then (``sweep``, run periodically by the mount).  Every handler goes through ``errno_boundary``, the one
-place where ``OSError`` becomes its errno, a quota refusal becomes ``EDQUOT`` and
+charged then (``sweep``, run periodically by the mount).  Every handler goes
+through ``errno_boundary``, the one place where ``OSError`` becomes its errno, a quota refusal becomes ``EDQUOT`` and
 anything unexpected is logged with its traceback and answered with ``EIO``.
 It also counts the requests answered per operation (``counts``, shown to the
 host's root as the virtual ``trusted.simfs.requests`` attribute of the root).
@@ -28,8 +28,8 @@ their backing I/O inline (pread/pwrite are fast and offloading measured slower),
 except fsync and the part of a large read the page cache cannot serve at once,
 which go to a worker thread (reads touch no quota state).  No handler awaits
 between a reservation and its commit or release, so a charge is never seen half
-done; ``sweep`` awaits only a file's writeback, and reads its stat after it.  The kernel
-write-back cache stays off so that ``EDQUOT`` is returned by write(2) itself.
+done; ``sweep`` awaits only a file's writeback, and reads its stat after it.
+The kernel write-back cache stays off so that ``EDQUOT`` is returned by write(2) itself.
 """
 
 from __future__ import annotations
@@ -1101,9 +1101,12 @@ class SimOperations(pyfuse3.Operations):
     async def statfs(self, ctx):
         lst = os.statvfs(self.table.root.fd)
         q = self.quota
-        f = host_figures(lst) if q is None else quota_figures(
-            lst, q.state.level1.space.soft, q.state.level1.space.usage,
-            q.state.level1.inodes.soft, q.state.level1.inodes.usage)
+        if q is None:
+            f = host_figures(lst)
+        else:
+            l1 = q.state.level1
+            f = quota_figures(lst, l1.space.soft, l1.space.usage, l1.inodes.soft,
+                              l1.inodes.usage)
         out = pyfuse3.StatvfsData()
         (out.f_bsize, out.f_frsize, out.f_blocks, out.f_bfree, out.f_bavail,
          out.f_files, out.f_ffree, out.f_favail, out.f_namemax) = f
