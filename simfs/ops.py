@@ -13,11 +13,12 @@ XFS preallocation) are charged when they appear and when a file settles (near
 a limit before each write, at its last release, at FORGET), never past a hard
 limit: what a limit leaves over waits in ``gapped`` until space is freed, the
 inode kept in the table meanwhile (up to GAPS_HELD of them) even once the
-kernel let go of it.  A file closed while ext4 still has blocks to allocate
-for it is followed (``unsettled``, kept in the table too) until they are, and
-charged then (``sweep``, run periodically by the mount).  Every handler goes
-through ``errno_boundary``, the one place where ``OSError`` becomes its errno, a quota refusal becomes ``EDQUOT`` and
-anything unexpected is logged with its traceback and answered with ``EIO``.
+kernel let go of it. A file closed while ext4 still has blocks to allocate for
+it is followed (``unsettled``, kept in the table too) until they are, and
+charged then (``sweep``, run periodically by the mount). Every handler goes
+through ``errno_boundary``, the one place where ``OSError`` becomes its errno, a
+quota refusal becomes ``EDQUOT`` and anything unexpected is logged with its
+traceback and answered with ``EIO``.
 It also counts the requests answered per operation (``counts``, shown to the
 host's root as the virtual ``trusted.simfs.requests`` attribute of the root).
 Missing names are answered as negative entries the kernel caches, and FLUSH
