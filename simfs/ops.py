@@ -114,12 +114,18 @@ def in_thread(fn: Callable, *args):
     return loop.run_in_executor(None, fn, *args)
 
 
-def _writeback_and_close(fd: int) -> None:
-    """In a worker thread: write ``fd`` back and wait for it, then close it."""
+def _writeback(fd: int) -> None:
+    """Write ``fd`` back and wait for it; a failure only leaves it unsettled."""
     try:
         lower.start_writeback(fd, wait=True)
     except OSError:
         pass
+
+
+def _writeback_and_close(fd: int) -> None:
+    """In a worker thread: ``_writeback`` of ``fd``, then close it."""
+    try:
+        _writeback(fd)
     finally:
         os.close(fd)
 
@@ -444,13 +450,6 @@ class SimOperations(pyfuse3.Operations):
                 except OSError:
                     pass
             self._settled(inode)
-
-    @staticmethod
-    def _writeback(fd: int) -> None:
-        try:
-            lower.start_writeback(fd, wait=True)
-        except OSError:
-            pass
 
     def refresh(self) -> None:
         """Re-read what every known inode allocates (after a recount: writes
@@ -943,7 +942,7 @@ class SimOperations(pyfuse3.Operations):
         try:
             written = os.pwrite(h.fd, buf if n == len(buf) else buf[:n], off)
             if tree:
-                self._writeback(h.fd)
+                _writeback(h.fd)
             st = os.fstat(h.fd)
             if h.trim and self._trim(h.fd, st):
                 st = os.fstat(h.fd)
