@@ -41,7 +41,7 @@ import queue
 import resource
 import stat
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Callable
 
@@ -56,6 +56,8 @@ RESERVE_FDS = 160      # the daemon's own: control socket and clients, quota fil
 CACHED_FDS = 4096      # LRU of O_PATH descriptors of inodes with a file handle
 PINNED_FDS = 4096      # descriptors that may not be evicted (see the docstring)
 MAX_OPEN = 65536       # default budget of open files and directories (-o maxopen)
+ROOT_RESERVE = 16      # 1/16 of the open-file budget only uid 0 may use (OpenShares)
+USER_SHARE = 4         # one uid may hold at most 1/4 of the rest
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,99 @@ class Budget:
         pinned = max(16, min(PINNED_FDS, avail // 4))
         files = max(16, min(max_open, avail - cached - pinned))
         return cls(cached, pinned, files)
+
+
+class OpenShares:
+    """The open-file budget (``Budget.files``) shared out by uid, so that one
+    user cannot lock the others out.
+
+    The last ``reserve`` handles (1/ROOT_RESERVE of the budget) are the
+    container's root's (uid 0) alone; of the rest, the *pool*, one uid may hold
+    at most ``share`` (1/USER_SHARE of it), root included (root may hold its
+    share plus the reserve).  So while one user holds all it may, the pool
+    still has room for three times as much for everyone else, and root keeps
+    the reserve whatever the others hold.
+
+    A uid refused because it holds its share is logged once per *streak* (from
+    its first refusal until it is admitted again, with the number of refusals
+    then), and queued in ``events`` for the mount's hook (bounded: the oldest
+    goes).  A full pool is logged once per streak too.
+
+    Pure bookkeeping: no I/O but logging; used from the event loop only.
+    """
+
+    EVENTS_MAX = 64
+
+    def __init__(self, files: int):
+        self.files = files
+        self.reserve = max(1, files // ROOT_RESERVE)
+        self.pool = files - self.reserve
+        self.share = max(1, self.pool // USER_SHARE)
+        self.held: dict[int, int] = {}       # uid -> handles held
+        self.total = 0
+        self.streaks: dict[object, int] = {}  # uid or "pool" -> refusals so far
+        self.events: deque[tuple[int, int, int]] = deque(maxlen=self.EVENTS_MAX)
+
+    def why_not(self, uid: int) -> str | None:
+        """None if ``uid`` may open one more file or directory, else why not."""
+        held = self.held.get(uid, 0)
+        if uid == 0:
+            if self.total >= self.files:
+                return "pool"
+            if held >= self.share + self.reserve:
+                return "share"
+            return None
+        if held >= self.share:
+            return "share"
+        if self.total >= self.pool:
+            return "pool"
+        return None
+
+    def check(self, uid: int) -> None:
+        """Raise ENFILE unless ``uid`` may open one more."""
+        why = self.why_not(uid)
+        if why is None:
+            return
+        key = uid if why == "share" else "pool"
+        n = self.streaks.get(key, 0)
+        self.streaks[key] = n + 1
+        if not n:
+            if why == "share":
+                log.warning("uid %d holds its share of open files (%d of a budget of "
+                            "%d): its further opens fail with ENFILE until it closes some",
+                            uid, self.held.get(uid, 0), self.files)
+                self.events.append((uid, self.held.get(uid, 0), self.share))
+            else:
+                log.warning("the open-file budget is full (%d of %d held, the last %d "
+                            "kept for root): opens fail with ENFILE", self.total,
+                            self.files, self.reserve)
+        if why == "share":
+            raise OSError(errno.ENFILE, f"uid {uid} holds its share of open files")
+        raise OSError(errno.ENFILE, "open files budget exhausted")
+
+    def take(self, uid: int) -> None:
+        """``uid`` now holds one more (after ``check``)."""
+        self.held[uid] = self.held.get(uid, 0) + 1
+        self.total += 1
+        if self.streaks:
+            self._end_streak(uid)
+            if self.total < self.pool:
+                self._end_streak("pool")
+
+    def _end_streak(self, key) -> None:
+        n = self.streaks.pop(key, 0)
+        if n:
+            who = f"uid {key}" if key != "pool" else "the open-file budget"
+            log.info("%s: opens admitted again after %d refused", who, n)
+
+    def give(self, uid: int) -> None:
+        """``uid`` closed one."""
+        n = self.held.get(uid, 0) - 1
+        if n > 0:
+            self.held[uid] = n
+        else:
+            self.held.pop(uid, None)
+        self.total -= 1
 
 
 class Inode:

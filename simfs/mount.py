@@ -284,18 +284,26 @@ class Mount:
             engine = live.engine if live is not None else None
             for ev in watcher.poll(engine):
                 log.warning("%s", ev.line())
-                if self.hook:
-                    if self._hooks_running >= events.HOOKS_MAX:
-                        log.warning("quota %d: hook %s not run for this event: %d hooks "
-                                    "still running", self.quotaid, self.hook,
-                                    self._hooks_running)
-                    else:
-                        self._hooks_running += 1
-                        tg.start_soon(self._run_hook, ev)
+                self._hook(tg, ev)
+            shares = self.ops.shares.events
+            while shares:
+                # a uid refused at its share of open files (logged when refused)
+                uid, held, share = shares.popleft()
+                self._hook(tg, events.Event("open_share", self.quotaid, 2, "user", uid,
+                                            "openfiles", held, share, share))
             if engine is not None and engine.events_dropped != dropped:
                 log.warning("quota %d: %d more refusals came too fast to itemize",
                             self.quotaid, engine.events_dropped - dropped)
                 dropped = engine.events_dropped
+
+    def _hook(self, tg, ev) -> None:
+        if self.hook:
+            if self._hooks_running >= events.HOOKS_MAX:
+                log.warning("quota %d: hook %s not run for this event: %d hooks "
+                            "still running", self.quotaid, self.hook, self._hooks_running)
+            else:
+                self._hooks_running += 1
+                tg.start_soon(self._run_hook, ev)
 
     async def _run_hook(self, ev) -> None:
         try:

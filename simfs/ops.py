@@ -58,7 +58,7 @@ from vzquota.errors import QuotaExceeded
 from vzquota.model import GROUP, USER
 
 from . import lower
-from .inodes import MAX_OPEN, ROOT, Budget, Inode, InodeTable
+from .inodes import MAX_OPEN, ROOT, Budget, Inode, InodeTable, OpenShares
 from .statfs import host_figures, quota_figures
 
 log = logging.getLogger(__name__)
@@ -164,6 +164,7 @@ class Handle:
     user: bool = False      # opened by a non-root caller: kept out of the root reserve
     wrote: bool = False     # written through: settled at its last release
     trim: bool = False      # XFS file without exact allocation: trimmed after each write
+    uid: int = 0            # who opened it (its share of the budget: OpenShares)
 
 
 @dataclass
@@ -175,6 +176,7 @@ class DirHandle:
     buf: bytes = b""      # the chunk being listed
     pos: int = 0          # its next record
     off: int = 0          # the offset the kernel will ask for next (see readdir)
+    uid: int = 0          # who opened it (OpenShares)
 
 
 class SimOperations(pyfuse3.Operations):
@@ -186,6 +188,7 @@ class SimOperations(pyfuse3.Operations):
         super().__init__()
         limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         self.table = InodeTable(root_fd, Budget.plan(limit, max_open))
+        self.shares = OpenShares(self.table.budget.files)
         self.table.on_reused = self._reused
         self.bsize = os.fstatvfs(root_fd).f_bsize or 4096
         # XFS: regular files get exact allocation (see _exact)
@@ -246,17 +249,23 @@ class SimOperations(pyfuse3.Operations):
         a.st_ctime_ns = st.st_ctime_ns
         return a
 
-    def _room_for_a_handle(self) -> None:
+    def _room_for_a_handle(self, uid: int) -> None:
         """Every open file and directory holds one descriptor: refuse one more
-        past the budget (the daemon keeps its reserve)."""
-        if len(self.handles) >= self.table.budget.files:
-            raise OSError(errno.ENFILE, "open files budget exhausted")
+        past the caller's share of the budget (``OpenShares``; the daemon keeps
+        its own reserve besides)."""
+        self.shares.check(uid)
 
     def _new_fh(self, h: Handle | DirHandle) -> int:
         fh = self._next_fh
         self._next_fh += 1
         self.handles[fh] = h
+        self.shares.take(h.uid)
         return fh
+
+    def _drop_fh(self, fh: int) -> Handle | DirHandle:
+        h = self.handles.pop(fh)
+        self.shares.give(h.uid)
+        return h
 
     def _reconcile(self, inode: Inode, st: os.stat_result) -> None:
         """Charge the difference between what the inode allocates now and what
@@ -729,7 +738,7 @@ class SimOperations(pyfuse3.Operations):
     @errno_boundary
     async def create(self, parent_inode, name, mode, flags, ctx):
         parent = self.table.get(parent_inode)
-        self._room_for_a_handle()
+        self._room_for_a_handle(ctx.uid)
         perm = stat.S_IMODE(mode) & ~ctx.umask
         fds: list[int] = []
 
@@ -747,7 +756,7 @@ class SimOperations(pyfuse3.Operations):
                 os.close(fd)
             raise
         inode.opens += 1
-        h = Handle(fds[0], inode, ctx.uid != 0)
+        h = Handle(fds[0], inode, ctx.uid != 0, uid=ctx.uid)
         fh = self._new_fh(h)
         if self.xfs:
             h.trim = not self._exact(fds[0])
@@ -861,10 +870,10 @@ class SimOperations(pyfuse3.Operations):
         # O_NOFOLLOW would refuse the /proc/self/fd magic link itself (ELOOP):
         # the inode is already resolved without following anything.
         fl = flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_DIRECT | os.O_NOFOLLOW)
-        self._room_for_a_handle()
+        self._room_for_a_handle(ctx.uid)
         fd = lower.reopen(node.fd, fl)
         node.opens += 1
-        h = Handle(fd, node, ctx.uid != 0)
+        h = Handle(fd, node, ctx.uid != 0, uid=ctx.uid)
         fh = self._new_fh(h)
         if self.xfs and flags & os.O_ACCMODE != os.O_RDONLY and stat.S_ISREG(node.mode):
             h.trim = not self._exact(fd)
@@ -983,7 +992,7 @@ class SimOperations(pyfuse3.Operations):
 
     @errno_boundary
     async def release(self, fh):
-        h = self.handles.pop(fh)
+        h = self._drop_fh(fh)
         node = h.inode
         try:
             if node.opens == 1:
@@ -1017,9 +1026,9 @@ class SimOperations(pyfuse3.Operations):
     @errno_boundary
     async def opendir(self, inode, ctx):
         node = self.table.get(inode)
-        self._room_for_a_handle()
+        self._room_for_a_handle(ctx.uid)
         fd = lower.reopen(node.fd, os.O_RDONLY | os.O_DIRECTORY)
-        return self._new_fh(DirHandle(node, fd))
+        return self._new_fh(DirHandle(node, fd, uid=ctx.uid))
 
     @errno_boundary
     async def readdir(self, fh, start_id, token):
@@ -1088,7 +1097,7 @@ class SimOperations(pyfuse3.Operations):
 
     @errno_boundary
     async def releasedir(self, fh):
-        os.close(self.handles.pop(fh).fd)
+        os.close(self._drop_fh(fh).fd)
 
     @errno_boundary
     async def fsyncdir(self, fh, datasync):
