@@ -41,6 +41,9 @@ FUSE_VALUED = {"fsname", "subtype", "max_read"}
 IGNORED = {"defaults", "auto", "noauto", "user", "users", "nouser", "owner", "group",
            "nofail", "_netdev", "loop"}
 SIMFS_VALUED = {"quotaid", "quotafile", "log", "checkpoint", "runtime", "hook", "maxopen"}
+# simfs's own flags: quota_off_ok lets a quota id whose quota is off be mounted
+# (unenforced, on purpose); without it such a mount is refused.
+SIMFS_FLAGS = {"quota_off_ok"}
 # Where the daemon logs when there is no syslog socket (/dev/log) to log to.
 FALLBACK_LOG = "/var/log/simfs.log"
 # The source df and /proc/mounts show, inside the container too (as OpenVZ
@@ -74,6 +77,8 @@ def parse_options(words: list[str], private: str) -> tuple[set[str], dict[str, s
             own[key] = val
         elif key == "debug" and not eq:
             own["debug"] = "1"
+        elif key in SIMFS_FLAGS and not eq:
+            own[key] = "1"
         elif key in IGNORED or key.startswith("x-") or key == "comment":
             continue
         else:
@@ -103,6 +108,8 @@ def parse_options(words: list[str], private: str) -> tuple[set[str], dict[str, s
             raise UsageError(f"{key}= needs a file name")
     if "hook" in own and not os.path.isabs(own["hook"]):
         raise UsageError(f"hook= needs an absolute path, not {own['hook']!r}")
+    if "quota_off_ok" in own and "quotaid" not in own:
+        raise UsageError("quota_off_ok goes with quotaid=N")
     return fuse, own
 
 
@@ -116,6 +123,8 @@ def parser() -> argparse.ArgumentParser:
                "maxopen=N (files and directories the container may hold open at once, "
                "default 65536; one uid at most a quarter, the last sixteenth for "
                "root only), "
+               "quota_off_ok (mount even though the quota is off: nothing enforced "
+               "until vzquota on), "
                "log=FILE, hook=CMD (run at quota limit events), "
                "runtime=uvloop|asyncio|trio (event loop, default uvloop), "
                "debug; and the usual mount options (ro, rw, dev, suid, exec, "
@@ -436,12 +445,33 @@ def checks(args: argparse.Namespace, own: dict[str, str], foreground: bool):
     # already applied the caller's umask to every mode it sends.
     os.umask(0o077)
     precheck(args.private, args.root)
+    if "quotaid" in own and "quota_off_ok" not in own:
+        quota_is_on(int(own["quotaid"]), own.get("quotafile"))
     logfile = open_log(own["log"]) if "log" in own else None
     if logfile is None and not foreground and not os.path.exists("/dev/log"):
         print(f"simfs: no syslog (/dev/log): the daemon logs to {FALLBACK_LOG}",
               file=sys.stderr)
         logfile = open_log(FALLBACK_LOG)
     return logfile
+
+
+def quota_is_on(qid: int, quotafile: str | None) -> None:
+    """Refuse to mount a quota id whose quota is off (it would enforce
+    nothing); ``-o quota_off_ok`` asks for it explicitly.  A missing or
+    unreadable quota file is left to ``Mount.prepare`` to report."""
+    from vzquota.errors import VzError
+    from vzquota.qfile import QuotaFile
+
+    from .mount import MountError
+    qf = QuotaFile.for_id(qid, quotafile)
+    try:
+        if not qf.exists() or qf.load().on:
+            return
+    except VzError:
+        return
+    raise MountError(f"the quota of id {qid} is off: this mount would enforce no limit; "
+                     f"turn it on first with 'vzquota on {qid}', or mount with "
+                     f"-o quota_off_ok to serve without accounting until then")
 
 
 def build(args: argparse.Namespace, fuse_opts: set[str], own: dict[str, str]):
@@ -516,6 +546,9 @@ def run(m, ready_fd: int | None) -> int:
         return 1
     log.info("mounted %s at %s%s", m.private, m.root,
              f" with quota id {m.quotaid}" if m.quotaid else "")
+    if m.live is not None and m.live.engine is None:
+        log.warning("quota id %d is off (mounted with quota_off_ok): no limit is "
+                    "enforced until 'vzquota on %d'", m.quotaid, m.quotaid)
     notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=serving {m.root}")
     if ready_fd is not None:
         devnull = os.open(os.devnull, os.O_RDWR)

@@ -15,7 +15,10 @@ Role: read the instance's small config (``$SIMFS_CONFDIR/ID.conf``, default
   recounts after an incorrect shutdown; "already running" is fine);
 - ``start``: ``exec simfs PRIVATE ROOT -f -o OPTIONS,quotaid=ID`` (the daemon in
   the foreground is the service's main process; it tells systemd READY=1 once
-  mounted);
+  mounted).  As any simfs mount, it is refused when the quota is off (say,
+  ``start`` without ``prestart``) unless OPTIONS has ``quota_off_ok``;
+  ``QUOTA=no`` mounts without the quota id, and ``prestart`` says so when the
+  id has a quota file;
 - ``stop [PID]``: ``umount ROOT`` and wait for the daemon to save and exit; when
   the mount is busy it says so and leaves the daemon to systemd's SIGTERM,
   which simfs turns into a clean stop with a lazy unmount.
@@ -67,6 +70,7 @@ def load_config(qid: int) -> dict[str, str]:
         raise ConfigError(f"{path}: QUOTA= must be yes, no or auto")
     from vzquota.qfile import QuotaFile
     qf = QuotaFile.for_id(qid)
+    conf["_QUOTAFILE"] = "1" if qf.exists() else ""
     if conf["QUOTA"] == "auto":
         conf["QUOTA"] = "yes" if qf.exists() else "no"
     if not conf.get("PRIVATE"):
@@ -95,6 +99,9 @@ def prestart(qid: int, conf: dict[str, str]) -> int:
               file=sys.stderr)
         return 1
     os.makedirs(root, mode=0o755, exist_ok=True)
+    if conf["QUOTA"] == "no" and conf.get("_QUOTAFILE"):
+        print(f"simfs-service: QUOTA=no: {root} is mounted without quota id {qid} "
+              "(its quota file exists, but nothing is enforced)", file=sys.stderr)
     if conf["QUOTA"] == "yes":
         from vzquota import cli as vzcli
         from vzquota.errors import EC_RUN
