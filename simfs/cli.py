@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import errno
 import faulthandler
+import json
 import logging
 import os
 import re
@@ -216,6 +217,14 @@ def precheck(private: str, root: str) -> None:
         raise MountError(f"private area {private} is inside the mount point {root}")
     if not os.path.exists("/dev/fuse"):
         raise MountError("/dev/fuse is missing: load the fuse module (modprobe fuse)")
+    try:
+        hidden = len(os.listdir(root))
+    except OSError:
+        hidden = 0
+    if hidden:
+        print(f"simfs: warning: mount point {root} is not empty: its {hidden} "
+              f"entr{'y' if hidden == 1 else 'ies'} stay hidden while it is mounted",
+              file=sys.stderr)
 
 
 def setup_logging(debug: bool, logfile, daemon: bool) -> None:
@@ -314,15 +323,26 @@ def remount(root: str, words: list[str]) -> int:
     for word in current[5].split(","):
         if word in ("ro", "nosuid", "nodev", "noexec"):
             flags |= REMOUNT_FLAGS[word][0]
+    asked: dict[str, str] = {}
     for word in words:
-        key = word.partition("=")[0]
+        key, _, val = word.partition("=")
         if key in REMOUNT_FLAGS:
             bit, on = REMOUNT_FLAGS[key]
             flags = flags | bit if on else flags & ~bit
-        elif key not in REMOUNT_KEEPS and key not in IGNORED \
-                and not key.startswith("x-") and key not in SIMFS_VALUED:
+        elif key in SIMFS_VALUED:
+            asked[key] = val            # the last one counts, as for a mount
+        elif key not in REMOUNT_KEEPS and key not in IGNORED and key not in SIMFS_FLAGS \
+                and not key.startswith("x-"):
             print(f"simfs: remount cannot change {word} (only the mount flags: ro, rw, "
                   "nosuid, nodev, noexec, atime flags, sync)", file=sys.stderr)
+            return 2
+    if asked:
+        # mount(8) passes fstab's options along: the same values are fine, a
+        # changed one cannot take effect on a running daemon
+        why = changed_options(real, asked)
+        if why:
+            print(f"simfs: remount cannot change {why}: the running mount keeps its "
+                  "options; unmount and mount again to change them", file=sys.stderr)
             return 2
     libc = ctypes.CDLL(None, use_errno=True)
     libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p,
@@ -332,6 +352,39 @@ def remount(root: str, words: list[str]) -> int:
         print(f"simfs: remount of {root} failed: {os.strerror(err)}", file=sys.stderr)
         return 1
     return 0
+
+
+def option_values(own: dict[str, str]) -> dict:
+    """simfs's own ``-o`` values as the daemon runs them (defaults filled in),
+    comparable between a mount and a remount."""
+    from .inodes import MAX_OPEN
+    return {"quotaid": int(own["quotaid"]) if "quotaid" in own else None,
+            "quotafile": own.get("quotafile"), "log": own.get("log"),
+            "hook": own.get("hook"), "checkpoint": float(own.get("checkpoint", 30)),
+            "runtime": own.get("runtime", "uvloop"),
+            "maxopen": int(own.get("maxopen", MAX_OPEN))}
+
+
+def changed_options(root: str, asked: dict[str, str]) -> str | None:
+    """The first of ``asked`` (simfs's own options of a remount) whose value
+    differs from the one the mount at ``root`` runs with, as ``key=value (the
+    mount runs with ...)``; None when all are the same."""
+    try:
+        _, own = parse_options([f"{k}={v}" for k, v in asked.items()], "")
+        want = option_values(own)
+    except (UsageError, ValueError) as e:
+        return f"{', '.join(f'{k}={v}' for k, v in asked.items())} ({e})"
+    try:
+        have = json.loads(os.getxattr(root, "trusted.simfs.options"))
+    except (OSError, ValueError) as e:
+        return (f"{', '.join(f'{k}={v}' for k, v in asked.items())} (cannot read the "
+                f"running mount's options: {getattr(e, 'strerror', None) or e})")
+    for key, val in asked.items():
+        if want[key] != have.get(key):
+            now = have.get(key)
+            return (f"{key}={val} (the mount runs with "
+                    f"{'no ' + key if now is None else f'{key}={now}'})")
+    return None
 
 
 def notify(state: str) -> None:
@@ -475,14 +528,13 @@ def quota_is_on(qid: int, quotafile: str | None) -> None:
 
 
 def build(args: argparse.Namespace, fuse_opts: set[str], own: dict[str, str]):
-    from .inodes import MAX_OPEN
     from .mount import Mount
-    return Mount(os.path.abspath(args.private), os.path.abspath(args.root), fuse_opts,
-                 quotaid=int(own["quotaid"]) if "quotaid" in own else None,
-                 quotafile=own.get("quotafile"),
-                 checkpoint=float(own.get("checkpoint", 30)),
-                 runtime=own.get("runtime", "uvloop"), hook=own.get("hook"),
-                 max_open=int(own.get("maxopen", MAX_OPEN)))
+    v = option_values(own)
+    m = Mount(os.path.abspath(args.private), os.path.abspath(args.root), fuse_opts,
+              quotaid=v["quotaid"], quotafile=v["quotafile"], checkpoint=v["checkpoint"],
+              runtime=v["runtime"], hook=v["hook"], max_open=v["maxopen"])
+    m.option_values = v         # shown to a remount (ops.OPTIONS_XATTR)
+    return m
 
 
 def daemon(m, debug: bool, logfile, ready_fd: int) -> int:
@@ -527,6 +579,7 @@ def run(m, ready_fd: int | None) -> int:
             os.close(ready_fd)
     try:
         m.prepare()
+        m.ops.mount_options = m.option_values
         try:
             m.fuse_init()
         except BaseException:

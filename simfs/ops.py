@@ -84,6 +84,8 @@ SWEEP_MAX = 512
 SETTLE_AGE = 2.0
 QUOTA_XATTR = b"user.vzquota"   # read-only, virtual, on the root only
 COUNTS_XATTR = b"trusted.simfs.requests"   # read-only, virtual, root only: request counts
+OPTIONS_XATTR = b"trusted.simfs.options"   # read-only, virtual, root only: simfs's -o values
+VIRTUAL_XATTRS = (QUOTA_XATTR, COUNTS_XATTR, OPTIONS_XATTR)
 # POSIX ACLs: the kernel checks only the mode bits (default_permissions; pyfuse3
 # cannot ask for FUSE_POSIX_ACL), so an ACL would be stored and shown but not
 # enforced.  The mount behaves as a filesystem without ACL support: these are
@@ -217,6 +219,8 @@ class SimOperations(pyfuse3.Operations):
         # FUSE requests answered, per operation (a dict increment per request;
         # read through COUNTS_XATTR by tools/bench.py)
         self.counts: collections.Counter[str] = collections.Counter()
+        # simfs's own -o values this mount runs with (OPTIONS_XATTR; set by simfs/cli.py)
+        self.mount_options: dict = {}
         # Set by the mount while a live recount runs: sees every request before
         # and after (``before(op, args)``, ``after(op, mark)``), to tell whether
         # the recount can be made exact.
@@ -1149,7 +1153,7 @@ class SimOperations(pyfuse3.Operations):
 
     @errno_boundary
     async def setxattr(self, inode, name, value, ctx):
-        if inode == ROOT and name in (QUOTA_XATTR, COUNTS_XATTR):
+        if inode == ROOT and name in VIRTUAL_XATTRS:
             raise OSError(errno.EPERM, "read-only virtual attribute")
         self._no_acl(name)
         node = self.table.get(inode)
@@ -1177,6 +1181,9 @@ class SimOperations(pyfuse3.Operations):
         if inode == ROOT and name == COUNTS_XATTR:
             # trusted.*: the kernel lets only the host's CAP_SYS_ADMIN ask
             return json.dumps(self.counts, sort_keys=True).encode() + b"\n"
+        if inode == ROOT and name == OPTIONS_XATTR:
+            # what a remount compares its options with (simfs/cli.py)
+            return json.dumps(self.mount_options, sort_keys=True).encode() + b"\n"
         self._no_acl(name)
         node = self.table.get(inode)
         return os.getxattr(self._xattr_path(node), name)
@@ -1189,7 +1196,7 @@ class SimOperations(pyfuse3.Operations):
 
     @errno_boundary
     async def removexattr(self, inode, name, ctx):
-        if inode == ROOT and name in (QUOTA_XATTR, COUNTS_XATTR):
+        if inode == ROOT and name in VIRTUAL_XATTRS:
             raise OSError(errno.EPERM, "read-only virtual attribute")
         self._no_acl(name)
         node = self.table.get(inode)
