@@ -45,12 +45,15 @@ SIMFS_VALUED = {"quotaid", "quotafile", "log", "checkpoint", "runtime", "hook", 
 # simfs's own flags: quota_off_ok lets a quota id whose quota is off be mounted
 # (unenforced, on purpose); without it such a mount is refused.
 SIMFS_FLAGS = {"quota_off_ok"}
+# Own options whose value may be left out: the default then.
+SIMFS_OPTIONAL = {"quota_admin": "0"}
 # Where the daemon logs when there is no syslog socket (/dev/log) to log to.
 FALLBACK_LOG = "/var/log/simfs.log"
 # The source df and /proc/mounts show, inside the container too (as OpenVZ
 # showed): never the host's private path.
 DEFAULT_FSNAME = "/dev/simfs"
 MAX_QUOTAID = 2**32 - 1
+MAX_UGID = 2**32 - 2
 MAX_CHECKPOINT = 86400.0
 _DIGITS = re.compile(r"[0-9]+")                          # ASCII only (not str.isdigit)
 _DECIMAL = re.compile(r"[0-9]+(\.[0-9]*)?|\.[0-9]+")
@@ -76,6 +79,8 @@ def parse_options(words: list[str], private: str) -> tuple[set[str], dict[str, s
             fuse.add(opt)
         elif key in SIMFS_VALUED and eq:
             own[key] = val
+        elif key in SIMFS_OPTIONAL:
+            own[key] = val if eq else SIMFS_OPTIONAL[key]
         elif key == "debug" and not eq:
             own["debug"] = "1"
         elif key in SIMFS_FLAGS and not eq:
@@ -89,6 +94,10 @@ def parse_options(words: list[str], private: str) -> tuple[set[str], dict[str, s
         if not _DIGITS.fullmatch(q) or not 0 < int(q) <= MAX_QUOTAID:
             raise UsageError(f"quotaid must be a positive integer up to {MAX_QUOTAID}, "
                              f"not {q!r}")
+    if "quota_admin" in own:
+        u = own["quota_admin"]
+        if not _DIGITS.fullmatch(u) or not int(u) <= MAX_UGID:
+            raise UsageError(f"quota_admin= takes a uid from 0 to {MAX_UGID}, not {u!r}")
     if "runtime" in own:
         from .mount import RUNTIMES
         if own["runtime"] not in RUNTIMES:
@@ -127,6 +136,8 @@ def parser() -> argparse.ArgumentParser:
                "quota_off_ok (mount even though the quota is off: nothing enforced "
                "until vzquota on), "
                "log=FILE, hook=CMD (run at quota limit events), "
+               "quota_admin[=UID] (that uid, 0 by default, may set its container's "
+               "per-user and per-group limits from inside), "
                "runtime=uvloop|asyncio|trio (event loop, default uvloop), "
                "debug; and the usual mount options (ro, rw, dev, suid, exec, "
                "noatime, allow_other, fsname=, ...). Default: nodev,nosuid, "
@@ -325,12 +336,14 @@ def remount(root: str, words: list[str]) -> int:
             flags |= REMOUNT_FLAGS[word][0]
     asked: dict[str, str] = {}
     for word in words:
-        key, _, val = word.partition("=")
+        key, eq, val = word.partition("=")
         if key in REMOUNT_FLAGS:
             bit, on = REMOUNT_FLAGS[key]
             flags = flags | bit if on else flags & ~bit
         elif key in SIMFS_VALUED:
             asked[key] = val            # the last one counts, as for a mount
+        elif key in SIMFS_OPTIONAL:
+            asked[key] = val if eq else SIMFS_OPTIONAL[key]
         elif key not in REMOUNT_KEEPS and key not in IGNORED and key not in SIMFS_FLAGS \
                 and not key.startswith("x-"):
             print(f"simfs: remount cannot change {word} (only the mount flags: ro, rw, "
@@ -362,7 +375,8 @@ def option_values(own: dict[str, str]) -> dict:
             "quotafile": own.get("quotafile"), "log": own.get("log"),
             "hook": own.get("hook"), "checkpoint": float(own.get("checkpoint", 30)),
             "runtime": own.get("runtime", "uvloop"),
-            "maxopen": int(own.get("maxopen", MAX_OPEN))}
+            "maxopen": int(own.get("maxopen", MAX_OPEN)),
+            "quota_admin": int(own["quota_admin"]) if "quota_admin" in own else None}
 
 
 def changed_options(root: str, asked: dict[str, str]) -> str | None:
@@ -450,6 +464,9 @@ def main(argv: list[str] | None = None) -> int:
         return remount(args.root, words)
     try:
         fuse_opts, own = parse_options(words, os.path.abspath(args.private))
+        if "quota_admin" in own and "quotaid" not in own:
+            raise UsageError("quota_admin needs quotaid=N: without a quota there is "
+                             "nothing to administer")
     except UsageError as e:
         print(f"simfs: {e}", file=sys.stderr)
         return 2
@@ -532,7 +549,8 @@ def build(args: argparse.Namespace, fuse_opts: set[str], own: dict[str, str]):
     v = option_values(own)
     m = Mount(os.path.abspath(args.private), os.path.abspath(args.root), fuse_opts,
               quotaid=v["quotaid"], quotafile=v["quotafile"], checkpoint=v["checkpoint"],
-              runtime=v["runtime"], hook=v["hook"], max_open=v["maxopen"])
+              runtime=v["runtime"], hook=v["hook"], max_open=v["maxopen"],
+              quota_admin=v["quota_admin"])
     m.option_values = v         # shown to a remount (ops.OPTIONS_XATTR)
     return m
 

@@ -35,6 +35,7 @@ from anyio.abc import SocketAttribute, SocketListener, SocketStream
 
 from vzquota import control, progress
 from vzquota.errors import EC_LIVE, VzError
+from vzquota.inside import QuotaAdmin
 from vzquota.qfile import QuotaFile
 from vzquota.scan import ScanResult, scan
 from vzquota.service import LiveQuota
@@ -91,6 +92,7 @@ class Mount:
     checkpoint: float = 30.0
     runtime: str = RUNTIMES[0]
     max_open: int = MAX_OPEN
+    quota_admin: int | None = None      # -o quota_admin[=UID]: the container's root
     ops: SimOperations | None = None
     live: LiveQuota | None = None
     _locks: list[tuple[int, str]] = field(default_factory=list)
@@ -184,6 +186,7 @@ class Mount:
             self.live.orphans = self._orphans
             self.live.gaps = lambda: len(self.ops.gapped) + self.ops.lost_gaps
             self.ops.quota = self.live.engine
+            self.ops.admin = QuotaAdmin(self.live, self.quota_admin)
             self._listen()
 
     def _scan(self, skip: frozenset[int] = frozenset()) -> ScanResult:

@@ -55,6 +55,7 @@ from pyfuse3 import FUSEError
 
 from vzquota.engine import INFINITE, QuotaEngine
 from vzquota.errors import QuotaExceeded
+from vzquota.inside import ADMIN_XATTR, refuse_without_quota
 from vzquota.model import GROUP, USER
 
 from . import lower
@@ -185,6 +186,9 @@ class SimOperations(pyfuse3.Operations):
     """Passthrough of ``root_fd``'s tree with quota enforcement."""
 
     enable_writeback_cache = False
+    # vzquota.inside.QuotaAdmin of the mount's quota (set by the mount): who may
+    # write ADMIN_XATTR from inside
+    admin = None
 
     def __init__(self, root_fd: int, max_open: int = MAX_OPEN):
         super().__init__()
@@ -1153,6 +1157,11 @@ class SimOperations(pyfuse3.Operations):
 
     @errno_boundary
     async def setxattr(self, inode, name, value, ctx):
+        if inode == ROOT and name == ADMIN_XATTR:
+            if self.admin is None:
+                refuse_without_quota(ctx.uid, ctx.pid)
+            self.admin.request(ctx.uid, ctx.pid, value)
+            return
         if inode == ROOT and name in VIRTUAL_XATTRS:
             raise OSError(errno.EPERM, "read-only virtual attribute")
         self._no_acl(name)
@@ -1184,6 +1193,8 @@ class SimOperations(pyfuse3.Operations):
         if inode == ROOT and name == OPTIONS_XATTR:
             # what a remount compares its options with (simfs/cli.py)
             return json.dumps(self.mount_options, sort_keys=True).encode() + b"\n"
+        if inode == ROOT and name == ADMIN_XATTR:
+            raise OSError(errno.ENODATA, "write-only virtual attribute")
         self._no_acl(name)
         node = self.table.get(inode)
         return os.getxattr(self._xattr_path(node), name)
@@ -1196,7 +1207,7 @@ class SimOperations(pyfuse3.Operations):
 
     @errno_boundary
     async def removexattr(self, inode, name, ctx):
-        if inode == ROOT and name in VIRTUAL_XATTRS:
+        if inode == ROOT and (name in VIRTUAL_XATTRS or name == ADMIN_XATTR):
             raise OSError(errno.EPERM, "read-only virtual attribute")
         self._no_acl(name)
         node = self.table.get(inode)
@@ -1219,8 +1230,11 @@ class SimOperations(pyfuse3.Operations):
         out = {"quotaid": st.qid, "now": q.now(), "container": obj(st.level1),
                "grace": {"blocks": st.grace1.space, "inodes": st.grace1.inodes},
                "ugid": {"active": q.ugid_active}}
+        admin = self.admin
+        if admin is not None:
+            out["admin"] = admin.describe(ctx.uid)
         if q.ugid_active:
-            if ctx.uid == 0:
+            if ctx.uid == 0 or (admin is not None and admin.allows(ctx.uid)):
                 uids, gids = set(st.users), set(st.groups)
             else:
                 uids = {ctx.uid}

@@ -146,6 +146,8 @@ def test_every_simfs_mount_option_is_documented(simfs_8):
     assert "quotaid" in simfs_cli.SIMFS_VALUED
     for key in sorted(simfs_cli.SIMFS_VALUED | simfs_cli.FUSE_VALUED):
         assert has_word(options, key + "="), key
+    for key in sorted(simfs_cli.SIMFS_OPTIONAL):       # a value is optional: key[=VALUE]
+        assert re.search(r"(?<![\w.-])" + re.escape(key) + r" ?\[=", options), key
     for flag in sorted(simfs_cli.FUSE_FLAGS | simfs_cli.IGNORED | {"debug"}):
         assert has_word(options, flag), flag
     for opt in ("-f", "-d", "-V"):
@@ -161,6 +163,10 @@ def test_simfs_sections(simfs_8):
     xattr = plain("\n".join(section(simfs_8, "SEEING YOUR OWN QUOTA FROM INSIDE")))
     assert "user.vzquota" in xattr
     assert "getfattr -n user.vzquota --only-values /" in xattr
+    admin = plain("\n".join(section(simfs_8, "QUOTA ADMINISTRATION FROM INSIDE")))
+    for word in ("user.vzquota.admin", "quota_admin", "EPERM", "myquota setquota",
+                 "myquota repquota", "myquota quota"):
+        assert word in admin, word
 
 
 # ---- (c) groff renders both pages without warnings ----------------------------
