@@ -53,6 +53,30 @@ else:
     with open(prog) as f:
         exec(compile(f.read(), prog, "exec"), {"__name__": "__main__", "__file__": prog})
 """
+# The same, first entering a user namespace that maps ids 0-65535 to
+# $USERNS_BASE.. (as a user-namespaced container does): the parent, root of the
+# host, writes the maps; the child becomes the namespace's root (the host's
+# uid $USERNS_BASE), then goes on as RUNNER.
+USERNS = r"""
+import ctypes, os, sys
+base = int(os.environ["USERNS_BASE"])
+r, w = os.pipe()
+r2, w2 = os.pipe()
+pid = os.fork()
+if pid:
+    os.read(r, 1)
+    for name in ("uid_map", "gid_map"):
+        with open(f"/proc/{pid}/{name}", "w") as f:
+            f.write(f"0 {base} 65536\n")
+    os.write(w2, b"x")
+    sys.exit(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+if ctypes.CDLL(None, use_errno=True).unshare(0x10000000) != 0:   # CLONE_NEWUSER
+    os._exit(90)
+os.write(w, b"x")
+os.read(r2, 1)
+os.setgid(0)
+os.setuid(0)
+""" + RUNNER
 
 PASSWD = ("root:x:0:0:root:/root:/bin/sh\n"
           "daemon:x:1:1:daemon:/usr/sbin:/usr/sbin/nologin\n"
@@ -73,13 +97,17 @@ SETX = ("import os,sys\n"
         "    print('ERR', e.errno)\n")
 
 
-def inside(root: Path, uid: int, prog: str, *args: str, gid: int | None = None):
+def inside(root: Path, uid: int, prog: str, *args: str, gid: int | None = None,
+           userns: int | None = None):
     """Run ``prog`` (quota, repquota, setquota, or "-c" CODE) inside the
-    container as ``uid``."""
+    container as ``uid`` (of a user namespace mapping 0.. to ``userns``.., if
+    given)."""
     gid = uid if gid is None else gid
     path = prog if prog == "-c" else f"/usr/local/bin/{prog}"
-    return subprocess.run([USER_PYTHON, "-c", RUNNER, str(root), str(uid), str(gid), path,
-                           *args], capture_output=True, text=True, timeout=60)
+    env = dict(os.environ, USERNS_BASE=str(userns or 0))
+    return subprocess.run([USER_PYTHON, "-c", USERNS if userns else RUNNER, str(root),
+                           str(uid), str(gid), path, *args],
+                          capture_output=True, text=True, timeout=60, env=env)
 
 
 def write_inside(root: Path, uid: int, path: str, nbytes: int) -> str:
@@ -108,16 +136,17 @@ def limits_of(kind: str, ugid: int) -> tuple | None:
     return None
 
 
-def populate(root: Path) -> None:
+def populate(root: Path, base: int = 0) -> None:
     """The container's own files: /etc/passwd, /etc/group, a home for alice
-    and bob, myquota linked as quota, repquota and setquota."""
+    and bob (owned by their uids, plus ``base`` as the host sees them),
+    myquota linked as quota, repquota and setquota."""
     (root / "etc").mkdir()
     (root / "etc" / "passwd").write_text(PASSWD)
     (root / "etc" / "group").write_text(GROUP)
     for name, uid in (("alice", 1000), ("bob", 1001)):
         home = root / "home" / name
         home.mkdir(parents=True)
-        os.chown(home, uid, uid)
+        os.chown(home, base + uid, base + uid)
     bindir = root / "usr" / "local" / "bin"
     bindir.mkdir(parents=True)
     shutil.copy(MYQUOTA, bindir / "myquota")
@@ -427,6 +456,48 @@ def test_new_ids_from_inside_stay_within_the_ugid_limit(container):
     assert r.returncode == 1
     assert "Disk quota exceeded" in r.stderr and "ugid limit" in r.stderr
     assert limits_of("user", 3000) is None
+
+
+def test_user_namespaced_container(mounter, area):
+    """A container in a user namespace (0-65535 -> 100000-165535): the daemon
+    sees host ids; -o quota_admin=100000 names its root; myquota translates
+    ids through /proc/self/uid_map both ways."""
+    private, root = area
+    base = 100000
+    os.chown(private, base, base)
+    vzquota("init", QID, "-p", str(private), "-b", "100000", "-B", "100000",
+            "-i", "1000", "-I", "1000", "-e", "1d", "-n", "1d", "-s", "1", "-u", "20")
+    vzquota("on", QID)
+    m = mounter(private, root, "dev", "suid", f"quotaid={QID}", f"quota_admin={base}")
+    populate(root, base)
+    (root / "proc").mkdir()
+    subprocess.run(["mount", "--bind", "/proc", str(root / "proc")], check=True)
+    try:
+        r = inside(root, 0, "setquota", "-u", "alice", "100", "120", "0", "0", "/",
+                   userns=base)
+        assert r.returncode == 0, r.stderr
+        assert limits_of("user", base + 1000) == (100, 120, 0, 0)
+        r = inside(root, 1000, "-c", WRITE, "/home/alice/f", str(200 * K), userns=base)
+        assert int(r.stdout) < 200 * K, r.stderr
+        r = inside(root, 1000, "-c", WRITE, "/home/alice/f", str(4 * K), userns=base)
+        assert r.stdout.strip() == f"ERR {errno.EDQUOT}"
+        r = inside(root, 0, "repquota", "/", userns=base)
+        assert r.returncode == 0, r.stderr
+        rows = rep_rows(r.stdout)
+        assert rows["alice"][3:5] == ["100", "120"] and "root" in rows
+        assert f"#{base}" not in r.stdout
+        r = inside(root, 1000, "quota", userns=base)
+        assert r.returncode == 1
+        assert r.stdout.startswith("Disk quotas for user alice (uid 1000): \n")
+        # the host's root is not this container's administrator
+        r = inside(root, 0, "setquota", "-u", str(base + 1000), "0", "0", "0", "0", "/")
+        assert r.returncode == 1 and "Operation not permitted" in r.stderr
+        assert limits_of("user", base + 1000) == (100, 120, 0, 0)
+        assert re.search(rf"uid {base} \(pid \d+\) inside the container set the limits of "
+                         rf"user {base + 1000}", m.logtext())
+    finally:
+        subprocess.run(["umount", str(root / "proc")], check=False)
+    bk.assert_usage_matches(private, QID)
 
 
 # ---- the option -------------------------------------------------------------------------
