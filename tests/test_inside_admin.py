@@ -521,6 +521,25 @@ def test_quota_admin_option_parsing(area):
     assert not is_mountpoint(str(root))
 
 
+def test_remount_keeps_quota_admin(container):
+    """mount(8) passes an fstab line's quota_admin along on a remount: the same
+    value is fine, a changed or added one is refused (exit 2)."""
+    private, root, m = container("quota_admin")
+
+    def remount(opts: str) -> subprocess.CompletedProcess:
+        return subprocess.run([SIMFS, "/dev/simfs", str(root), "-o",
+                               f"remount,{opts},user_id=0,group_id=0,allow_other"],
+                              capture_output=True, text=True, timeout=60)
+    for same in (f"ro,quotaid={QID},quota_admin", "rw,quota_admin=0", "ro", "rw"):
+        r = remount(same)
+        assert r.returncode == 0, (same, r.stderr)
+    r = remount("ro,quota_admin=1000")
+    assert r.returncode == 2
+    assert "remount cannot change quota_admin=1000 (the mount runs with quota_admin=0)" \
+        in r.stderr, r.stderr
+    assert inside(root, 0, "setquota", "alice", "1", "2", "0", "0", "/").returncode == 0
+
+
 # ---- quota-tools' number and time formats ----------------------------------------------
 
 def load_myquota():
