@@ -12,7 +12,7 @@ service's children.
 
 Concurrency: runs before any event loop exists; the fork happens before the
 loop starts, and the child alone runs it.  The path to the service imports
-nothing heavy (no pyfuse3, no event loop, no logging).
+nothing heavy (no FUSE binding, no event loop, no logging).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from . import __version__
 
 log = logging.getLogger("simfs")
 
-# Options handed to libfuse as they are (mount flags and FUSE options).
+# Options handed to the FUSE binding as they are (mount flags and FUSE options).
 FUSE_FLAGS = {"ro", "rw", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime",
               "noatime", "diratime", "nodiratime", "relatime", "norelatime",
               "strictatime", "nostrictatime", "lazytime", "nolazytime", "sync",
@@ -41,7 +41,8 @@ FUSE_VALUED = {"fsname", "subtype", "max_read"}
 # Words mount(8)/fstab may pass that mean nothing to a running filesystem.
 IGNORED = {"defaults", "auto", "noauto", "user", "users", "nouser", "owner", "group",
            "nofail", "_netdev", "loop"}
-SIMFS_VALUED = {"quotaid", "quotafile", "log", "checkpoint", "runtime", "hook", "maxopen"}
+SIMFS_VALUED = {"quotaid", "quotafile", "log", "checkpoint", "runtime", "hook", "maxopen",
+                "fuse"}
 # simfs's own flags: quota_off_ok lets a quota id whose quota is off be mounted
 # (unenforced, on purpose); without it such a mount is refused.
 SIMFS_FLAGS = {"quota_off_ok"}
@@ -64,7 +65,7 @@ class UsageError(Exception):
 
 
 def parse_options(words: list[str], private: str) -> tuple[set[str], dict[str, str]]:
-    """Split ``-o`` words into libfuse options and simfs's own."""
+    """Split ``-o`` words into mount/FUSE options and simfs's own."""
     fuse = {"allow_other", "default_permissions", f"fsname={DEFAULT_FSNAME}",
             "subtype=simfs"}
     own: dict[str, str] = {}
@@ -103,6 +104,11 @@ def parse_options(words: list[str], private: str) -> tuple[set[str], dict[str, s
         if own["runtime"] not in RUNTIMES:
             raise UsageError(f"runtime must be one of {', '.join(RUNTIMES)}, "
                              f"not {own['runtime']!r}")
+    if "fuse" in own:
+        from .binding import BINDINGS
+        if own["fuse"] not in BINDINGS:
+            raise UsageError(f"fuse must be one of {', '.join(BINDINGS)}, "
+                             f"not {own['fuse']!r}")
     if "maxopen" in own:
         v = own["maxopen"]
         if not _DIGITS.fullmatch(v) or not 16 <= int(v) <= 1 << 20:
@@ -139,6 +145,8 @@ def parser() -> argparse.ArgumentParser:
                "quota_admin[=UID] (that uid, 0 by default, may set its container's "
                "per-user and per-group limits from inside), "
                "runtime=uvloop|asyncio|trio (event loop, default uvloop), "
+               "fuse=builtin|pyfuse3 (the FUSE binding: the project's own protocol layer, "
+               "the default, or pyfuse3 from the optional extra), "
                "debug; and the usual mount options (ro, rw, dev, suid, exec, "
                "noatime, allow_other, fsname=, ...). Default: nodev,nosuid, "
                "fsname=/dev/simfs. "
@@ -376,7 +384,8 @@ def option_values(own: dict[str, str]) -> dict:
             "hook": own.get("hook"), "checkpoint": float(own.get("checkpoint", 30)),
             "runtime": own.get("runtime", "uvloop"),
             "maxopen": int(own.get("maxopen", MAX_OPEN)),
-            "quota_admin": int(own["quota_admin"]) if "quota_admin" in own else None}
+            "quota_admin": int(own["quota_admin"]) if "quota_admin" in own else None,
+            "fuse": own.get("fuse", "builtin")}
 
 
 def changed_options(root: str, asked: dict[str, str]) -> str | None:
@@ -550,7 +559,7 @@ def build(args: argparse.Namespace, fuse_opts: set[str], own: dict[str, str]):
     m = Mount(os.path.abspath(args.private), os.path.abspath(args.root), fuse_opts,
               quotaid=v["quotaid"], quotafile=v["quotafile"], checkpoint=v["checkpoint"],
               runtime=v["runtime"], hook=v["hook"], max_open=v["maxopen"],
-              quota_admin=v["quota_admin"])
+              quota_admin=v["quota_admin"], fuse=v["fuse"])
     m.option_values = v         # shown to a remount (ops.OPTIONS_XATTR)
     return m
 
@@ -629,7 +638,7 @@ def run(m, ready_fd: int | None) -> int:
         tell("ok")
     os.umask(0)
     try:
-        run_loop(m.serve, m.runtime)
+        run_loop(m.serve, m.runtime, m.fuse)
     except BaseException:
         log.exception("the mount failed")
         return 1

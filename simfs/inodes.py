@@ -20,7 +20,7 @@ at start), every inode's, up to ``Budget.pinned``: past it, new lookups fail
 with ENFILE (``has_room``).
 
 FUSE inode numbers are the backing ``st_ino`` except that the private area's
-root is 1 (``pyfuse3.ROOT_INODE``) and a backing inode numbered 1 takes the
+root is 1 (FUSE's ROOT_ID) and a backing inode numbered 1 takes the
 root's number: a bijection, so numbers are stable across lookups and hard links
 share one inode.  An unlinked inode that is neither pinned nor open is dead:
 if the backing filesystem reuses its number, ``adopt`` notices, tells

@@ -3,7 +3,8 @@ FUSE requests and the control channel, checkpoint, and stop cleanly.
 
 Role: wiring.  ``Mount.prepare`` does everything that can fail before the
 mount exists (so ``simfs`` can report it and exit non-zero); ``Mount.serve``
-runs the tasks: pyfuse3's request loop, the control server, the checkpoint
+runs the tasks: the FUSE request loop (``simfs.binding``: fusewire by
+default, pyfuse3 as the fallback), the control server, the checkpoint
 timer, the sweep of files closed with delayed blocks and the signal handler
 (SIGTERM/SIGINT/SIGHUP end the loop).
 Only after the request loop ended normally is the quota file marked as
@@ -12,8 +13,8 @@ recounts.
 
 Concurrency: everything runs on one event loop, written against anyio so that
 the same code runs on asyncio + uvloop (the default: the cheapest FUSE round
-trip, see README), plain asyncio or trio (``RUNTIMES``; ``run`` starts it and
-switches pyfuse3 to match).  Scans run in a worker thread and only their result
+trip, see README), plain asyncio or trio (``RUNTIMES``; ``run`` starts it with
+the binding set up for it).  Scans run in a worker thread and only their result
 is applied on the loop (``LiveQuota.finish_recalc``).
 """
 
@@ -30,7 +31,6 @@ import subprocess
 from dataclasses import dataclass, field
 
 import anyio
-import pyfuse3
 from anyio.abc import SocketAttribute, SocketListener, SocketStream
 
 from vzquota import control, progress
@@ -40,7 +40,8 @@ from vzquota.qfile import QuotaFile
 from vzquota.scan import ScanResult, scan
 from vzquota.service import LiveQuota
 
-from . import events
+from . import binding, events
+from .binding import BINDINGS
 from .inodes import MAX_OPEN, ROOT, Closer
 from .ops import SimOperations
 
@@ -51,31 +52,9 @@ SWEEP_EVERY = 1.0      # seconds between sweeps of files closed with delayed blo
 RUNTIMES = ("uvloop", "asyncio", "trio")      # the first is the default
 
 
-def _notify_closing(fd) -> None:
-    """pyfuse3.terminate() under asyncio: wake the request loop's readers of
-    ``fd``.  pyfuse3's own version fails (InvalidStateError) when a reader's
-    wake-up already fired, as it can when a signal arrives with a request."""
-    import pyfuse3.asyncio
-    for fut in list(pyfuse3.asyncio._read_futures.get(fd, ())):
-        if not fut.done():
-            fut.set_exception(pyfuse3.asyncio.ClosedResourceError())
-
-
-def run(serve, runtime: str = RUNTIMES[0]):
-    """Run ``serve()`` on the chosen event loop, with pyfuse3 switched to it."""
-    import pyfuse3.asyncio
-    if runtime == "trio":
-        log.info("request loop: trio, pyfuse3's worker tasks")
-        pyfuse3.asyncio.disable()
-        return anyio.run(serve, backend="trio")
-    # patches/: pyfuse3 serves requests from a reader callback, not worker tasks
-    patched = hasattr(pyfuse3.asyncio, "callback_loop")
-    log.info("request loop: %s, %s", runtime,
-             "pyfuse3's callback loop (patched)" if patched else "pyfuse3's worker tasks")
-    pyfuse3.asyncio.enable()
-    pyfuse3.asyncio.notify_closing = _notify_closing
-    return anyio.run(serve, backend="asyncio",
-                     backend_options={"use_uvloop": runtime == "uvloop"})
+def run(serve, runtime: str = RUNTIMES[0], fuse: str = BINDINGS[0]):
+    """Run ``serve()`` on the chosen event loop, with the binding set up for it."""
+    return binding.select(fuse).run(serve, runtime)
 
 
 class MountError(Exception):
@@ -93,7 +72,9 @@ class Mount:
     runtime: str = RUNTIMES[0]
     max_open: int = MAX_OPEN
     quota_admin: int | None = None      # -o quota_admin[=UID]: the container's root
+    fuse: str = BINDINGS[0]
     ops: SimOperations | None = None
+    channel: object = None
     live: LiveQuota | None = None
     _locks: list[tuple[int, str]] = field(default_factory=list)
     _shown: object = None
@@ -224,7 +205,9 @@ class Mount:
         self._unlock()
 
     def fuse_init(self) -> None:
-        pyfuse3.init(self.ops, self.root, self.fuse_options)
+        """Mount: from here on the kernel sends requests (served by ``serve``)."""
+        self.channel = binding.select(self.fuse)(self.ops, self.root, self.fuse_options)
+        self.channel.mount()
 
     # ---- serving ---------------------------------------------------------------
 
@@ -238,7 +221,7 @@ class Mount:
                     tg.start_soon(self._checkpoints)
                     tg.start_soon(self._sweeps)
                     tg.start_soon(self._events, tg)
-                await pyfuse3.main()
+                await self.channel.main()
                 clean = True
                 tg.cancel_scope.cancel()
         finally:
@@ -251,7 +234,7 @@ class Mount:
                     self.live.stop()
                 except Exception:
                     log.exception("saving the quota file at stop failed")
-            pyfuse3.close(unmount=clean)
+            self.channel.close(unmount=clean)
             if self.live is not None:
                 try:
                     os.unlink(control.socket_path(self.quotaid))
@@ -275,7 +258,7 @@ class Mount:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
             async for sig in sigs:
                 log.info("signal %d: stopping", sig)
-                pyfuse3.terminate()
+                self.channel.terminate()
 
     async def _events(self, tg) -> None:
         """Report limit events: a log line each, and the hook (see events.py)."""

@@ -24,7 +24,8 @@ host's root as the virtual ``trusted.simfs.requests`` attribute of the root).
 Missing names are answered as negative entries the kernel caches, and FLUSH
 with ENOSYS (the kernel then stops sending it): fewer round trips.
 
-Concurrency: pyfuse3 runs handlers on one event loop on one thread.  Handlers do
+Concurrency: the binding (simfs.binding) runs handlers on one event loop on one
+thread.  Handlers do
 their backing I/O inline (pread/pwrite are fast and offloading measured slower),
 except fsync and the part of a large read the page cache cannot serve at once,
 which go to a worker thread (reads touch no quota state).  No handler awaits
@@ -39,6 +40,7 @@ import asyncio
 import collections
 import errno
 import functools
+import inspect
 import itertools
 import json
 import logging
@@ -50,8 +52,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 import anyio
-import pyfuse3
-from pyfuse3 import FUSEError
+
+import fusewire
+from fusewire import FUSEError, get_sup_groups, readdir_reply
 
 from vzquota.engine import INFINITE, QuotaEngine
 from vzquota.errors import QuotaExceeded
@@ -108,8 +111,9 @@ MUTATING = frozenset({"setattr", "mknod", "mkdir", "symlink", "create", "link", 
 
 def in_thread(fn: Callable, *args):
     """An awaitable running ``fn(*args)`` in a worker thread.  Under asyncio a
-    plain executor future: pyfuse3's callback loop (patches/) first runs a
-    handler outside any task, where anyio cannot tell which loop it is on."""
+    plain executor future: the request loop (fusewire's reader callback, or a
+    patched pyfuse3's) first runs a handler outside any task, where anyio
+    cannot tell which loop it is on."""
     try:
         loop = asyncio.get_running_loop()
     except RuntimeError:          # trio
@@ -134,30 +138,59 @@ def _writeback_and_close(fd: int) -> None:
 
 
 def errno_boundary(fn: Callable) -> Callable:
-    """The one errno boundary: only FUSEError may leave a handler."""
+    """The one errno boundary: only FUSEError may leave a handler.  A handler
+    that never awaits stays a plain function (the request loop answers it
+    inline, and no await can be written between a reservation and its
+    commit); one that awaits (read, fsync, fsyncdir) stays a coroutine."""
     op = fn.__name__
 
+    def failed(args: tuple, e: BaseException) -> FUSEError:
+        if isinstance(e, QuotaExceeded):
+            return FUSEError(errno.EDQUOT)
+        if isinstance(e, OSError):
+            return FUSEError(e.errno or errno.EIO)
+        log.exception("unexpected error in %s%r", op, args[:2])
+        return FUSEError(errno.EIO)
+
+    if inspect.iscoroutinefunction(fn):
+        @functools.wraps(fn)
+        async def wrapper(self: "SimOperations", *args):
+            self.counts[op] += 1
+            watch = self.watch
+            if watch is not None:        # a live recount is running (simfs/mount.py)
+                mark = watch.before(op, args)
+            try:
+                return await fn(self, *args)
+            except FUSEError:
+                raise
+            except Exception as e:
+                raise failed(args, e) from None
+            finally:
+                if watch is not None:
+                    watch.after(op, mark)
+        return wrapper
+
     @functools.wraps(fn)
-    async def wrapper(self: "SimOperations", *args):
+    def plain(self: "SimOperations", *args):
         self.counts[op] += 1
         watch = self.watch
-        if watch is not None:        # a live recount is running (simfs/mount.py)
-            mark = watch.before(op, args)
+        if watch is None:
+            try:
+                return fn(self, *args)
+            except FUSEError:
+                raise
+            except Exception as e:
+                raise failed(args, e) from None
+        mark = watch.before(op, args)    # a live recount is running (simfs/mount.py)
         try:
-            return await fn(self, *args)
+            return fn(self, *args)
         except FUSEError:
             raise
-        except QuotaExceeded:
-            raise FUSEError(errno.EDQUOT) from None
-        except OSError as e:
-            raise FUSEError(e.errno or errno.EIO) from None
-        except Exception:
-            log.exception("unexpected error in %s%r", fn.__name__, args[:2])
-            raise FUSEError(errno.EIO) from None
+        except Exception as e:
+            raise failed(args, e) from None
         finally:
-            if watch is not None:
-                watch.after(op, mark)
-    return wrapper
+            watch.after(op, mark)
+    return plain
 
 
 @dataclass
@@ -182,16 +215,14 @@ class DirHandle:
     uid: int = 0          # who opened it (OpenShares)
 
 
-class SimOperations(pyfuse3.Operations):
+class SimOperations:
     """Passthrough of ``root_fd``'s tree with quota enforcement."""
 
-    enable_writeback_cache = False
     # vzquota.inside.QuotaAdmin of the mount's quota (set by the mount): who may
     # write ADMIN_XATTR from inside
     admin = None
 
     def __init__(self, root_fd: int, max_open: int = MAX_OPEN):
-        super().__init__()
         limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         self.table = InodeTable(root_fd, Budget.plan(limit, max_open))
         self.shares = OpenShares(self.table.budget.files)
@@ -238,24 +269,9 @@ class SimOperations(pyfuse3.Operations):
 
     # ---- helpers -------------------------------------------------------------
 
-    def _attrs(self, st: os.stat_result, ino: int | None = None) -> pyfuse3.EntryAttributes:
-        a = pyfuse3.EntryAttributes()
-        a.st_ino = self.table.fuse_ino(st.st_ino) if ino is None else ino
-        a.generation = 0
-        a.entry_timeout = TIMEOUT
-        a.attr_timeout = TIMEOUT
-        a.st_mode = st.st_mode
-        a.st_nlink = st.st_nlink
-        a.st_uid = st.st_uid
-        a.st_gid = st.st_gid
-        a.st_rdev = st.st_rdev
-        a.st_size = st.st_size
-        a.st_blksize = st.st_blksize
-        a.st_blocks = st.st_blocks
-        a.st_atime_ns = st.st_atime_ns
-        a.st_mtime_ns = st.st_mtime_ns
-        a.st_ctime_ns = st.st_ctime_ns
-        return a
+    def _attrs(self, st: os.stat_result, ino: int | None = None) -> fusewire.EntryAttributes:
+        return fusewire.EntryAttributes.from_stat(
+            st, self.table.fuse_ino(st.st_ino) if ino is None else ino, TIMEOUT)
 
     def _room_for_a_handle(self, uid: int) -> None:
         """Every open file and directory holds one descriptor: refuse one more
@@ -621,7 +637,7 @@ class SimOperations(pyfuse3.Operations):
     # ---- lookup and attributes ---------------------------------------------
 
     @errno_boundary
-    async def lookup(self, parent_inode, name, ctx):
+    def lookup(self, parent_inode, name, ctx):
         parent = self.table.get(parent_inode)
         if name == b".." and parent_inode != ROOT:
             fd = lower.open_path(b"..", parent.fd)
@@ -633,13 +649,13 @@ class SimOperations(pyfuse3.Operations):
         except FileNotFoundError:
             # A negative entry the kernel caches for TIMEOUT: a name created
             # through the mount replaces it at once.
-            a = pyfuse3.EntryAttributes()
+            a = fusewire.EntryAttributes()
             a.st_ino = 0
             a.entry_timeout = TIMEOUT
             return a
         return self._attrs(st, inode.ino)
 
-    async def forget(self, inode_list):
+    def forget(self, inode_list):
         self.counts["forget"] += 1
         for ino, n in inode_list:
             try:
@@ -655,12 +671,12 @@ class SimOperations(pyfuse3.Operations):
                 log.exception("forget of inode %d failed", ino)
 
     @errno_boundary
-    async def getattr(self, inode, ctx):
+    def getattr(self, inode, ctx):
         node = self.table.get(inode)
         return self._attrs(os.fstat(node.fd), node.ino)
 
     @errno_boundary
-    async def setattr(self, inode, attr, fields, fh, ctx):
+    def setattr(self, inode, attr, fields, fh, ctx):
         node = self.table.get(inode)
         h = self.handles.get(fh) if fh is not None else None
         if fields.update_uid or fields.update_gid:
@@ -704,14 +720,14 @@ class SimOperations(pyfuse3.Operations):
         return self._attrs(st, node.ino)
 
     @errno_boundary
-    async def readlink(self, inode, ctx):
+    def readlink(self, inode, ctx):
         node = self.table.get(inode)
         return lower.readlink_path(node.fd)
 
     # ---- creating nodes ----------------------------------------------------
 
     @errno_boundary
-    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+    def mknod(self, parent_inode, name, mode, rdev, ctx):
         parent = self.table.get(parent_inode)
         perm = mode & ~ctx.umask
         inode, st = self._make_node(
@@ -720,7 +736,7 @@ class SimOperations(pyfuse3.Operations):
         return self._attrs(st, inode.ino)
 
     @errno_boundary
-    async def mkdir(self, parent_inode, name, mode, ctx):
+    def mkdir(self, parent_inode, name, mode, ctx):
         parent = self.table.get(parent_inode)
         perm = stat.S_IMODE(mode) & ~ctx.umask
 
@@ -735,7 +751,7 @@ class SimOperations(pyfuse3.Operations):
         return self._attrs(st, inode.ino)
 
     @errno_boundary
-    async def symlink(self, parent_inode, name, target, ctx):
+    def symlink(self, parent_inode, name, target, ctx):
         parent = self.table.get(parent_inode)
         space = self.bsize if len(target) >= 60 else 0
         inode, st = self._make_node(
@@ -744,7 +760,7 @@ class SimOperations(pyfuse3.Operations):
         return self._attrs(st, inode.ino)
 
     @errno_boundary
-    async def create(self, parent_inode, name, mode, flags, ctx):
+    def create(self, parent_inode, name, mode, flags, ctx):
         parent = self.table.get(parent_inode)
         self._room_for_a_handle(ctx.uid)
         perm = stat.S_IMODE(mode) & ~ctx.umask
@@ -771,7 +787,7 @@ class SimOperations(pyfuse3.Operations):
         return self._file_info(fh, flags), self._attrs(st, inode.ino)
 
     @errno_boundary
-    async def link(self, inode, new_parent_inode, new_name, ctx):
+    def link(self, inode, new_parent_inode, new_name, ctx):
         node = self.table.get(inode)
         parent = self.table.get(new_parent_inode)
         dres = self._reserve_dir(parent, ctx)
@@ -789,7 +805,7 @@ class SimOperations(pyfuse3.Operations):
     # ---- removing and renaming --------------------------------------------
 
     @errno_boundary
-    async def unlink(self, parent_inode, name, ctx):
+    def unlink(self, parent_inode, name, ctx):
         parent = self.table.get(parent_inode)
         st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
         os.unlink(name, dir_fd=parent.fd)
@@ -798,7 +814,7 @@ class SimOperations(pyfuse3.Operations):
         self._reconcile_dir(parent)
 
     @errno_boundary
-    async def rmdir(self, parent_inode, name, ctx):
+    def rmdir(self, parent_inode, name, ctx):
         parent = self.table.get(parent_inode)
         st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
         os.rmdir(name, dir_fd=parent.fd)
@@ -806,7 +822,7 @@ class SimOperations(pyfuse3.Operations):
         self._reconcile_dir(parent)
 
     @errno_boundary
-    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new,
+    def rename(self, parent_inode_old, name_old, parent_inode_new, name_new,
                      flags, ctx):
         old = self.table.get(parent_inode_old)
         new = self.table.get(parent_inode_new)
@@ -864,8 +880,8 @@ class SimOperations(pyfuse3.Operations):
 
     # ---- files ---------------------------------------------------------------
 
-    def _file_info(self, fh: int, flags: int) -> pyfuse3.FileInfo:
-        fi = pyfuse3.FileInfo(fh=fh)
+    def _file_info(self, fh: int, flags: int) -> fusewire.FileInfo:
+        fi = fusewire.FileInfo(fh=fh)
         if flags & os.O_DIRECT:
             fi.direct_io = True
         else:
@@ -873,7 +889,7 @@ class SimOperations(pyfuse3.Operations):
         return fi
 
     @errno_boundary
-    async def open(self, inode, flags, ctx):
+    def open(self, inode, flags, ctx):
         node = self.table.get(inode)
         # O_NOFOLLOW would refuse the /proc/self/fd magic link itself (ELOOP):
         # the inode is already resolved without following anything.
@@ -890,13 +906,15 @@ class SimOperations(pyfuse3.Operations):
         return self._file_info(fh, flags)
 
     @errno_boundary
-    async def read(self, fh, off, size):
+    def read(self, fh, off, size):
+        """What the backing page cache holds is answered here, at once; a read
+        of READ_NOWAIT bytes or more that must wait for the disk returns an
+        awaitable instead (the rest is read in a worker thread), which the
+        request loop awaits, so a cold read does not stop the loop and
+        readahead's requests reach the disk together."""
         fd = self.handles[fh].fd
         if size < READ_NOWAIT or not self._nowait:
             return os.pread(fd, size, off)
-        # What the page cache holds is read here; the rest in a worker thread,
-        # so that a cold read does not stop the loop and readahead's requests
-        # reach the disk together.
         buf = bytearray(size)
         try:
             n = os.preadv(fd, (buf,), off, os.RWF_NOWAIT)
@@ -909,11 +927,20 @@ class SimOperations(pyfuse3.Operations):
                 raise
             self._nowait = False          # the backing filesystem cannot
             n = 0
-        m = await in_thread(os.preadv, fd, (memoryview(buf)[n:],), off + n)
+        return self._read_rest(fd, buf, n, off)
+
+    @staticmethod
+    async def _read_rest(fd: int, buf: bytearray, n: int, off: int):
+        """The part of a read the page cache could not serve, from a worker
+        thread (past the errno boundary: its own errors become their errno)."""
+        try:
+            m = await in_thread(os.preadv, fd, (memoryview(buf)[n:],), off + n)
+        except OSError as e:
+            raise FUSEError(e.errno or errno.EIO) from None
         return memoryview(buf)[:n + m]
 
     @errno_boundary
-    async def write(self, fh, off, buf):
+    def write(self, fh, off, buf):
         h = self.handles[fh]
         q = self.quota
         node = h.inode
@@ -992,14 +1019,14 @@ class SimOperations(pyfuse3.Operations):
         return n, cost
 
     @errno_boundary
-    async def flush(self, fh):
+    def flush(self, fh):
         # Nothing to do at close(2) (writes are never deferred and a handle's
         # usage is reconciled at release): ENOSYS makes the kernel stop
         # sending FLUSH for this mount, one round trip less per close(2).
         raise FUSEError(errno.ENOSYS)
 
     @errno_boundary
-    async def release(self, fh):
+    def release(self, fh):
         h = self._drop_fh(fh)
         node = h.inode
         try:
@@ -1032,14 +1059,14 @@ class SimOperations(pyfuse3.Operations):
     # ---- directories ---------------------------------------------------------
 
     @errno_boundary
-    async def opendir(self, inode, ctx):
+    def opendir(self, inode, ctx):
         node = self.table.get(inode)
         self._room_for_a_handle(ctx.uid)
         fd = lower.reopen(node.fd, os.O_RDONLY | os.O_DIRECTORY)
         return self._new_fh(DirHandle(node, fd, uid=ctx.uid))
 
     @errno_boundary
-    async def readdir(self, fh, start_id, token):
+    def readdir(self, fh, start_id, token):
         """Stream the backing directory: each entry's next offset is the backing
         filesystem's own cookie (d_off), so a listing resumes where the kernel
         asks (lseek, as seekdir does) and stays correct while entries come and
@@ -1055,7 +1082,7 @@ class SimOperations(pyfuse3.Operations):
                     st = os.fstat(h.fd)
                 else:
                     st = os.stat(b"..", dir_fd=h.fd, follow_symlinks=False)
-                if not pyfuse3.readdir_reply(token, name, self._attrs(st), i + 1):
+                if not readdir_reply(token, name, self._attrs(st), i + 1):
                     return
             start_id = 2
         if start_id != h.off:
@@ -1091,7 +1118,7 @@ class SimOperations(pyfuse3.Operations):
                     os.close(fd)
                 h.pos += reclen
                 continue
-            if not pyfuse3.readdir_reply(token, name, self._attrs(st), d_off):
+            if not readdir_reply(token, name, self._attrs(st), d_off):
                 if fd >= 0:
                     os.close(fd)
                 return
@@ -1104,7 +1131,7 @@ class SimOperations(pyfuse3.Operations):
                 inode.lookups += 1
 
     @errno_boundary
-    async def releasedir(self, fh):
+    def releasedir(self, fh):
         os.close(self._drop_fh(fh).fd)
 
     @errno_boundary
@@ -1115,7 +1142,7 @@ class SimOperations(pyfuse3.Operations):
     # ---- filesystem ----------------------------------------------------------
 
     @errno_boundary
-    async def statfs(self, ctx):
+    def statfs(self, ctx):
         lst = os.statvfs(self.table.root.fd)
         q = self.quota
         if q is None:
@@ -1124,20 +1151,20 @@ class SimOperations(pyfuse3.Operations):
             l1 = q.state.level1
             f = quota_figures(lst, l1.space.soft, l1.space.usage, l1.inodes.soft,
                               l1.inodes.usage)
-        out = pyfuse3.StatvfsData()
+        out = fusewire.StatvfsData()
         (out.f_bsize, out.f_frsize, out.f_blocks, out.f_bfree, out.f_bavail,
          out.f_files, out.f_ffree, out.f_favail, out.f_namemax) = f
         return out
 
     @errno_boundary
-    async def access(self, inode, mode, ctx):
+    def access(self, inode, mode, ctx):
         node = self.table.get(inode)
         st = os.fstat(node.fd)
         if ctx.uid == 0:
             return not (mode & os.X_OK) or bool(st.st_mode & 0o111) or stat.S_ISDIR(st.st_mode)
         if st.st_uid == ctx.uid:
             bits = (st.st_mode >> 6) & 7
-        elif st.st_gid == ctx.gid or st.st_gid in pyfuse3.get_sup_groups(ctx.pid):
+        elif st.st_gid == ctx.gid or st.st_gid in get_sup_groups(ctx.pid):
             bits = (st.st_mode >> 3) & 7
         else:
             bits = st.st_mode & 7
@@ -1156,7 +1183,7 @@ class SimOperations(pyfuse3.Operations):
             raise OSError(errno.EOPNOTSUPP, "POSIX ACLs are not supported")
 
     @errno_boundary
-    async def setxattr(self, inode, name, value, ctx):
+    def setxattr(self, inode, name, value, ctx):
         if inode == ROOT and name == ADMIN_XATTR:
             if self.admin is None:
                 refuse_without_quota(ctx.uid, ctx.pid)
@@ -1184,7 +1211,7 @@ class SimOperations(pyfuse3.Operations):
         return b + (-(-len(value) // b) * b if len(value) > b // 2 else 0)
 
     @errno_boundary
-    async def getxattr(self, inode, name, ctx):
+    def getxattr(self, inode, name, ctx):
         if inode == ROOT and name == QUOTA_XATTR:
             return self.quota_report(ctx)
         if inode == ROOT and name == COUNTS_XATTR:
@@ -1200,13 +1227,13 @@ class SimOperations(pyfuse3.Operations):
         return os.getxattr(self._xattr_path(node), name)
 
     @errno_boundary
-    async def listxattr(self, inode, ctx):
+    def listxattr(self, inode, ctx):
         node = self.table.get(inode)
         names = (os.fsencode(n) for n in os.listxattr(self._xattr_path(node)))
         return [n for n in names if n not in ACL_XATTRS]
 
     @errno_boundary
-    async def removexattr(self, inode, name, ctx):
+    def removexattr(self, inode, name, ctx):
         if inode == ROOT and (name in VIRTUAL_XATTRS or name == ADMIN_XATTR):
             raise OSError(errno.EPERM, "read-only virtual attribute")
         self._no_acl(name)
@@ -1238,7 +1265,7 @@ class SimOperations(pyfuse3.Operations):
                 uids, gids = set(st.users), set(st.groups)
             else:
                 uids = {ctx.uid}
-                gids = {ctx.gid} | set(pyfuse3.get_sup_groups(ctx.pid))
+                gids = {ctx.gid} | set(get_sup_groups(ctx.pid))
             for kind, ids in ((USER, uids), (GROUP, gids)):
                 table = st.table(kind)
                 g = st.grace2(kind)

@@ -51,12 +51,13 @@ def mountinfo_opts(root: Path) -> list[str]:
 def test_pip_install_into_a_new_venv(fuse, tmp_path, area):
     src = tmp_path / "src"
     src.mkdir()
-    for name in ("pyproject.toml", "README.md", "simfs", "vzquota", "man", "systemd"):
+    for name in ("pyproject.toml", "README.md", "fusewire", "simfs", "vzquota", "man",
+                 "systemd"):
         p = REPO / name
         (shutil.copytree if p.is_dir() else shutil.copy)(p, src / name)
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    # The dependencies come from the test environment (no download of pyfuse3).
+    # The dependencies come from the test environment (no download).
     site = subprocess.run([str(venv / "bin/python"), "-c",
                            "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                           check=True, capture_output=True, text=True).stdout.strip()
@@ -83,6 +84,13 @@ def test_pip_install_into_a_new_venv(fuse, tmp_path, area):
         assert is_mountpoint(str(root))
         assert (root / "f").read_text() == "hello"
         assert "nodev" not in mountinfo_opts(root)
+        # the default binding is the project's own: no libfuse, no pyfuse3 mapped
+        pid = int(Path(os.environ.get("VZQUOTA_RUNDIR", "/run/vzquota"),
+                       "private-%d-%d.lock" % (os.stat(private).st_dev,
+                                               os.stat(private).st_ino)).read_text())
+        maps = Path(f"/proc/{pid}/maps").read_text()
+        assert "simfs" in Path(f"/proc/{pid}/cmdline").read_text()
+        assert "libfuse3" not in maps and "pyfuse3" not in maps
     finally:
         subprocess.run(["umount", str(root)], check=False)
     assert not is_mountpoint(str(root))

@@ -1,12 +1,12 @@
-"""pyfuse3's request loop as patched by the project (patches/README.md):
-under asyncio each request's handler first runs in the reader callback, and
-one that suspends (fsync goes to a worker thread) continues as a task, at most
-``max_tasks`` (99) at once, the FUSE device unread meanwhile.
+"""The request loop through real mounts: the default binding is the project's
+own protocol layer (fusewire) on uvloop, whose reader callback runs each
+request's handler at once, and one that suspends (fsync goes to a worker
+thread) continues as a task, at most ``MAX_PENDING`` (64) at once, the FUSE
+device unread meanwhile.  trio runs the same layer with a task per coroutine
+handler; ``-o fuse=pyfuse3`` selects the pyfuse3 fallback.
 
-Through real mounts: the default runtime runs the patched loop; many parallel
-fsyncs (more than 99 at once) all complete with their data while other
-requests are answered; an unmount with fsyncs in flight stops cleanly; trio
-keeps pyfuse3's own worker tasks.
+Many parallel fsyncs (more than 64 at once) all complete with their data while
+other requests are answered; an unmount with fsyncs in flight stops cleanly.
 """
 
 from __future__ import annotations
@@ -21,19 +21,42 @@ from conftest import vzquota
 QID = "131"
 
 
-def test_default_runtime_uses_the_patched_loop(mounter, area):
+def maps(m) -> str:
+    with open(f"/proc/{m.proc.pid}/maps") as f:
+        return f.read()
+
+
+def test_default_binding_is_fusewire_without_libfuse(mounter, area):
     private, root = area
     m = mounter(private, root)
     (root / "f").write_bytes(b"x")
-    assert "request loop: uvloop, pyfuse3's callback loop (patched)" in m.logtext()
+    assert (private / "f").read_bytes() == b"x"
+    log = m.logtext()
+    assert "request loop: uvloop, fusewire's reader callback" in log
+    assert "FUSE 7." in log and "negotiated" in log
+    mapped = maps(m)
+    assert "libfuse3" not in mapped and "pyfuse3" not in mapped
 
 
-def test_trio_keeps_worker_tasks(mounter, area):
+def test_trio_runs_the_same_layer(mounter, area):
     private, root = area
     m = mounter(private, root, "runtime=trio")
     (root / "f").write_bytes(b"x")
+    os.fsync(os.open(root / "f", os.O_RDONLY))
     assert (private / "f").read_bytes() == b"x"
-    assert "request loop: trio, pyfuse3's worker tasks" in m.logtext()
+    assert "request loop: trio, fusewire's reader tasks" in m.logtext()
+
+
+def test_pyfuse3_fallback(mounter, area):
+    import pyfuse3  # noqa: F401  (tools/setup.sh --test installs the extra)
+    private, root = area
+    m = mounter(private, root, "fuse=pyfuse3", "dev", "suid")
+    (root / "d").mkdir()
+    (root / "d" / "f").write_bytes(b"through pyfuse3")
+    assert (private / "d" / "f").read_bytes() == b"through pyfuse3"
+    assert sorted(os.listdir(root / "d")) == ["f"]
+    assert "request loop: uvloop, pyfuse3's worker tasks" in m.logtext()
+    assert "libfuse3" in maps(m)
 
 
 def _fsync_storm(root, n: int, rounds: int,
