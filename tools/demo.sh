@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# The demo: set everything up (tools/setup.sh), then give a container root a
+# The demo: set everything up (tools/setup.sh, no compiler needed), then give a container root a
 # quota and show it working: vzquota init/on, mount with simfs, df inside,
 # files passing through both ways, write until "Disk quota exceeded",
 # vzquota stat, unmount, vzquota show. Everything lives in a temporary
 # directory (quota files and sockets too) and is removed at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash tools/setup.sh >/dev/null
-PATH=$PWD/.venv/bin:$PATH
+echo "== Setting up (tools/setup.sh: system packages, the project installed in its own"
+echo "   environment; 10-60 s the first time, quick after)"
+bash tools/setup.sh 2>&1 | sed 's/^/   /'
+# the installed commands, as an admin would run them
+PATH=${SIMFS_PREFIX:-/usr/local/lib/simfs-vzquota}/bin:$PATH
 
 demo=$(mktemp -d /tmp/simfs-demo.XXXXXX)
 export VZQUOTA_DIR=$demo/vzquota VZQUOTA_RUNDIR=$demo/run

@@ -1,7 +1,18 @@
 #!/usr/bin/env bash
-# Set everything up (tools/setup.sh) and run the whole test suite.
-# Extra arguments go to pytest (e.g. `bash tools/test.sh -k quota -x`).
+# Set everything up (tools/setup.sh --test) and run the whole test suite on the
+# default binding (fusewire), then the quota, passthrough and attack tests again
+# on the pyfuse3 fallback (-o fuse=pyfuse3).
+# Extra arguments go to pytest and run that selection only, on the default
+# binding (e.g. `bash tools/test.sh -k quota -x`); SIMFS_TEST_FUSE=pyfuse3 runs
+# a selection on the fallback.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash tools/setup.sh
-exec .venv/bin/python -m pytest -ra "$@"
+bash tools/setup.sh --test
+if [ $# -gt 0 ]; then
+    exec .venv/bin/python -m pytest -ra "$@"
+fi
+echo "test: the whole suite on the default binding (fusewire)"
+.venv/bin/python -m pytest -ra
+echo "test: the quota, passthrough and attack tests on the pyfuse3 fallback"
+SIMFS_TEST_FUSE=pyfuse3 exec .venv/bin/python -m pytest -ra \
+    tests/test_quota_mount.py tests/test_passthrough.py tests/test_attacks.py
