@@ -640,13 +640,16 @@ class Session:
         return self.ops.release(fi.fh)
 
     def _op_open(self, unique, nodeid, uid, gid, pid, buf, off, end, extlen):
-        flags, _ = k.OPEN_IN.unpack_from(buf, off)
-        self._run(unique, self.ops.open, (nodeid, flags, RequestContext(uid, gid, pid)),
-                  FileInfo.open_out, self._release_fi)
+        flags, open_flags = k.OPEN_IN.unpack_from(buf, off)
+        ctx = RequestContext(uid, gid, pid, 0, None, 0,
+                             bool(open_flags & k.OPEN_KILL_SUIDGID))
+        self._run(unique, self.ops.open, (nodeid, flags, ctx), FileInfo.open_out,
+                  self._release_fi)
 
     def _op_create(self, unique, nodeid, uid, gid, pid, buf, off, end, extlen):
-        flags, mode, umask, _ = k.CREATE_IN.unpack_from(buf, off)
-        ctx = RequestContext(uid, gid, pid, umask, self._groups(buf, end, extlen))
+        flags, mode, umask, open_flags = k.CREATE_IN.unpack_from(buf, off)
+        ctx = RequestContext(uid, gid, pid, umask, self._groups(buf, end, extlen), 0,
+                             bool(open_flags & k.OPEN_KILL_SUIDGID))
 
         def undo(r):
             fi, attr = r
@@ -664,8 +667,11 @@ class Session:
         fh, offset, size, wflags, *_ = k.WRITE_IN.unpack_from(buf, off)
         start = off + (k.WRITE_IN.size if self.minor >= 9 else k.WRITE_IN_COMPAT_SIZE)
         data = memoryview(buf)[start:start + size]
-        self._run(unique, self.ops.write, (fh, offset, data), _write_out,
-                  owns_buffer=True)
+        # HANDLE_KILLPRIV_V2: the kernel says when this write must clear
+        # set-user-ID/set-group-ID (a fourth argument, True, only then)
+        args = (fh, offset, data, True) if wflags & k.WRITE_KILL_SUIDGID else \
+            (fh, offset, data)
+        self._run(unique, self.ops.write, args, _write_out, owns_buffer=True)
 
     def _op_statfs(self, unique, nodeid, uid, gid, pid, buf, off, end, extlen):
         self._run(unique, self.ops.statfs, (RequestContext(uid, gid, pid),),
@@ -717,8 +723,9 @@ class Session:
         self._run(unique, self.ops.fsyncdir, (fh, bool(flags & k.FSYNC_FDATASYNC)), None)
 
     def _op_setxattr(self, unique, nodeid, uid, gid, pid, buf, off, end, extlen):
+        sx_flags = 0
         if self.negotiated & k.SETXATTR_EXT:
-            size, flags, _, _ = k.SETXATTR_IN.unpack_from(buf, off)
+            size, flags, sx_flags, _ = k.SETXATTR_IN.unpack_from(buf, off)
             off += k.SETXATTR_IN.size
         else:
             size, flags = k.SETXATTR_IN_COMPAT.unpack_from(buf, off)
@@ -728,8 +735,9 @@ class Session:
             raise FUSEError(errno.EINVAL)
         name = bytes(buf[off:z])
         value = bytes(buf[z + 1:z + 1 + size])
-        self._run(unique, self.ops.setxattr,
-                  (nodeid, name, value, RequestContext(uid, gid, pid)), None)
+        ctx = RequestContext(uid, gid, pid, 0, None, flags,
+                             bool(sx_flags & k.SETXATTR_ACL_KILL_SGID))
+        self._run(unique, self.ops.setxattr, (nodeid, name, value, ctx), None)
 
     def _op_getxattr(self, unique, nodeid, uid, gid, pid, buf, off, end, extlen):
         size, _ = k.GETXATTR_IN.unpack_from(buf, off)

@@ -36,17 +36,23 @@ class RequestContext:
     """Who sent the request: the caller's uid, gid, pid, and the umask of
     create, mkdir and mknod (0 for other requests).  ``groups`` is the
     caller's supplementary groups when the kernel sent them (CREATE_SUPP_GROUP,
-    create/mkdir/mknod/symlink only), else None."""
+    create/mkdir/mknod/symlink only), else None.  ``flags``: setxattr's
+    XATTR_CREATE/XATTR_REPLACE.  ``kill_suidgid``: with HANDLE_KILLPRIV_V2, an
+    open or create (O_TRUNC) that must clear set-user-ID/set-group-ID, or a
+    setxattr of an ACL that must clear set-group-ID (the kernel's flags)."""
 
-    __slots__ = ("uid", "gid", "pid", "umask", "groups")
+    __slots__ = ("uid", "gid", "pid", "umask", "groups", "flags", "kill_suidgid")
 
     def __init__(self, uid: int = 0, gid: int = 0, pid: int = 0, umask: int = 0,
-                 groups: tuple[int, ...] | None = None):
+                 groups: tuple[int, ...] | None = None, flags: int = 0,
+                 kill_suidgid: bool = False):
         self.uid = uid
         self.gid = gid
         self.pid = pid
         self.umask = umask
         self.groups = groups
+        self.flags = flags
+        self.kill_suidgid = kill_suidgid
 
     def __repr__(self) -> str:
         return f"RequestContext(uid={self.uid}, gid={self.gid}, pid={self.pid})"

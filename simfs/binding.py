@@ -38,8 +38,14 @@ class Builtin:
 
     name = "builtin"
 
-    def __init__(self, ops, root: str, options: set[str], want: int = 0, unwant: int = 0):
-        self.session = fusewire.Session(ops, root, sorted(options), want=want, unwant=unwant)
+    def __init__(self, ops, root: str, options: set[str]):
+        # what the handlers can serve beyond the defaults (ops.fuse_want: INIT
+        # flags), and the session itself for them (ops.channel: passthrough
+        # backing ids, notifications, what was negotiated)
+        self.session = fusewire.Session(ops, root, sorted(options),
+                                        want=getattr(ops, "fuse_want", 0))
+        if hasattr(ops, "channel"):
+            ops.channel = self.session
 
     def mount(self) -> None:
         self.session.mount()
@@ -65,7 +71,7 @@ class Pyfuse3:
 
     name = "pyfuse3"
 
-    def __init__(self, ops, root: str, options: set[str], want: int = 0, unwant: int = 0):
+    def __init__(self, ops, root: str, options: set[str]):
         try:
             import pyfuse3
         except ImportError:

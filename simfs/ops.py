@@ -221,6 +221,11 @@ class SimOperations:
     # vzquota.inside.QuotaAdmin of the mount's quota (set by the mount): who may
     # write ADMIN_XATTR from inside
     admin = None
+    # INIT flags asked of the kernel beyond fusewire's defaults (fusewire.kernel)
+    fuse_want = 0
+    # the fusewire.Session serving the mount (set by simfs.binding; None under
+    # pyfuse3 and in unit tests): passthrough backing ids, notifications
+    channel = None
 
     def __init__(self, root_fd: int, max_open: int = MAX_OPEN):
         limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
@@ -940,7 +945,7 @@ class SimOperations:
         return memoryview(buf)[:n + m]
 
     @errno_boundary
-    def write(self, fh, off, buf):
+    def write(self, fh, off, buf, kill_suidgid: bool = False):
         h = self.handles[fh]
         q = self.quota
         node = h.inode

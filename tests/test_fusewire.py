@@ -588,3 +588,25 @@ def test_the_layer_imports_nothing_of_simfs_or_vzquota():
             "sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_killpriv_v2_and_setxattr_ext_flags_reach_the_handler(wire):
+    """The kernel's requests to clear set-user-ID/set-group-ID, and setxattr's
+    XATTR_CREATE/REPLACE, reach the handler (a fourth write argument only when
+    set; the context's kill_suidgid and flags)."""
+    wire.ops.answers["write"] = lambda *a: len(a[2])
+    wire.ok(k.WRITE, k.WRITE_IN.pack(3, 0, 2, k.WRITE_KILL_SUIDGID, 0, 0, 0) + b"ab")
+    assert wire.ops.calls[-1][1:3] == (3, 0) and wire.ops.calls[-1][4] is True
+    wire.ok(k.WRITE, k.WRITE_IN.pack(3, 0, 2, 0, 0, 0, 0) + b"ab")
+    assert len(wire.ops.calls[-1]) == 4                  # name, fh, off, data
+    wire.ops.answers["open"] = FileInfo(fh=1)
+    wire.ok(k.OPEN, k.OPEN_IN.pack(os.O_WRONLY | os.O_TRUNC, k.OPEN_KILL_SUIDGID))
+    assert wire.ops.calls[-1][3].kill_suidgid is True
+    wire.ok(k.OPEN, k.OPEN_IN.pack(os.O_RDONLY, 0))
+    assert wire.ops.calls[-1][3].kill_suidgid is False
+    wire.s.negotiated |= k.SETXATTR_EXT
+    wire.ok(k.SETXATTR, k.SETXATTR_IN.pack(1, 1, k.SETXATTR_ACL_KILL_SGID, 0)
+            + b"system.posix_acl_access\0x", nodeid=5)
+    _, ino, name, value, ctx = wire.ops.calls[-1]
+    assert (ino, name, value, ctx.flags, ctx.kill_suidgid) == (
+        5, b"system.posix_acl_access", b"x", 1, True)
