@@ -141,8 +141,10 @@ class FileInfo:
         flags = ((k.FOPEN_DIRECT_IO if self.direct_io else 0)
                  | (k.FOPEN_KEEP_CACHE if self.keep_cache else 0)
                  | (k.FOPEN_NONSEEKABLE if self.nonseekable else 0)
-                 | (k.FOPEN_NOFLUSH if self.noflush else 0)
-                 | (k.FOPEN_PASSTHROUGH if self.backing_id else 0))
+                 | (k.FOPEN_NOFLUSH if self.noflush else 0))
+        if self.backing_id:
+            # the kernel refuses a passthrough open with any other flag
+            flags = (flags & k.FOPEN_PASSTHROUGH_MASK) | k.FOPEN_PASSTHROUGH
         return k.OPEN_OUT.pack(self.fh, flags, self.backing_id)
 
 

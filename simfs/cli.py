@@ -357,6 +357,16 @@ def remount(root: str, words: list[str]) -> int:
             print(f"simfs: remount cannot change {word} (only the mount flags: ro, rw, "
                   "nosuid, nodev, noexec, atime flags, sync)", file=sys.stderr)
             return 2
+    if "ro" in current[5].split(",") and not flags & REMOUNT_FLAGS["ro"][0]:
+        try:
+            serving = json.loads(os.getxattr(real, "trusted.simfs.options"))
+        except (OSError, ValueError):
+            serving = {}
+        if serving.get("passthrough"):
+            print(f"simfs: remount cannot make {root} writable: a read-only simfs mount "
+                  "serves reads by passthrough, which a writer's open cannot share; "
+                  "unmount and mount it rw", file=sys.stderr)
+            return 2
     if asked:
         # mount(8) passes fstab's options along: the same values are fine, a
         # changed one cannot take effect on a running daemon

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import anyio
 from anyio.abc import SocketAttribute, SocketListener, SocketStream
 
+import fusewire
 from vzquota import control, progress
 from vzquota.errors import EC_LIVE, VzError
 from vzquota.inside import QuotaAdmin
@@ -163,6 +164,10 @@ class Mount:
                 raise MountError(e.message) from None
         self.ops = SimOperations(root_fd, self.max_open)
         self.ops.table.closer = Closer()
+        if "ro" in self.fuse_options and self.fuse == "builtin":
+            # nothing can be written: reads may bypass the daemon (ops._backing_open)
+            self.ops.fuse_want |= fusewire.kernel.PASSTHROUGH
+            self.ops.passthrough = True
         if self.live is not None:
             self.live.orphans = self._orphans
             self.live.gaps = lambda: len(self.ops.gapped) + self.ops.lost_gaps

@@ -201,6 +201,7 @@ class Handle:
     wrote: bool = False     # written through: settled at its last release
     trim: bool = False      # XFS file without exact allocation: trimmed after each write
     uid: int = 0            # who opened it (its share of the budget: OpenShares)
+    backing: int = 0        # passthrough backing id (reads bypass the daemon), 0 if none
 
 
 @dataclass
@@ -261,6 +262,10 @@ class SimOperations:
         self.counts: collections.Counter[str] = collections.Counter()
         # simfs's own -o values this mount runs with (OPTIONS_XATTR; set by simfs/cli.py)
         self.mount_options: dict = {}
+        # reads of read-only opens by the kernel itself (see _backing_open):
+        # set by the mount for a read-only mount whose kernel agreed to it
+        self.passthrough = False
+        self.pt_opens: dict[int, int] = {}    # inode -> its passthrough handles
         # Set by the mount while a live recount runs: sees every request before
         # and after (``before(op, args)``, ``after(op, mark)``), to tell whether
         # the recount can be made exact.
@@ -896,6 +901,8 @@ class SimOperations:
     @errno_boundary
     def open(self, inode, flags, ctx):
         node = self.table.get(inode)
+        if flags & os.O_ACCMODE != os.O_RDONLY and self.passthrough:
+            self._writable(node)
         # O_NOFOLLOW would refuse the /proc/self/fd magic link itself (ELOOP):
         # the inode is already resolved without following anything.
         fl = flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_DIRECT | os.O_NOFOLLOW)
@@ -908,7 +915,46 @@ class SimOperations:
             h.trim = not self._exact(fd)
         if flags & os.O_TRUNC:
             self._reconcile(node, os.fstat(fd))
-        return self._file_info(fh, flags)
+        fi = self._file_info(fh, flags)
+        if self.passthrough and stat.S_ISREG(node.mode) and \
+                flags & os.O_ACCMODE == os.O_RDONLY and not flags & os.O_TRUNC:
+            fi.backing_id = h.backing = self._backing_open(fd)
+            if h.backing:
+                self.pt_opens[node.ino] = self.pt_opens.get(node.ino, 0) + 1
+        return fi
+
+    def _writable(self, node: Inode) -> None:
+        """An open for writing on a mount that serves reads by passthrough: it
+        was remounted rw behind the daemon's back (mount(8) does that without
+        asking simfs).  No new open is passthrough from now on; the files
+        still open that way cannot be opened for writing until they are
+        closed (ETXTBSY, as for a running program; the kernel would refuse
+        the open anyway)."""
+        log.warning("a read-only mount was made writable: passthrough stops")
+        self.passthrough = False
+        if self.pt_opens.get(node.ino):
+            raise OSError(errno.ETXTBSY, "open for reading by passthrough")
+
+    def _backing_open(self, fd: int) -> int:
+        """Register ``fd`` with the kernel for passthrough: its reads and mmaps
+        then go to the backing file without the daemon.  Only on a read-only
+        mount: the kernel refuses any open of an inode that is not passthrough
+        while a passthrough open of it exists (fs/fuse/iomode.c), and an open
+        for writing may never be one (its writes must be reserved and
+        charged), so on a writable mount a reader in passthrough would make
+        every writer's open fail.  0 (the daemon serves the reads) when the
+        kernel refuses it."""
+        channel = self.channel
+        if channel is None or not channel.negotiated & fusewire.kernel.PASSTHROUGH:
+            self.passthrough = False          # not offered (or another binding)
+            return 0
+        try:
+            return channel.backing_open(fd)
+        except OSError as e:
+            log.warning("passthrough refused by the kernel (%s): reads go through the "
+                        "daemon", e.strerror or e)
+            self.passthrough = False
+            return 0
 
     @errno_boundary
     def read(self, fh, off, size):
@@ -1049,6 +1095,14 @@ class SimOperations:
                 if pending:
                     self._unsettled(node)
         finally:
+            if h.backing:
+                try:
+                    self.channel.backing_close(h.backing)
+                except OSError as e:
+                    log.warning("closing passthrough backing id %d: %s", h.backing, e)
+                left = self.pt_opens.pop(node.ino) - 1
+                if left:
+                    self.pt_opens[node.ino] = left
             os.close(h.fd)
             node.opens -= 1
         if node.opens == 0 and node.lookups <= 0 and not self._hold(node):
@@ -1224,7 +1278,8 @@ class SimOperations:
             return json.dumps(self.counts, sort_keys=True).encode() + b"\n"
         if inode == ROOT and name == OPTIONS_XATTR:
             # what a remount compares its options with (simfs/cli.py)
-            return json.dumps(self.mount_options, sort_keys=True).encode() + b"\n"
+            return json.dumps(dict(self.mount_options, passthrough=self.passthrough),
+                              sort_keys=True).encode() + b"\n"
         if inode == ROOT and name == ADMIN_XATTR:
             raise OSError(errno.ENODATA, "write-only virtual attribute")
         self._no_acl(name)
