@@ -60,13 +60,16 @@ class RequestContext:
 
 class EntryAttributes:
     """An inode's attributes with their cache times (an entry when answering
-    a lookup or a create; ``st_ino`` 0 is a negative entry)."""
+    a lookup or a create; ``st_ino`` 0 is a negative entry).  ``from_stat``
+    keeps the ``os.stat_result`` itself and encodes from it (the ``st_*``
+    names still read through to it)."""
 
     __slots__ = ("st_ino", "generation", "entry_timeout", "attr_timeout", "st_mode",
                  "st_nlink", "st_uid", "st_gid", "st_rdev", "st_size", "st_blksize",
-                 "st_blocks", "st_atime_ns", "st_mtime_ns", "st_ctime_ns")
+                 "st_blocks", "st_atime_ns", "st_mtime_ns", "st_ctime_ns", "_st")
 
     def __init__(self):
+        self._st = None
         self.st_ino = 0
         self.generation = 0
         self.entry_timeout = 300.0
@@ -88,16 +91,27 @@ class EntryAttributes:
                   generation: int = 0) -> "EntryAttributes":
         """The attributes of ``st`` as inode ``ino``."""
         a = cls.__new__(cls)
+        a._st = st
         a.st_ino = ino
         a.generation = generation
         a.entry_timeout = a.attr_timeout = timeout
-        (a.st_mode, a.st_nlink, a.st_uid, a.st_gid, a.st_rdev, a.st_size, a.st_blksize,
-         a.st_blocks, a.st_atime_ns, a.st_mtime_ns, a.st_ctime_ns) = (
-            st.st_mode, st.st_nlink, st.st_uid, st.st_gid, st.st_rdev, st.st_size,
-            st.st_blksize, st.st_blocks, st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns)
         return a
 
+    def __getattr__(self, name: str):
+        # an st_* field of one made by from_stat: read from its stat
+        st = object.__getattribute__(self, "_st")
+        if st is None or not name.startswith("st_"):
+            raise AttributeError(name)
+        return getattr(st, name)
+
     def _attr(self) -> tuple:
+        st = self._st
+        if st is not None:
+            at, mt, ct = st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns
+            return (self.st_ino, st.st_size, st.st_blocks,
+                    at // _NS, mt // _NS, ct // _NS, at % _NS, mt % _NS, ct % _NS,
+                    st.st_mode, st.st_nlink, st.st_uid, st.st_gid,
+                    st.st_rdev & 0xFFFFFFFF, st.st_blksize, 0)
         at, mt, ct = self.st_atime_ns, self.st_mtime_ns, self.st_ctime_ns
         return (self.st_ino, self.st_size, self.st_blocks,
                 at // _NS, mt // _NS, ct // _NS, at % _NS, mt % _NS, ct % _NS,

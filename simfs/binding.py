@@ -127,7 +127,7 @@ def select(name: str):
 
 # ---- the pyfuse3 adapter ------------------------------------------------------
 
-_ENTRY_FIELDS = fusewire.EntryAttributes.__slots__
+_ENTRY_FIELDS = [f for f in fusewire.EntryAttributes.__slots__ if f != "_st"]
 _STATVFS_FIELDS = fusewire.StatvfsData.__slots__
 
 

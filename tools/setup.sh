@@ -140,7 +140,9 @@ fi
 exec 8>&-
 # (re)install when something is missing, including a console script added since,
 # or when .venv still holds the patched pyfuse3 of before
-if ! .venv/bin/python - <<'PYEOF' 2>/dev/null
+# (checked from /, so that the checkout's own directory does not hide a package
+# the editable install does not map yet)
+if ! (cd / && "$OLDPWD/.venv/bin/python" - <<'PYEOF') 2>/dev/null
 import importlib.metadata as md, os, sys, pyfuse3, pyfuse3.asyncio, anyio, uvloop, trio, xattr
 import pytest, fusewire, simfs, vzquota, prometheus_client, tqdm
 md.version("simfs-vzquota")
