@@ -1255,7 +1255,8 @@ class SimOperations:
         self._host_check(ctx, self._xattr_cost(value))
         res = self._reserve(node.uid, node.gid, self._xattr_cost(value))
         try:
-            os.setxattr(self._xattr_path(node), name, value)
+            # XATTR_CREATE/XATTR_REPLACE (the fusewire context; pyfuse3 checks them itself)
+            os.setxattr(self._xattr_path(node), name, value, getattr(ctx, "flags", 0))
         except BaseException:
             self._release(res)
             raise
