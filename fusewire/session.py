@@ -47,11 +47,14 @@ _NS = 1_000_000_000
 MAX_WRITE = 1 << 20              # bytes per WRITE (max_pages 256, the kernel's default cap)
 MAX_PENDING = 64                 # suspended handlers at once before reading pauses
 
-# What the layer asks of the kernel unless told otherwise: libfuse 3's defaults
-# for a filesystem with these handlers (see the INIT flags in kernel.py).
-DEFAULT_WANT = (k.ASYNC_READ | k.PARALLEL_DIROPS | k.AUTO_INVAL_DATA | k.HANDLE_KILLPRIV
-                | k.ASYNC_DIO | k.ATOMIC_O_TRUNC | k.DO_READDIRPLUS | k.BIG_WRITES
-                | k.MAX_PAGES | k.INIT_EXT)
+# What the layer asks of the kernel unless told otherwise: what a pyfuse3
+# filesystem got from libfuse 3 (see the INIT flags in kernel.py).  Not
+# HANDLE_KILLPRIV: without it the kernel clears set-user-ID/set-group-ID itself
+# (a SETATTR) when someone other than root writes; a filesystem that asks for
+# it (or for HANDLE_KILLPRIV_V2) must clear them itself.
+DEFAULT_WANT = (k.ASYNC_READ | k.PARALLEL_DIROPS | k.AUTO_INVAL_DATA | k.ASYNC_DIO
+                | k.ATOMIC_O_TRUNC | k.DO_READDIRPLUS | k.BIG_WRITES | k.MAX_PAGES
+                | k.INIT_EXT)
 
 
 class ProtocolError(Exception):
