@@ -662,6 +662,19 @@ class Session:
                   (nodeid, _name(buf, off + 16, end), mode, flags, ctx),
                   _create_out, undo)
 
+    def _op_tmpfile(self, unique, nodeid, uid, gid, pid, buf, off, end, extlen):
+        # O_TMPFILE in directory ``nodeid``: a create with no name (the kernel
+        # sends its placeholder "/" after the struct; ignored)
+        flags, mode, umask, open_flags = k.CREATE_IN.unpack_from(buf, off)
+        ctx = RequestContext(uid, gid, pid, umask, self._groups(buf, end, extlen), 0,
+                             bool(open_flags & k.OPEN_KILL_SUIDGID))
+
+        def undo(r):
+            fi, attr = r
+            self._undo(self._release_fi, fi)
+            return self._forget_entry(attr)
+        self._run(unique, self.ops.tmpfile, (nodeid, mode, flags, ctx), _create_out, undo)
+
     def _op_read(self, unique, nodeid, uid, gid, pid, buf, off, end, extlen):
         fh, offset, size, *_ = k.READ_IN.unpack_from(buf, off)
         self._run(unique, self.ops.read, (fh, offset, size), _data)

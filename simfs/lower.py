@@ -53,6 +53,14 @@ def proc_path(fd: int) -> str:
     return f"/proc/self/fd/{fd}"
 
 
+def link_path(fd: int, newdirfd: int, newname: bytes) -> None:
+    """linkat(2) of the inode behind O_PATH ``fd`` (a symlink itself, never its
+    target) as ``newname`` in ``newdirfd``: by descriptor (AT_EMPTY_PATH, the
+    daemon is root), which also names an O_TMPFILE file, where a link through
+    /proc/self/fd can fail with EXDEV."""
+    _check(_libc.linkat(fd, b"", newdirfd, newname, AT_EMPTY_PATH), "linkat")
+
+
 def renameat2(olddirfd: int, oldname: bytes, newdirfd: int, newname: bytes,
               flags: int = 0) -> None:
     _check(_libc.renameat2(olddirfd, oldname, newdirfd, newname, flags), "renameat2")

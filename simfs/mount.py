@@ -459,7 +459,7 @@ class PassWatch:
     """
 
     NAMES = frozenset({"mknod", "mkdir", "symlink", "create", "link", "unlink", "rmdir",
-                       "rename"})
+                       "rename", "tmpfile"})
     # Requests on a hot file whose usage changes are accounted for.  Only
     # handlers that never await: nothing else runs between before and after,
     # so the generation steps between them are theirs (fsync awaits: a change

@@ -106,7 +106,8 @@ READ_NOWAIT = 32 << 10
 # (open, release and fsync only reconcile: what they change shows in the engine's
 # generation, so readers do not count.)
 MUTATING = frozenset({"setattr", "mknod", "mkdir", "symlink", "create", "link", "unlink",
-                      "rmdir", "rename", "write", "setxattr", "removexattr", "fallocate"})
+                      "rmdir", "rename", "write", "setxattr", "removexattr", "fallocate",
+                      "tmpfile"})
 
 
 def in_thread(fn: Callable, *args):
@@ -797,18 +798,63 @@ class SimOperations:
         return self._file_info(fh, flags), self._attrs(st, inode.ino)
 
     @errno_boundary
+    def tmpfile(self, parent_inode, mode, flags, ctx):
+        """O_TMPFILE: a regular file with no name in the parent's filesystem,
+        charged (one inode, and what it allocates) from its creation like any
+        file; it is freed at its last close unless linkat gives it a name
+        first (``link``)."""
+        parent = self.table.get(parent_inode)
+        self._room_for_a_handle(ctx.uid)
+        self.table.need_room()
+        perm = stat.S_IMODE(mode) & ~ctx.umask
+        uid, gid = self._new_owner(parent, ctx)
+        res = self._reserve(uid, gid, 0, 1)
+        try:
+            dfd = lower.reopen(parent.fd, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                fl = flags & ~(os.O_CREAT | os.O_EXCL | os.O_DIRECT | os.O_NOFOLLOW
+                               | os.O_TMPFILE)
+                fd = os.open(".", fl | os.O_TMPFILE | os.O_CLOEXEC, perm, dir_fd=dfd)
+            finally:
+                os.close(dfd)
+            try:
+                os.fchown(fd, uid, gid)
+                if stat.S_IMODE(os.fstat(fd).st_mode) != perm:
+                    os.fchmod(fd, perm)
+                pfd = lower.reopen(fd, os.O_PATH)
+            except BaseException:
+                os.close(fd)
+                raise
+        except BaseException:
+            self._release(res)
+            raise
+        st = os.fstat(pfd)
+        inode = self.table.adopt(pfd, st)
+        if res is not None:
+            self.quota.commit(res, st.st_blocks * 512, 1)
+        inode.space, inode.uid, inode.gid = st.st_blocks * 512, st.st_uid, st.st_gid
+        inode.unlinked = True         # no name: freed when the kernel lets go of it
+        self.table.keep(inode)
+        inode.opens += 1
+        h = Handle(fd, inode, ctx.uid != 0, uid=ctx.uid)
+        fh = self._new_fh(h)
+        if self.xfs:
+            h.trim = not self._exact(fd)
+        return self._file_info(fh, flags), self._attrs(st, inode.ino)
+
+    @errno_boundary
     def link(self, inode, new_parent_inode, new_name, ctx):
         node = self.table.get(inode)
         parent = self.table.get(new_parent_inode)
         dres = self._reserve_dir(parent, ctx)
         try:
-            os.link(lower.proc_path(node.fd), new_name, dst_dir_fd=parent.fd,
-                    follow_symlinks=True)
+            lower.link_path(node.fd, parent.fd, new_name)
         except BaseException:
             self._release(dres)
             raise
         st = os.fstat(node.fd)
         node.lookups += 1
+        node.unlinked = False         # an O_TMPFILE file (or one unlinked while open) named again
         self._settle_dir(parent, dres)
         return self._attrs(st, node.ino)
 

@@ -610,3 +610,12 @@ def test_killpriv_v2_and_setxattr_ext_flags_reach_the_handler(wire):
     _, ino, name, value, ctx = wire.ops.calls[-1]
     assert (ino, name, value, ctx.flags, ctx.kill_suidgid) == (
         5, b"system.posix_acl_access", b"x", 1, True)
+
+
+def test_tmpfile_is_a_create_without_a_name(wire):
+    wire.ops.answers["tmpfile"] = (FileInfo(fh=9), attrs(ino=40))
+    out = wire.ok(k.TMPFILE, k.CREATE_IN.pack(os.O_RDWR, 0o100600, 0o022, 0) + b"/\0",
+                  nodeid=2)
+    assert decode_entry(out[:128])[0] == 40 and k.OPEN_OUT.unpack(out[128:])[0] == 9
+    _, parent, mode, flags, ctx = wire.ops.calls[-1]
+    assert (parent, mode, flags, ctx.umask) == (2, 0o100600, os.O_RDWR, 0o022)
