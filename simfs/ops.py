@@ -145,8 +145,10 @@ def errno_boundary(fn: Callable) -> Callable:
     commit); one that awaits (read, fsync, fsyncdir) stays a coroutine."""
     op = fn.__name__
 
-    def failed(args: tuple, e: BaseException) -> FUSEError:
+    def failed(self: "SimOperations", args: tuple, e: BaseException) -> FUSEError:
         if isinstance(e, QuotaExceeded):
+            if self.quota is not None:
+                self.quota.report(e)     # final: the caller gets EDQUOT
             return FUSEError(errno.EDQUOT)
         if isinstance(e, OSError):
             return FUSEError(e.errno or errno.EIO)
@@ -165,7 +167,7 @@ def errno_boundary(fn: Callable) -> Callable:
             except FUSEError:
                 raise
             except Exception as e:
-                raise failed(args, e) from None
+                raise failed(self, args, e) from None
             finally:
                 if watch is not None:
                     watch.after(op, mark)
@@ -181,14 +183,14 @@ def errno_boundary(fn: Callable) -> Callable:
             except FUSEError:
                 raise
             except Exception as e:
-                raise failed(args, e) from None
+                raise failed(self, args, e) from None
         mark = watch.before(op, args)    # a live recount is running (simfs/mount.py)
         try:
             return fn(self, *args)
         except FUSEError:
             raise
         except Exception as e:
-            raise failed(args, e) from None
+            raise failed(self, args, e) from None
         finally:
             watch.after(op, mark)
     return plain
@@ -1076,9 +1078,15 @@ class SimOperations:
                 # a new extent may need a block of the extent tree: reserved
                 # too, and allocated before the commit (writeback below)
                 room = max(0, room - self.bsize)
-            n, want = self._fit(h.fd, off, n, min(room, host),
-                                errno.ENOSPC if host < room else errno.EDQUOT)
-            res = q.reserve(uid, gid, want + (self.bsize if tree else 0))
+            try:
+                n, want = self._fit(h.fd, off, n, min(room, host),
+                                    errno.ENOSPC if host < room else errno.EDQUOT)
+            except OSError as e:
+                if e.errno != errno.EDQUOT:
+                    raise
+                # a refusal the caller sees, reported with its request size
+                raise q.exceeded(uid, gid, want, request=len(buf)) from None
+            res = q.reserve(uid, gid, want + (self.bsize if tree else 0), request=len(buf))
         h.wrote = True
         try:
             written = os.pwrite(h.fd, buf if n == len(buf) else buf[:n], off)

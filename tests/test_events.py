@@ -109,3 +109,60 @@ def test_hook_must_be_an_absolute_path(area):
     r = subprocess.run([SIMFS, str(private), str(root), "-o", "hook=alert.sh"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "absolute path" in r.stderr
+
+
+def _hook(world_tmp: Path) -> tuple[Path, Path]:
+    calls = world_tmp / "hook-calls"
+    hook = world_tmp / "hook.sh"
+    hook.write_text(f"#!/bin/sh\nenv | grep '^VZQUOTA_' | sort | tr '\\n' ' ' >> {calls}\n"
+                    f"echo >> {calls}\n")
+    hook.chmod(0o755)
+    return hook, calls
+
+
+FILL = """
+import os, sys
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+size, upto = int(sys.argv[2]), int(sys.argv[3])
+n = 0
+try:
+    while upto <= 0 or n < upto:
+        n += os.write(fd, b"z" * size)
+except OSError as e:
+    print("errno", e.errno)
+print("wrote", n)
+"""
+
+
+def test_only_refusals_the_caller_saw_are_reported(mounter, area, world_tmp):
+    """Issue 18 item 6: writes near the limit that succeed (their reservation
+    with room to spare did not fit, the exact one did) report nothing; the one
+    EDQUOT a writer gets is one refusal, with the writer's request size."""
+    from backing import wait_usage_matches
+    private, root = area
+    hook, calls = _hook(world_tmp)
+    vzquota("init", "102", "-p", str(private), "-b", "2048", "-B", "2048", "-i", "1000",
+            "-I", "1000", "-e", "1d", "-n", "1d", "-s", "1", "-u", "50")
+    vzquota("on", "102")
+    m = mounter(private, root, "quotaid=102", f"hook={hook}")
+    os.chmod(root, 0o1777)
+    # 1 KiB writes up to 1.5 MiB of a 2 MiB limit: every one succeeds
+    r = py_as(1000, 1000, FILL, str(root / "small"), str(K), str(1536 * K))
+    assert r.stdout.split() == ["wrote", str(1536 * K)], r.stdout + r.stderr
+    time.sleep(2.5)                      # two looks of the watcher
+    assert "refused" not in m.logtext(), m.logtext()
+    assert hook_calls(calls) == []
+    # 64 KiB writes until EDQUOT: one refusal seen by the writer, one reported
+    r = py_as(1000, 1000, FILL, str(root / "big"), str(64 * K), "0")
+    assert f"errno {errno.EDQUOT}" in r.stdout, r.stdout + r.stderr
+    got = wait_for(lambda: hook_calls(calls), "the hook")
+    time.sleep(2.5)
+    lines = [ln for ln in m.logtext().splitlines() if "refused" in ln]
+    assert len(lines) == 1, lines
+    assert "level 1 container space: allocation refused at the hard limit" in lines[0]
+    assert "refusals)" not in lines[0] and lines[0].endswith(f"request {64 * K}"), lines[0]
+    got = hook_calls(calls)
+    assert len(got) == 1, got
+    assert (got[0]["VZQUOTA_EVENT"], got[0]["VZQUOTA_REQUEST"], got[0]["VZQUOTA_COUNT"]) \
+        == ("hardlimit", str(64 * K), "1")
+    assert wait_usage_matches(private, 102) == []

@@ -16,8 +16,13 @@ Rules, per counter (space in bytes, inodes as counts):
 - 2nd level: at most ``ugid_limit`` distinct uids+gids are tracked; an allocation
   for one more is refused and ``ugid_exceeded`` is set.
 
-Refusals are queued in ``events`` (bounded; counted in ``events_dropped`` past
-``EVENTS_MAX``) for the owner to report: the engine itself never logs them.
+A refusal raises ``QuotaExceeded`` carrying what it is about (``event``), but
+queues nothing: the caller may still recover (a write reserved with room to
+spare tries again for what it really needs).  Only once the refusal is final,
+when EDQUOT goes back to the caller, does the owner hand it to ``report``,
+which queues it in ``events`` (bounded; counted in ``events_dropped`` past
+``EVENTS_MAX``) and counts it in ``refusals`` (every one, per event, level and
+resource); the engine itself never logs them.
 
 Concurrency: synchronous, no I/O, no locks.  The owner (one simfs mount on its trio
 loop, or one CLI process) calls it from one thread; since no method blocks, each
@@ -67,6 +72,8 @@ class QuotaEngine:
         # Refusals queued for the owner to report (bounded; the mount drains it).
         self.events: deque[dict] = deque()
         self.events_dropped = 0
+        # Every refusal reported, per (event, level, resource) (for metrics).
+        self.refusals: dict[tuple[str, int, str], int] = {}
 
     # ---- helpers -------------------------------------------------------------
 
@@ -100,7 +107,7 @@ class QuotaEngine:
             total = len(st.users) + len(st.groups)
             if total + len(missing) > st.ugid_limit:
                 st.ugid_exceeded = True
-                raise QuotaExceeded(2, "ugid")
+                raise self._ugid_refused(*missing[0])
             for kind, ugid in missing:
                 obj = QuotaObject()
                 st.table(kind)[ugid] = obj
@@ -136,23 +143,61 @@ class QuotaEngine:
             c.deadline = 0
 
     def _refused(self, obj: QuotaObject, level: int, uid: int, gid: int, resource: str,
-                 amount: int, now: int) -> None:
-        """Queue a refusal for the owner to report (``events``; no I/O here)."""
+                 amount: int, now: int, request: int | None = None) -> QuotaExceeded:
+        """The refusal of ``amount`` on one counter, with what it is about
+        (``event``); nothing is queued here (see ``report``)."""
         st = self.state
         c = obj.space if resource == "space" else obj.inodes
         if level == 1:
             kind, ugid = "container", None
+        elif st.users.get(uid) is obj:
+            kind, ugid = USER, uid
         else:
-            kind, ugid = (USER, uid) if st.users.get(uid) is obj else (GROUP, gid)
+            kind, ugid = GROUP, gid
         hard = level == 1 or c.hard
         why = "hardlimit" if hard and c.usage + c.rsv + amount > c.hard else "grace"
+        event = {"event": why, "level": level, "type": kind, "ugid": ugid,
+                 "resource": resource, "usage": c.usage, "soft": c.soft, "hard": c.hard,
+                 "deadline": c.deadline, "request": amount if request is None else request,
+                 "time": now}
+        room = self.room(uid, gid) if resource == "space" else 0
+        return QuotaExceeded(level, resource, room, event=event)
+
+    def _ugid_refused(self, kind: str, ugid: int, request: int = 1) -> QuotaExceeded:
+        """One uid/gid too many for the 2nd level (``ugid_limit``)."""
+        st = self.state
+        event = {"event": "ugid_limit", "level": 2, "type": kind, "ugid": ugid,
+                 "resource": "ugid", "usage": len(st.users) + len(st.groups), "soft": 0,
+                 "hard": st.ugid_limit, "deadline": 0, "request": request,
+                 "time": self.now()}
+        return QuotaExceeded(2, "ugid", event=event)
+
+    def exceeded(self, uid: int, gid: int, space: int, request: int | None = None
+                 ) -> QuotaExceeded:
+        """The refusal of ``space`` bytes for uid:gid when the owner found
+        there is no room for it (the counter that refuses it, or else the one
+        with the least room): to raise, and report like any other."""
+        now = self.now()
+        objs = self._objects(uid, gid, create=False)
+        for obj, _, level in objs:
+            if self._refuses(obj.space, level, space, now):
+                return self._refused(obj, level, uid, gid, "space", space, now, request)
+        obj, _, level = min(objs, key=lambda o: self._room(o[0].space, o[2], now))
+        return self._refused(obj, level, uid, gid, "space", space, now, request)
+
+    def report(self, exc: QuotaExceeded) -> None:
+        """A refusal that went back to the caller (EDQUOT): count it and queue
+        it for the owner to log (``events``; no I/O here)."""
+        ev = exc.event
+        if ev is None:
+            return
+        exc.event = None          # once
+        key = (ev["event"], ev["level"], ev["resource"])
+        self.refusals[key] = self.refusals.get(key, 0) + 1
         if len(self.events) >= EVENTS_MAX:
             self.events_dropped += 1
             return
-        self.events.append({"event": why, "level": level, "type": kind, "ugid": ugid,
-                            "resource": resource, "usage": c.usage, "soft": c.soft,
-                            "hard": c.hard, "deadline": c.deadline, "request": amount,
-                            "time": now})
+        self.events.append(ev)
 
     def _touch(self) -> None:
         self.generation += 1
@@ -160,21 +205,21 @@ class QuotaEngine:
 
     # ---- allocation ----------------------------------------------------------
 
-    def reserve(self, uid: int, gid: int, space: int = 0, inodes: int = 0) -> Reservation:
+    def reserve(self, uid: int, gid: int, space: int = 0, inodes: int = 0,
+                request: int | None = None) -> Reservation:
         """Check every level and hold ``space`` bytes and ``inodes`` inodes for an
         allocation by an inode owned by uid:gid.  Raises QuotaExceeded (nothing
-        held) when any level refuses."""
+        held) when any level refuses; its event names ``request`` (default:
+        the amount refused) as what the caller asked for."""
         now = self.now()
         objs = self._objects(uid, gid, create=True)
         space = max(0, space)
         inodes = max(0, inodes)
         for obj, _, level in objs:
             if space and self._refuses(obj.space, level, space, now):
-                self._refused(obj, level, uid, gid, "space", space, now)
-                raise QuotaExceeded(level, "space", self.room(uid, gid))
+                raise self._refused(obj, level, uid, gid, "space", space, now, request)
             if inodes and self._refuses(obj.inodes, level, inodes, now):
-                self._refused(obj, level, uid, gid, "inodes", inodes, now)
-                raise QuotaExceeded(level, "inodes")
+                raise self._refused(obj, level, uid, gid, "inodes", inodes, now)
         for obj, _, _ in objs:
             obj.space.rsv += space
             obj.inodes.rsv += inodes
@@ -284,15 +329,16 @@ class QuotaEngine:
         missing = [(k, i) for k, i in targets if i not in st.table(k)]
         if missing and not force and len(st.users) + len(st.groups) + len(missing) > st.ugid_limit:
             st.ugid_exceeded = True
-            raise QuotaExceeded(2, "ugid")
+            raise self._ugid_refused(*missing[0])
         for kind, ugid in targets:
             obj = st.table(kind).get(ugid)
             if obj is None or force:
                 continue
+            ids = (ugid, -1) if kind == USER else (-1, ugid)
             if space > 0 and self._refuses(obj.space, 2, space, now):
-                raise QuotaExceeded(2, "space")
+                raise self._refused(obj, 2, *ids, "space", space, now)
             if inodes > 0 and self._refuses(obj.inodes, 2, inodes, now):
-                raise QuotaExceeded(2, "inodes")
+                raise self._refused(obj, 2, *ids, "inodes", inodes, now)
         for kind, ugid in targets:
             obj = st.table(kind).setdefault(ugid, QuotaObject())
             grace = st.grace2(kind)

@@ -59,10 +59,13 @@ class CrossDevice(VzError):
 
 
 class QuotaExceeded(Exception):
-    """An allocation was refused (maps to EDQUOT). ``level`` is 1 or 2."""
+    """An allocation was refused (maps to EDQUOT). ``level`` is 1 or 2.
+    ``event``: what the refusal is about, for the owner to report once the
+    refusal is final (``QuotaEngine.report``); None when nothing is to be."""
 
-    def __init__(self, level: int, what: str, room: int = 0):
+    def __init__(self, level: int, what: str, room: int = 0, event: dict | None = None):
         super().__init__(f"level {level} {what} quota exceeded")
         self.level = level
         self.what = what
         self.room = room
+        self.event = event
