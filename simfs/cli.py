@@ -536,6 +536,12 @@ def checks(args: argparse.Namespace, own: dict[str, str], foreground: bool):
     precheck(args.private, args.root)
     if "quotaid" in own and "quota_off_ok" not in own:
         quota_is_on(int(own["quotaid"]), own.get("quotafile"))
+    if "hook" in own:
+        from .events import check_hook
+        from .mount import MountError
+        why = check_hook(own["hook"])
+        if why:
+            raise MountError(why)
     logfile = open_log(own["log"]) if "log" in own else None
     if logfile is None and not foreground and not os.path.exists("/dev/log"):
         print(f"simfs: no syslog (/dev/log): the daemon logs to {FALLBACK_LOG}",

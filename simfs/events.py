@@ -6,8 +6,16 @@ last time, and drains the refusals the engine queued (``engine.events``):
 
 - ``softlimit``: a grace timer started (usage passed the soft limit);
 - ``grace_expired``: a running grace timer reached its deadline;
+- ``softbelow``: usage went back below the soft limit (the timer cleared);
+- ``hardbelow``: usage went back below what it was when it reached the hard
+  limit (at or over it, or refused at it), so allocations fit again;
 - ``hardlimit``: an allocation was refused at a hard limit (or past an expired
-  grace: ``grace``; or for one uid/gid too many: ``ugid_limit``).
+  grace: ``grace``; or for one uid/gid too many, a create or a chown:
+  ``ugid_limit``).
+
+Refusals are only those that went back to the caller as EDQUOT (the engine
+queues them at the errno boundary, with the caller's request size), never a
+reservation the caller recovered from.
 
 Each event is logged once (refusals of the same counter at most once per
 ``REFUSAL_EVERY`` seconds, with the number folded in), and, when the mount
@@ -15,7 +23,8 @@ has ``hook=CMD``, CMD runs with the figures in its environment (``hook_env``).
 Hooks run as separate processes started by the event loop (anyio; never
 blocking a request),
 at most ``HOOKS_MAX`` at once; an event that finds them all busy is logged as
-not hooked, never silently lost.
+not hooked, never silently lost.  ``check_hook`` is what the mount checks of
+CMD before it starts.
 
 A soft crossing that is undone within one interval is not seen (the timer
 starts and clears between two looks).
@@ -28,6 +37,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import time
 from dataclasses import dataclass, field
 
@@ -59,9 +69,12 @@ class Event:
         what = {"softlimit": "passed its soft limit, grace time started",
                 "grace_expired": "grace time expired: no more allocations above the "
                                  "soft limit",
+                "softbelow": "back below its soft limit, grace time cleared",
+                "hardbelow": "back below its hard limit",
                 "hardlimit": "allocation refused at the hard limit",
                 "grace": "allocation refused: grace time expired",
-                "ugid_limit": "allocation refused: too many distinct uids/gids"}[self.event]
+                "ugid_limit": "refused: one uid/gid more than the 2nd level tracks "
+                              "(ugid limit)"}[self.event]
         more = f" ({self.count} refusals)" if self.count > 1 else ""
         return (f"quota {self.qid}: level {self.level} {who} {self.resource}: {what}{more}; "
                 f"usage {self.usage}{unit}, soft {self.soft}, hard {self.hard}"
@@ -83,10 +96,31 @@ def hook_env(ev: Event, path: str) -> dict[str, str]:
     return env
 
 
+def check_hook(path: str) -> str | None:
+    """Why ``path`` cannot serve as a hook (None when it can): it must exist,
+    be a regular file, and be executable."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        return f"hook {path} cannot be used: {e.strerror}"
+    if not stat.S_ISREG(st.st_mode):
+        return f"hook {path} is not a regular file"
+    if not st.st_mode & 0o111 or not os.access(path, os.X_OK):
+        return f"hook {path} is not executable (chmod +x it)"
+    return None
+
+
+@dataclass
+class _Seen:
+    deadline: int = 0
+    expired: bool = False
+    hard_mark: int | None = None   # usage when it reached the hard limit (None: below)
+
+
 @dataclass
 class Watcher:
     qid: int
-    seen: dict = field(default_factory=dict)         # key -> (deadline, expired)
+    seen: dict = field(default_factory=dict)         # key -> _Seen
     last_refusal: dict = field(default_factory=dict)  # key -> (time logged, pending)
 
     def poll(self, engine, now: float | None = None) -> list[Event]:
@@ -96,6 +130,10 @@ class Watcher:
         if engine is None:
             return out
         st = engine.state
+        refused_hard = {}
+        for r in engine.events:
+            if r["event"] == "hardlimit":
+                refused_hard[(r["level"], r["type"], r["ugid"], r["resource"])] = r["usage"]
         counters = [((1, "container", None), st.level1)]
         if engine.ugid_active:
             counters += [((2, "user", i), o) for i, o in st.users.items()]
@@ -105,16 +143,37 @@ class Watcher:
             for res, c in (("space", obj.space), ("inodes", obj.inodes)):
                 key = (level, kind, ugid, res)
                 alive.add(key)
-                deadline, expired = self.seen.get(key, (0, False))
-                if c.deadline and c.deadline != deadline:
-                    out.append(Event("softlimit", self.qid, level, kind, ugid, res,
+                seen = self.seen.get(key)
+                if seen is None:
+                    seen = self.seen[key] = _Seen()
+                got = []
+                if c.deadline and c.deadline != seen.deadline:
+                    got.append("softlimit")
+                    seen.expired = False
+                elif not c.deadline and seen.deadline and c.soft and c.usage < c.soft:
+                    got.append("softbelow")
+                if c.deadline and not seen.expired and now >= c.deadline and c.usage > c.soft:
+                    got.append("grace_expired")
+                    seen.expired = True
+                seen.deadline = c.deadline
+                if not c.deadline:
+                    seen.expired = False
+                if level == 1 or c.hard:
+                    # at the hard limit: at or over it now, or refused at it
+                    mark = refused_hard.get(key)
+                    if c.usage >= c.hard:
+                        mark = c.usage if mark is None else max(mark, c.usage)
+                    if mark is not None:
+                        seen.hard_mark = mark if seen.hard_mark is None \
+                            else max(seen.hard_mark, mark)
+                    elif seen.hard_mark is not None and c.usage < seen.hard_mark:
+                        got.append("hardbelow")
+                        seen.hard_mark = None
+                else:
+                    seen.hard_mark = None
+                for event in got:
+                    out.append(Event(event, self.qid, level, kind, ugid, res,
                                      c.usage, c.soft, c.hard, c.deadline))
-                    expired = False
-                if c.deadline and not expired and now >= c.deadline and c.usage > c.soft:
-                    out.append(Event("grace_expired", self.qid, level, kind, ugid, res,
-                                     c.usage, c.soft, c.hard, c.deadline))
-                    expired = True
-                self.seen[key] = (c.deadline, expired if c.deadline else False)
         for key in list(self.seen):
             if key not in alive:
                 del self.seen[key]

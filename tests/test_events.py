@@ -166,3 +166,70 @@ def test_only_refusals_the_caller_saw_are_reported(mounter, area, world_tmp):
     assert (got[0]["VZQUOTA_EVENT"], got[0]["VZQUOTA_REQUEST"], got[0]["VZQUOTA_COUNT"]) \
         == ("hardlimit", str(64 * K), "1")
     assert wait_usage_matches(private, 102) == []
+
+
+def test_back_below_and_ugid_limit_events(mounter, area, world_tmp):
+    """Issue 18 item 7: going back below a soft and a hard limit is an event
+    (quota_nld's *BELOW); a chown refused because the 2nd level tracks no more
+    uids/gids is logged and hooked."""
+    from backing import wait_usage_matches
+    private, root = area
+    hook, calls = _hook(world_tmp)
+    vzquota("init", "103", "-p", str(private), "-b", "100000", "-B", "200000", "-i", "1000",
+            "-I", "1000", "-e", "1d", "-n", "1d", "-s", "1", "-u", "4")
+    vzquota("on", "103")
+    m = mounter(private, root, "quotaid=103", f"hook={hook}")
+    os.chmod(root, 0o1777)
+    vzquota("setlimit2", "103", "-u", "-t", "86400", "86400")     # 2nd-level graces
+    vzquota("setlimit2", "103", "-u", "1000", "100", "200", "0", "0")
+
+    def lines(pattern: str) -> list[str]:
+        return [ln for ln in m.logtext().splitlines() if pattern in ln]
+    r = py_as(1000, 1000, FILL, str(root / "a"), str(150 * K), str(150 * K))
+    assert r.stdout.split() == ["wrote", str(150 * K)], r.stdout + r.stderr
+    wait_for(lambda: lines("level 2 user 1000 space: passed its soft limit"), "soft")
+    r = py_as(1000, 1000, FILL, str(root / "b"), str(4 * K), "0")
+    assert f"errno {errno.EDQUOT}" in r.stdout, r.stdout + r.stderr
+    wait_for(lambda: lines("level 2 user 1000 space: allocation refused at the hard"), "hard")
+    os.unlink(root / "b")
+    wait_for(lambda: lines("level 2 user 1000 space: back below its hard limit"), "hardbelow")
+    os.unlink(root / "a")
+    wait_for(lambda: lines("level 2 user 1000 space: back below its soft limit"), "softbelow")
+    # the 2nd level tracks at most 4 ids (uid 0, gid 0, uid 1000 with its
+    # limits, and one more): each file given to a new uid takes one
+    for uid in range(2000, 2010):
+        (root / f"c{uid}").write_bytes(b"c")
+        try:
+            os.chown(root / f"c{uid}", uid, -1)
+        except OSError as e:
+            assert e.errno == errno.EDQUOT
+            break
+    else:
+        raise AssertionError("no chown was refused at the ugid limit")
+    wait_for(lambda: lines("refused: one uid/gid more than the 2nd level tracks"), "ugid")
+    got = wait_for(lambda: [c for c in hook_calls(calls) if c["VZQUOTA_EVENT"] in
+                            ("ugid_limit", "hardbelow", "softbelow")]
+                   if len(hook_calls(calls)) >= 5 else None, "the hooks")
+    events = sorted(c["VZQUOTA_EVENT"] for c in got)
+    assert events == ["hardbelow", "softbelow", "ugid_limit"], hook_calls(calls)
+    u = next(c for c in got if c["VZQUOTA_EVENT"] == "ugid_limit")
+    assert (u["VZQUOTA_LEVEL"], u["VZQUOTA_TYPE"], u["VZQUOTA_RESOURCE"],
+            u["VZQUOTA_HARDLIMIT"]) == ("2", "user", "ugid", "4")
+    assert wait_usage_matches(private, 103) == []
+
+
+def test_a_hook_that_cannot_run_is_refused_at_mount(fuse, area, world_tmp, monkeypatch):
+    import subprocess
+    from conftest import SIMFS, is_mountpoint
+    private, root = area
+    monkeypatch.setenv("SIMFS_SERVICE", "0")
+    plain = world_tmp / "not-executable"
+    plain.write_text("#!/bin/sh\n")
+    plain.chmod(0o644)
+    for hook, why in ((world_tmp / "missing", "No such file"),
+                      (plain, "not executable"), (world_tmp, "not a regular file")):
+        r = subprocess.run([SIMFS, str(private), str(root), "-o", f"hook={hook}"],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 1 and f"hook {hook}" in r.stderr and why in r.stderr, \
+            r.stderr
+        assert not is_mountpoint(str(root))
