@@ -26,6 +26,10 @@ at most ``HOOKS_MAX`` at once; an event that finds them all busy is logged as
 not hooked, never silently lost.  ``check_hook`` is what the mount checks of
 CMD before it starts.
 
+``Watcher.totals`` counts every event of the mount's life per (event, level,
+resource), each refusal once (also those folded into one line or dropped from
+the engine's queue): the counters ``vzquota-metrics`` exports.
+
 A soft crossing that is undone within one interval is not seen (the timer
 starts and clears between two looks).
 
@@ -122,11 +126,34 @@ class Watcher:
     qid: int
     seen: dict = field(default_factory=dict)         # key -> _Seen
     last_refusal: dict = field(default_factory=dict)  # key -> (time logged, pending)
+    # every event of the mount's life, per (event, level, resource)
+    totals: dict = field(default_factory=dict)
+    _engine: object = None
+    _counted: dict = field(default_factory=dict)      # _engine.refusals already in totals
+
+    def count(self, key: tuple, n: int = 1) -> None:
+        self.totals[key] = self.totals.get(key, 0) + n
+
+    def _take_refusals(self, engine) -> None:
+        """Add the refusals ``engine`` counted since the last look to totals
+        (also those of an engine replaced meanwhile, by ``vzquota off``/``on``)."""
+        if engine is not self._engine:
+            if self._engine is not None:
+                self._take_refusals(self._engine)
+            self._engine, self._counted = engine, {}
+        if engine is None:
+            return
+        for key, n in engine.refusals.items():
+            done = self._counted.get(key, 0)
+            if n != done:
+                self.count(key, n - done)
+                self._counted[key] = n
 
     def poll(self, engine, now: float | None = None) -> list[Event]:
         """The events since the last poll (pure but for the clock)."""
         now = time.time() if now is None else now
         out: list[Event] = []
+        self._take_refusals(engine)
         if engine is None:
             return out
         st = engine.state
@@ -174,6 +201,7 @@ class Watcher:
                 for event in got:
                     out.append(Event(event, self.qid, level, kind, ugid, res,
                                      c.usage, c.soft, c.hard, c.deadline))
+                    self.count((event, level, res))
         for key in list(self.seen):
             if key not in alive:
                 del self.seen[key]

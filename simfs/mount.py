@@ -268,6 +268,7 @@ class Mount:
     async def _events(self, tg) -> None:
         """Report limit events: a log line each, and the hook (see events.py)."""
         watcher = events.Watcher(self.quotaid)
+        self.live.event_totals = watcher.totals      # the "events" control request
         dropped = 0
         while True:
             await anyio.sleep(events.INTERVAL)
@@ -280,6 +281,7 @@ class Mount:
             while shares:
                 # a uid refused at its share of open files (logged when refused)
                 uid, held, share = shares.popleft()
+                watcher.count(("open_share", 2, "openfiles"))
                 self._hook(tg, events.Event("open_share", self.quotaid, 2, "user", uid,
                                             "openfiles", held, share, share))
             if engine is not None and engine.events_dropped != dropped:

@@ -71,9 +71,11 @@ def test_pip_install_into_a_new_venv(fuse, tmp_path, area):
     assert subprocess.run([str(vbin / "vzquota"), "-V"], capture_output=True,
                           text=True).stdout.startswith("Vzquota version")   # version() of the original
     assert subprocess.run([str(vbin / "simfs-service")], capture_output=True).returncode == 2
-    for page in ("simfs.8", "vzquota.8"):
+    for page in ("simfs.8", "vzquota.8", "vzquota-metrics.8"):
         assert (venv / "share/man/man8" / page).read_text() == (REPO / "man" / page).read_text()
-    assert (venv / "lib/systemd/system/simfs@.service").read_text() == UNIT.read_text()
+    for unit in ("simfs@.service", "vzquota-metrics.service", "vzquota-metrics.timer"):
+        assert (venv / "lib/systemd/system" / unit).read_text() == \
+            (REPO / "systemd" / unit).read_text()
     # mount(8)'s helper calling convention, a real mount, a clean stop
     private, root = area
     (private / "f").write_text("hello")

@@ -110,6 +110,7 @@ REQUESTS: dict[str, dict[str, Callable[[str, object], object]]] = {
     "reload2": {},
     "recalc": {},
     "drop": {},
+    "events": {},
 }
 
 
@@ -261,6 +262,9 @@ class LiveQuota:
         # How many files hold blocks the hard limits left uncharged (allocated
         # late by the backing filesystem at the limit); the mount fills this in.
         self.gaps: Callable[[], int] = lambda: 0
+        # Limit events of the mount's life per (event, level, resource): the
+        # mount's events.Watcher.totals (the "events" request; metrics).
+        self.event_totals: dict[tuple[str, int, str], int] = {}
 
     def _apply(self, engine: QuotaEngine, result: ScanResult) -> None:
         apply_scan(engine, result)
@@ -357,6 +361,10 @@ class LiveQuota:
             req["limits"] = {k: v for k, v in req["limits"].items() if k != "path"}
         if cmd == "ping":
             return self.reply()
+        if cmd == "events":
+            return {"ok": True, "events": [
+                {"event": e, "level": lv, "resource": r, "count": n}
+                for (e, lv, r), n in sorted(self.event_totals.items())]}
         if cmd == "stat":
             if self.engine is None:
                 raise VzError(EC_NOTRUN, "Quota accounting is off, try vzquota show id\n")
