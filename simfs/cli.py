@@ -608,7 +608,20 @@ def start_daemon(argv: list[str], ready_fd: int) -> int:
         return fail(f"bad command line: {' '.join(argv)}")
     raise_fd_limit()
     m = build(args, fuse_opts, own)
+    set_title(m)
     return daemon(m, args.debug or "debug" in own, logfile, ready_fd)
+
+
+def set_title(m) -> None:
+    """What ps shows for a child of the mount service (it would otherwise
+    show the service's own command line, ``simfs --service``): the mount it
+    serves."""
+    try:
+        from setproctitle import setproctitle
+    except ImportError:          # an older environment: the title stays
+        return
+    quota = f"quota {m.quotaid}: " if m.quotaid is not None else "no quota: "
+    setproctitle(f"simfs: {quota}{m.private} on {m.root} (mount)")
 
 
 def run(m, ready_fd: int | None) -> int:

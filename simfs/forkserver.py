@@ -117,6 +117,14 @@ def preload() -> None:
     import vzquota.service  # noqa: F401
 
     from . import cli, mount, ops  # noqa: F401
+    try:
+        # set up before a child replaces its environment: setproctitle takes
+        # over the memory of argv and environ, where the children's titles go,
+        # at its first use (cli.set_title)
+        import setproctitle
+        setproctitle.setproctitle(setproctitle.getproctitle())
+    except ImportError:
+        pass
     for name in RUNTIME_MODULES:
         try:
             importlib.import_module(name)

@@ -144,7 +144,7 @@ exec 8>&-
 # the editable install does not map yet)
 if ! (cd / && "$OLDPWD/.venv/bin/python" - <<'PYEOF') 2>/dev/null
 import importlib.metadata as md, os, sys, pyfuse3, pyfuse3.asyncio, anyio, uvloop, trio, xattr
-import pytest, fusewire, simfs, vzquota, prometheus_client, tqdm
+import pytest, fusewire, simfs, vzquota, prometheus_client, tqdm, setproctitle
 md.version("simfs-vzquota")
 assert not hasattr(pyfuse3.asyncio, "callback_loop")
 bindir = os.path.dirname(sys.executable)
