@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import subprocess
 
+from backing import wait_usage_matches
 from conftest import SIMFS, vzquota
 
 
@@ -24,7 +25,7 @@ def test_remount_refuses_a_changed_simfs_option(mounter, area, world_tmp):
     hook.write_text("#!/bin/sh\n")
     hook.chmod(0o755)
     vzquota("init", "101", "-p", str(private), "-b", "1000", "-B", "2000", "-i", "100",
-            "-I", "200", "-e", "1d", "-n", "1d")
+            "-I", "200", "-e", "1d", "-n", "1d", "-s", "1", "-u", "20")
     vzquota("on", "101")
     same = f"quotaid=101,maxopen=100,hook={hook}"
     mounter(private, root, "dev", "suid", *same.split(","))
@@ -45,6 +46,7 @@ def test_remount_refuses_a_changed_simfs_option(mounter, area, world_tmp):
         line = next(ln for ln in f if ln.split()[4] == str(root))
     assert "rw" in line.split()[5].split(",")
     (root / "still-writable").write_text("x")
+    assert wait_usage_matches(private, 101) == []     # the quota kept counting
 
 
 def test_remount_adding_a_quota_id_is_refused(mounter, area):
