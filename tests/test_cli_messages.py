@@ -176,6 +176,12 @@ def test_bad_quota_ids_are_usage_errors(qid):
     assert run("setlimit", qid, "-b", "1") == (2, "", ON_USAGE.replace(" on ", " setlimit "))
 
 
+def test_stat_of_a_bad_id_is_its_usage():
+    # vestat_proc() -> parse_options(): str2uint("abc") fails -> usage(vestat_usage)
+    for args in (["stat", "abc"], ["stat", "abc", "-t"], ["stat", "abc", "--json"]):
+        assert run(*args) == (2, "", STAT_USAGE), args
+
+
 def test_missing_quota_id_is_usage():
     assert run("init") == (2, "", INIT_USAGE)
     assert run("setlimit2") == (2, "", SETLIMIT2_USAGE)

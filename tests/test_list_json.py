@@ -131,4 +131,8 @@ def test_list_reports_a_broken_file_and_goes_on(area):
     rows = {int(line.split()[0]): line.split() for line in r.stdout.splitlines()[1:]}
     assert rows[5][1] == "off" and rows[6][1] == "error"
     doc = json.loads(vzquota("list", "--json").stdout)
-    assert "error" in {q["quotaid"]: q for q in doc["quotas"]}[6]
+    # vzquota(8), JSON output: a file that cannot be read is {quotaid, file, error}
+    assert {q["quotaid"]: q for q in doc["quotas"]}[6] == {
+        "quotaid": 6, "file": str(qdir / "quota.6"),
+        "error": "Can't detect quota file version; file is not a VZ quota file"}
+    assert rows[6][2] == "no"

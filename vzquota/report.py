@@ -85,9 +85,10 @@ def quota(st: QuotaState, now: int, *, source: str, live: bool, active: bool,
     return out
 
 
-def broken(qid: int, now: int, file: str | None, message: str, live: bool) -> dict:
-    return {"schema": SCHEMA, "quotaid": qid, "now": now, "source": None, "file": file,
-            "state": {"mounted": live}, "error": message}
+def broken(qid: int, file: str | None, message: str) -> dict:
+    """A quota whose figures cannot be had: ``{quotaid, file, error}`` as
+    vzquota(8) documents it (nothing else is known of it)."""
+    return {"quotaid": qid, "file": file, "error": message}
 
 
 LIST_HEAD = "%10s %-5s %-7s %12s %12s %12s %10s %10s %10s  %s\n"
@@ -95,6 +96,8 @@ LIST_ROW = "%10d %-5s %-7s %12d%c%12d %12d %10d%c%10d %10d  %s\n"
 
 
 def _mounted_word(q: dict) -> str:
+    if "error" in q:
+        return "no"         # no mount answered (gather asks the mount first)
     if q["state"].get("mounted"):
         return "yes"
     return "dead" if q["state"].get("unclean") else "no"
@@ -153,7 +156,7 @@ def gather(qid: int, file: str | None = None, *, ugid: bool = True) -> dict:
     try:
         reply = control.request(qid, "ping", timeout=30)
     except VzError as e:
-        return broken(qid, now, qf.path, e.message, live=False)
+        return broken(qid, qf.path, e.message)
     if reply is not None:
         st = state_from_dict(reply["state"])
         return quota(st, int(reply.get("now", now)), source="mount", live=True,
@@ -162,6 +165,6 @@ def gather(qid: int, file: str | None = None, *, ugid: bool = True) -> dict:
     try:
         st = qf.load()
     except VzError as e:
-        return broken(qid, now, qf.path, e.message, live=False)
+        return broken(qid, qf.path, e.message)
     return quota(st, now, source="file", live=False, active=False, ugid_active=False,
                  file=qf.path, ugid=ugid)
