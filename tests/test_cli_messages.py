@@ -182,6 +182,19 @@ def test_stat_of_a_bad_id_is_its_usage():
         assert run(*args) == (2, "", STAT_USAGE), args
 
 
+def test_batch_ugid_limit_prints_signed(private):
+    # print_ugid_status(): printf("%d %d %d\n", count, buf_size, limit) of
+    # unsigned ints in batch mode; "limit %u" in the table
+    init(private, "-s", "1", "-u", "4294967295")
+    rc, out, _ = run("-b", "show", QID, "-t")
+    assert rc == 0 and out.splitlines()[3] == "0 2 -1", out
+    assert "Ugids: loaded 0, total 2, limit 4294967295\n" in run("show", QID, "-t")[1]
+    vzquota("setlimit", QID, "-u", "2147483648")
+    assert run("-b", "show", QID, "-t")[1].splitlines()[3] == "0 2 -2147483648"
+    vzquota("setlimit", QID, "-u", "2147483647")
+    assert run("-b", "show", QID, "-t")[1].splitlines()[3] == "0 2 2147483647"
+
+
 def test_missing_quota_id_is_usage():
     assert run("init") == (2, "", INIT_USAGE)
     assert run("setlimit2") == (2, "", SETLIMIT2_USAGE)
@@ -225,13 +238,16 @@ def test_c_and_r_together():
 
 
 def test_relative_without_path_and_with_a_missing_path(world_tmp):
-    # get_quota_file_name(): no -p leaves the VZ4 name NULL; a missing one fails stat()
+    # get_quota_file_name(): no -p leaves the VZ4 name NULL; a missing one fails
+    # stat(); both are error(EC_NOQUOTAFILE, errno, ...): exit 11
     assert run("show", QID, "-R") == (
-        4, "", "vzquota : (error) can't open quota config file (null)\n\n")
+        11, "", "vzquota : (error) can't open quota config file (null)\n\n")
     gone = world_tmp / "gone" / "fs"
-    assert run("stat", QID, "-R", "-p", str(gone)) == (4, "", (
+    assert run("stat", QID, "-R", "-p", str(gone)) == (11, "", (
         f"vzquota : (error) can't open quota config file {world_tmp}/gone/quota.fs\n"
         ": No such file or directory\n"))
+    for cmd in (["on"], ["off"], ["setlimit", "-b", "1"], ["reload2"], ["drop"]):
+        assert run(cmd[0], QID, "-R", *cmd[1:])[0] == 11, cmd
 
 
 def test_relative_quota_file_next_to_the_private_area(private):
@@ -286,10 +302,34 @@ def test_corrupt_files(private):
     assert run("show", QID) == (4, "", "vzquota : (error) Can't detect quota file "
                                 "version; file is not a VZ quota file\n")
     # read_field(): a short read is error(0, 0, "quota file is corrupted")
-    write(good[: len(good) // 2])
+    # a checksum that checks out over a field that does not
+    body = good.split(b"\n")[1].replace(b'"on":false', b'"on":"no"')
+    import hashlib
+    write(b"vzquota-simfs-quota 1\n" + body + b"\nsha256 "
+          + hashlib.sha256(body).hexdigest().encode() + b"\n")
     assert run("show", QID) == (4, "", "vzquota : (error) quota file is corrupted\n")
     write(good)
     assert run("show", QID)[0] == 0
+
+
+def test_short_files_are_damaged_as_the_original_says(private):
+    """The original reads an 8-byte header (magic, flags), then its magic, then the
+    checksum at the end of the file before any other field: an empty or 4-byte
+    file is a short read, a file cut after its header fails the checksum."""
+    init(private)
+    path = QuotaFile.for_id(101).path
+    good = open(path, "rb").read()
+    short = "vzquota : (error) quota file is corrupted\n"
+    broken = "vzquota : (error) Quota file check sum is invalid for id 101; file is broken\n"
+    alien = ("vzquota : (error) Can't detect quota file version; file is not a VZ "
+             "quota file\n")
+    for data, err in ((b"", short), (good[:4], short), (b"\0\0\0\0", short),
+                      (good[:100], broken), (good[:8], broken), (good[:-1], broken),
+                      (b"\xfe" * 100, alien), (b"garbage\n", alien)):
+        with open(path, "wb") as f:
+            f.write(data)
+        for cmd in (["show"], ["stat"], ["setlimit", "-b", "5"], ["on"]):
+            assert run(cmd[0], QID, *cmd[1:]) == (4, "", err), (data[:10], cmd)
 
 
 def test_show_of_a_running_quota_warns(private):

@@ -312,15 +312,16 @@ def quota_file(o: Opts, create: bool = False) -> QuotaFile:
     if o.file:
         return QuotaFile.for_id(o.qid, o.file)
     if o.relative:
+        # get_quota_file_name() of the original: error(EC_NOQUOTAFILE, ...)
         if not o.path:
-            raise VzError(EC_QUOTAFILE, "can't open quota config file (null)\n")
+            raise VzError(EC_NOQUOTAFILE, "can't open quota config file (null)\n")
         path = o.path.rstrip("/") or "/"
         name = os.path.join(os.path.dirname(path), "quota." + os.path.basename(path))
         if not create:
             try:
                 os.stat(name)
             except OSError as e:
-                raise VzError(EC_QUOTAFILE, f"can't open quota config file {name}\n"
+                raise VzError(EC_NOQUOTAFILE, f"can't open quota config file {name}\n"
                               f": {e.strerror}") from None
         return QuotaFile.for_id(o.qid, name)
     return QuotaFile.for_id(o.qid)

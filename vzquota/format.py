@@ -26,6 +26,12 @@ _OBJ_ROW = "%-11d %5s %9s %11d %11d %11d %8s %6s\n"
 _QUOTAFILE_FLAGS = 0    # dqi_flags column: the model keeps no per-type flags
 
 
+def _s32(n: int) -> int:
+    """An unsigned 32-bit value as C's ``%d`` prints it."""
+    n &= 0xFFFFFFFF
+    return n - 2**32 if n >= 2**31 else n
+
+
 def _over(usage: int, soft: int, hard: int) -> str:
     """``*`` when usage is strictly over a non-zero soft or hard limit."""
     return "*" if (soft and usage > soft) or (hard and usage > hard) else " "
@@ -107,7 +113,9 @@ def format_ugid(state: QuotaState, now: int, *, active: bool, live: bool,
     out = []
     if batch:
         out.append("%d %d\n" % (-1 if unknown_status else state.ugid_on, active))
-        out.append("%d %d %d\n" % (nloaded, len(objs), limit))
+        # print_ugid_status(): "%d %d %d" of unsigned ints (a limit of 2**31
+        # or more prints negative, as the original prints it)
+        out.append("%d %d %d\n" % (_s32(nloaded), _s32(len(objs)), _s32(limit)))
         out.append("%d\n" % (state.ugid_exceeded or has_unloaded))
     else:
         exceeded = state.ugid_exceeded or (limit and nloaded >= limit)

@@ -151,23 +151,31 @@ def corrupt_error(where: str, why: str = CORRUPTED) -> VzError:
     return VzError(EC_QUOTAFILE, why)
 
 
+# The original reads a fixed 8-byte header (magic, flags) first: a shorter file
+# is a short read ("quota file is corrupted"); then the magic ("Can't detect
+# quota file version"); then, before any other field, the checksum at the end of
+# the file, so a file cut anywhere after its header is "check sum is invalid".
+HEADER_SIZE = 8
+HEADER = f"{MAGIC} {VERSION}\n".encode("ascii")
+
+
 def decode(data: bytes, where: str, qid: int | None = None) -> QuotaState:
+    """Check and parse a quota file's bytes, with the original's message for
+    each kind of damage, in the order it finds them (src/quota_io.c:
+    read_field(), get_quota_version(), do_check_quota_file())."""
     def corrupt(why: str = CORRUPTED) -> VzError:
         return corrupt_error(where, why)
-    try:
-        text = data.decode("ascii")
-    except UnicodeDecodeError:
-        raise corrupt(NOT_A_QUOTA_FILE) from None
-    head, _, rest = text.partition("\n")
-    magic, _, version = head.partition(" ")
-    if magic != MAGIC or version != str(VERSION):
-        raise corrupt(NOT_A_QUOTA_FILE)
-    lines = text.split("\n")
-    if len(lines) != 4 or lines[3] != "":
+    if len(data) < HEADER_SIZE:
         raise corrupt()
-    body, check = lines[1:3]
-    if check != "sha256 " + hashlib.sha256(body.encode("ascii")).hexdigest():
+    if data[:len(HEADER)] != HEADER[:len(data)]:
+        raise corrupt(NOT_A_QUOTA_FILE)
+    text = data.decode("ascii", "replace")
+    lines = text.split("\n")
+    sums = (len(lines) == 4 and lines[3] == "" and lines[1].isascii() and
+            lines[2] == "sha256 " + hashlib.sha256(lines[1].encode("ascii")).hexdigest())
+    if not sums:
         raise corrupt(bad_checksum(where if qid is None else qid))
+    body = lines[1]
     try:
         d = json.loads(body)
         if type(d) is not dict:
