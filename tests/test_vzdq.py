@@ -18,18 +18,20 @@ from vzquota.qfile import QuotaFile
 
 VZDQCHECK, VZDQDUMP, VZDQLOAD = (str(BIN / n) for n in ("vzdqcheck", "vzdqdump", "vzdqload"))
 LIMITS = ["-b", "100000", "-B", "120000", "-i", "1000", "-I", "1200", "-e", "1d", "-n", "1d"]
-DUMP_USAGE = (      # vzdqdump.c: dump_usage
+DUMP_USAGE = (      # vzdqdump.c (3.x): dump_usage
     "Usage: vzdqdump quotaid [-c file] [-f] commands\n"
-    "Dumps user/group qouta information from quota file.\n"
+    "Dumps user/group quota information from quota file.\n"
     "\t-c file\tuse given quota file\n"
     "\t-f\tdump data from kernel rather than quota file\n"
     "Commands specify what user/group information to dump:\n"
+    "\t-F\tfirst level quota\n"
     "\t-G\tgrace time\n\t-U\tdisk limits\n\t-T\texpiration times\n")
-LOAD_USAGE = (      # vzdqload.c: dump_usage
+LOAD_USAGE = (      # vzdqload.c (3.x): dump_usage
     "Usage: vzdqload quotaid [-c file] commands\n"
-    "Loads user/group qouta information from stdin into quota file.\n"
+    "Loads user/group quota information from stdin into quota file.\n"
     "\t-c file\tuse given quota file\n"
     "Commands specify what user/group information to load:\n"
+    "\t-F\tfirst level quota\n"
     "\t-G\tgrace time\n\t-U\tdisk limits\n\t-T\texpiration times\n")
 
 
@@ -193,3 +195,103 @@ def test_vzdqdump_and_vzdqload_options(two, world_tmp):
     # the 2nd level off: the status line only
     vzquota("init", "103", "-p", str(two[0]), *LIMITS)
     assert run(VZDQDUMP, "103", "-G", "-U") == (0, "ugid_quota_status:\t0\n", "")
+
+
+def test_vzmigrate_dump_and_load_with_first_level(two, world_tmp):
+    """vzctl 4.x's vzmigrate, word for word: ``vzdqdump $VEID -U -G -T -F >
+    dump`` on the source, ``vzdqload $VEID -U -G -T -F < dump && vzquota
+    reload2 $VEID`` on the destination (another quota directory: another host)."""
+    _, copy = two                          # the tree rsync made on the destination
+    vzquota("setlimit2", "101", "-u", "1001", "10", "500", "1", "100")   # over soft
+    vzquota("setlimit2", "101", "-g", "-t", "4w", "50")
+    vzquota("setlimit", "101", "-b", "1", "-e", "5h")                    # over soft: deadline
+    st = QuotaFile.for_id(101).load()
+    s, i = st.level1.space, st.level1.inodes
+    assert s.deadline > 0
+    rc, dump, err = run(VZDQDUMP, "101", "-U", "-G", "-T", "-F")
+    assert (rc, err) == (0, "")
+    # vzdqdump.c: the 2nd level, then FIRST_LEVEL_LABEL and two lines of
+    # usage soft hard btime bexpire (bytes) / icurrent isoft ihard itime iexpire
+    assert dump.endswith(
+        "first_level_quota:\n"
+        f"{s.usage} 1024 122880000 {s.deadline} 18000\n"
+        f"{i.usage} 1000 1200 {i.deadline} 86400\n"), dump
+    dump_file = world_tmp / "quotadump.101"
+    dump_file.write_text(dump)
+    dest = world_tmp / "dest-host"
+    env = dict(os.environ, VZQUOTA_DIR=str(dest))
+    subprocess.run([str(BIN / "vzquota"), "init", "101", "-p", str(copy), *LIMITS, "-s", "1",
+                    "-u", "20"], env=env, check=True)
+    r = subprocess.run(["sh", "-c", f"{VZDQLOAD} 101 -U -G -T -F < {dump_file} && "
+                        f"{BIN / 'vzquota'} reload2 101"], env=env, capture_output=True,
+                       text=True)
+    assert (r.returncode, r.stdout, r.stderr) == (0, "", "")
+    got = QuotaFile(101, str(dest / "quota.101")).load()
+    assert got.level1 == st.level1 and got.grace1 == st.grace1
+    assert got.group_grace == st.group_grace and got.user_grace == st.user_grace
+    assert got.users[1001].space.hard == 500 * 1024
+    r = subprocess.run([VZDQDUMP, "101", "-U", "-G", "-T", "-F"], env=env,
+                       capture_output=True, text=True)
+    assert r.stdout == dump
+
+
+def test_vzdqload_first_level_errors_are_the_originals(two):
+    before = open(QuotaFile.for_id(102).path, "rb").read()
+    # vzdqload.c, -F: fprintf(stderr, "Invalid input data: %s\n", line), exit 2
+    assert run(VZDQLOAD, "102", "-F", stdin="ugid_quota_status: 0\nfirst_level:\n") == (
+        2, "", "Invalid input data: first_level:\n\n")
+    assert run(VZDQLOAD, "102", "-F", stdin="ugid_quota_status: 0\n") == (
+        2, "", "vzquota : (error) End of input file\nInvalid input data: \n")
+    assert run(VZDQLOAD, "102", "-F",
+               stdin="ugid_quota_status: 0\nfirst_level_quota:\n1 2 3\n") == (
+        2, "", "Invalid input data: 1 2 3\n\n")
+    assert open(QuotaFile.for_id(102).path, "rb").read() == before
+    # the 2nd level off: -F alone loads the 1st level
+    assert run(VZDQLOAD, "102", "-F", stdin=(
+        "ugid_quota_status: 0\nfirst_level_quota:\n4096 10240 20480 0 60\n"
+        "7 10 20 0 120\n")) == (0, "", "")
+    st = QuotaFile.for_id(102).load()
+    assert (st.level1.space.usage, st.level1.space.soft, st.level1.space.hard) == (
+        4096, 10240, 20480)
+    assert (st.level1.inodes.usage, st.grace1.space, st.grace1.inodes) == (7, 60, 120)
+
+
+BIG = "9" * 5000
+
+
+@pytest.mark.parametrize("what,stdin,message", [
+    ("-U", f"ugid: {2**40} 0 1 2 3 4", f"ugid id {2**40} is out of range (0 to 4294967294)"),
+    ("-U", "ugid: -1 0 1 2 3 4", "ugid id -1 is out of range (0 to 4294967294)"),
+    ("-U", "ugid: 5 0 -1 2 3 4", "block soft limit -1 is out of range (0 to 18014398509481983)"),
+    ("-U", f"ugid: 5 0 1 {2**54} 3 4",
+     f"block hard limit {2**54} is out of range (0 to 18014398509481983)"),
+    ("-U", f"ugid: 5 1 1 2 3 {2**32}", f"inode hard limit {2**32} is out of range (0 to 4294967295)"),
+    ("-U", f"ugid: 5 0 1 {BIG} 3 4",
+     "block hard limit 99999999999999999999...(5000 digits) is out of range "
+     "(0 to 18014398509481983)"),
+    ("-T", f"ugid: 5 0 {2**63} 0", f"block grace deadline {2**63} is out of range "
+     "(0 to 9223372036854775807)"),
+    ("-G", "grace_time: 0 -5 0", "block grace time -5 is out of range (0 to 9223372036854775807)"),
+    ("-U", f"ugid_number: {BIG}", None),
+])
+def test_vzdqload_refuses_out_of_range_numbers(two, what, stdin, message):
+    """No wrap, no traceback: a number outside its field is a usage error."""
+    before = open(QuotaFile.for_id(102).path, "rb").read()
+    if not stdin.startswith("ugid_number") and what != "-G":
+        stdin = "ugid_number: 1\n" + stdin
+    text = "ugid_quota_status: 1\n" + stdin + "\n"
+    rc, out, err = run(VZDQLOAD, "102", what, stdin=text)
+    last = text.splitlines(True)[-1]
+    if message is None:
+        message = ("ugid_number 99999999999999999999...(5000 digits) is out of range "
+                   "(0 to 4294967295)")
+    assert (rc, out) == (2, "") and "Traceback" not in err
+    assert err == (f"vzquota : (error) {message}: refused, nothing was loaded\n"
+                   f"vzquota : (error) Invalid input data: {last}\n")
+    assert open(QuotaFile.for_id(102).path, "rb").read() == before
+    # the 1st level (-F): the same check, then the -F part's own message
+    rc, out, err = run(VZDQLOAD, "102", "-F", stdin=(
+        f"ugid_quota_status: 0\nfirst_level_quota:\n1 2 3 4 {BIG}\n1 2 3 4 5\n"))
+    assert rc == 2 and err.endswith(f"Invalid input data: 1 2 3 4 {BIG}\n\n")
+    assert "block grace time" in err and "Traceback" not in err
+    assert open(QuotaFile.for_id(102).path, "rb").read() == before
