@@ -355,11 +355,21 @@ def test_on_off_stat_offline(private):
     assert run("on", QID) == (0, "", "")
     # quota_on(): debug(LOG_WARNING, "Quota is running for id %d already\n"), exit 5
     assert run("on", QID) == (5, "", "vzquota : (warning) Quota is running for id 101 already\n")
+    # on with nothing mounted is the original's kernel quota on without a
+    # mount: stat answers with the figures, off switches it off quietly
+    assert run("stat", QID) == (0, run("show", QID)[1], "")
+    assert run("off", QID) == (0, "", "")
     # vestat_proc(): error(EC_NOTRUN, 0, "Quota accounting is off, try vzquota show id\n")
     assert run("stat", QID) == (6, "", "vzquota : (error) Quota accounting is off, try "
                                 "vzquota show id\n\n")
     assert run("stat", QID, "-t") == run("stat", QID)
-    # quota_off() with the file saying "on": the error, the repair, exit 0
+    # quota_off() with the file saying "on" while nothing runs it (its mount did
+    # not stop cleanly: the original after a reboot): the error, the repair, exit 0
+    qf = QuotaFile.for_id(101)
+    st = qf.load()
+    st.on = st.mounted = True
+    qf.save(st)
+    assert run("stat", QID)[0] == 6
     assert run("off", QID) == (0, "", (
         "vzquota : (error) Quota is not running for id 101\n"
         "vzquota : (warning) Repairing quota: it was incorrectly marked as running "

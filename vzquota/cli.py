@@ -29,12 +29,13 @@ from dataclasses import dataclass, field
 
 from . import __version__, control, progress, report
 from .engine import QuotaEngine
-from .errors import (EC_EXDEV, EC_NOQUOTAFILE, EC_NOTRUN, EC_QUOTADIRTY, EC_QUOTAFILE,
-                     EC_RUN, EC_SYSERR, EC_UGID_NOTRUN, EC_USAGE, CrossDevice, VzError)
+from .errors import (EC_EXDEV, EC_LIVE, EC_NOQUOTAFILE, EC_NOTRUN, EC_QUOTADIRTY,
+                     EC_QUOTAFILE, EC_RUN, EC_SYSERR, EC_UGID_NOTRUN, EC_USAGE,
+                     CrossDevice, VzError)
 from .format import format_ugid, format_usage
 from .gnugetopt import NO_ARG, REQUIRED, GetoptError, GetoptLong
 from .model import QuotaObject, QuotaState
-from .qfile import QuotaFile, state_from_dict
+from .qfile import QuotaFile, state_from_dict, state_to_dict
 from .scan import scan
 from .service import apply_limits, apply_limits2
 from .units import c_strtol, kib, parse_blocks, parse_count, parse_time
@@ -428,8 +429,23 @@ def set_from_line(st: QuotaState, limits: dict) -> None:
         st.dirty = True
 
 
+def request(qid: int, cmd: str, **args) -> dict | None:
+    """One request to the live mount of ``qid`` (None: no mount carries it).
+    A mount that stops while it is asked (``umount`` returns before the daemon
+    has saved and gone: vzctl runs ``stat -f`` and ``off`` right after it)
+    takes the question into its socket's backlog and drops it when it exits;
+    once its socket is gone -- it is removed after the last save -- that is
+    no mount, not a failed one."""
+    try:
+        return control.request(qid, cmd, **args)
+    except VzError as e:
+        if e.code == EC_LIVE and not os.path.exists(control.socket_path(qid)):
+            return None
+        raise
+
+
 def live(o: Opts, cmd: str, **args) -> dict | None:
-    return control.request(o.qid, cmd, **args)
+    return request(o.qid, cmd, **args)
 
 
 def live_state(reply: dict) -> QuotaState:
@@ -533,6 +549,15 @@ def cmd_off(o: Opts, out: Out) -> int:
         live(o, "off")
         out.info(f"Quota was switched off for id {o.sid}\n")
         return 0
+    if readable and reply is None:
+        with qf.lock():
+            st = qf.load()
+            if between_mounts(st):
+                # the original's kernel quota was on: switched off quietly
+                st.on = False
+                qf.save(st)
+                out.info(f"Quota was switched off for id {o.sid}\n")
+                return 0
     out.error(f"Quota is not running for id {o.sid}")
     if not readable:
         return EC_NOTRUN
@@ -647,20 +672,114 @@ def print_state(st: QuotaState, now: int, o: Opts, out: Out, *, active: bool,
                                      batch=bool(out.batch), unknown_status=unknown_status))
 
 
-def live_stat(o: Opts, qf: QuotaFile) -> dict:
-    """The live mount's answer to ``stat`` (the file is read and checked first,
-    unless -f); exit 6 when accounting is off."""
-    if not o.force:
-        load(qf)
+def between_mounts(st: QuotaState) -> bool:
+    """The quota is on and its last mount stopped cleanly (or none has run
+    yet): the state the original's kernel quota was in when it was on with
+    nothing mounted.  ``stat`` answers with the file's figures, ``off``
+    switches it off, ``on`` says it is running already."""
+    return st.on and not st.mounted
+
+
+def kernel_stat(qid: int, qf: QuotaFile, save: bool, read_file: bool = True,
+                off_message: str = "Quota accounting is off, try vzquota show id\n"
+                ) -> dict:
+    """What the original's kernel answered for ``stat``: the live mount's
+    figures, or between mounts the quota file's (``between_mounts``); else
+    exit 6, saying so when the quota's mount is dead (``dead_mount_error``)."""
     try:
-        reply = live(o, "stat", save=not o.force)
+        reply = request(qid, "stat", save=save)
     except VzError as e:
         if e.code != EC_NOTRUN:
             raise
         reply = None
-    if reply is None or not reply.get("active", True):
-        raise VzError(EC_NOTRUN, "Quota accounting is off, try vzquota show id\n")
-    return reply
+    if reply is not None and reply.get("active", True):
+        return reply
+    st = None
+    if reply is None:
+        try:
+            st = qf.load()
+        except VzError:
+            if read_file:
+                raise
+    if st is not None and between_mounts(st):
+        return {"ok": True, "active": True, "ugid_active": st.ugid_on and st.ugid_limit > 0,
+                "dropped": False, "now": int(time.time()), "state": state_to_dict(st),
+                "between_mounts": True}
+    if reply is None:
+        dead = dead_mount_error(qid, st)
+        if dead is not None:
+            raise dead
+    raise VzError(EC_NOTRUN, off_message)
+
+
+def _dead_simfs_mounts(timeout: float = 1.0) -> list[str]:
+    """Mount points of simfs mounts whose daemon is gone: a statfs of the
+    mount point (always a request to the daemon, where a stat may be served
+    from the kernel's cache) fails with ENOTCONN.  Each runs in a thread given
+    ``timeout`` seconds, so a live mount that hangs cannot hang the caller."""
+    import errno
+    import threading
+    found: list[str] = []
+    try:
+        with open("/proc/self/mountinfo") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return found
+    for line in lines:
+        fields = line.split()
+        try:
+            fstype = fields[fields.index("-", 6) + 1]
+        except (ValueError, IndexError):
+            continue
+        if fstype != "fuse.simfs":
+            continue
+        point = (fields[4].replace("\\040", " ").replace("\\011", "\t")
+                 .replace("\\012", "\n").replace("\\134", "\\"))
+        result: list[int] = []
+
+        def probe(path: str = point) -> None:
+            try:
+                os.statvfs(path)
+                result.append(0)
+            except OSError as e:
+                result.append(e.errno or -1)
+        t = threading.Thread(target=probe, daemon=True)
+        t.start()
+        t.join(timeout)
+        if result and result[0] == errno.ENOTCONN:
+            found.append(point)
+    return found
+
+
+def dead_mount_error(qid: int, st: QuotaState | None) -> VzError | None:
+    """When the mount that served ``qid`` died (its daemon killed: the control
+    socket is left behind, or the file says a mount was accounting it) and a
+    dead simfs mount ("Transport endpoint is not connected") is still in
+    place, an error naming it and how to clear it; else None."""
+    sock_left = os.path.exists(control.socket_path(qid))
+    if not sock_left and not (st is not None and st.mounted):
+        return None
+    dead = _dead_simfs_mounts()
+    if not dead:
+        return None
+    sid = qid - 2**32 if qid >= 2**31 else qid
+    if len(dead) == 1:
+        where, how = f" at {dead[0]}", f"umount -l {dead[0]}"
+    else:
+        where, how = "", ("umount -l ROOT (the dead simfs mounts: "
+                          + ", ".join(dead) + ")")
+    return VzError(EC_NOTRUN, f"The simfs mount of quota id {sid}{where} is dead: its "
+                   "daemon is gone and the mount answers \"Transport endpoint is not "
+                   f"connected\"; clear it with {how}, then mount it again (the "
+                   "quota is recounted)")
+
+
+def live_stat(o: Opts, qf: QuotaFile) -> dict:
+    """The answer to ``stat`` (the file is read and checked first, unless -f):
+    ``kernel_stat``; exit 6 when accounting is off."""
+    if not o.force:
+        load(qf)
+    return kernel_stat(o.qid, qf, save=not o.force, read_file=not o.force)
 
 
 def cmd_stat(o: Opts, out: Out) -> int:
@@ -750,8 +869,10 @@ def cmd_json(o: Opts, out: Out) -> int:
     if o.cmd == "stat":
         reply = live_stat(o, qf)
         st = live_state(reply)
-        doc = report.quota(st, reply["now"], source="mount", live=True,
-                           active=reply["active"], ugid_active=reply["ugid_active"],
+        idle = bool(reply.get("between_mounts"))     # on, nothing mounted
+        doc = report.quota(st, reply["now"], source="file" if idle else "mount",
+                           live=not idle, active=reply["active"] and not idle,
+                           ugid_active=reply["ugid_active"] and not idle,
                            file=qf.path, ugid=o.sqt)
         code = EC_UGID_NOTRUN if o.sqt and not reply["ugid_active"] else 0
     else:

@@ -31,10 +31,9 @@ import os
 import re
 import sys
 
-from . import control
-from .cli import (Out, Usage, globolize_path, parse_global, parse_qid,
+from .cli import (Out, Usage, globolize_path, kernel_stat, parse_global, parse_qid,
                   quiet_on_closed_pipe, scan_path)
-from .errors import EC_NOTRUN, EC_USAGE, VzError
+from .errors import EC_USAGE, VzError
 from .gnugetopt import NO_ARG, REQUIRED, GetoptError, GetoptLong
 from .model import GROUP, USER, QuotaObject, QuotaState
 from .qfile import QuotaFile, state_from_dict
@@ -168,14 +167,9 @@ def _dump(argv: list[str], usage: str, out: Out) -> int:
         st = QuotaFile.for_id(qid, qfile).load()
         status = 1 if st.ugid_on else 0
     else:
-        try:
-            reply = control.request(qid, "stat", save=False)
-        except VzError as e:
-            if e.code != EC_NOTRUN:
-                raise
-            reply = None
-        if reply is None or not reply.get("active", True):
-            raise VzError(EC_NOTRUN, "Quota accounting is off")
+        # the kernel's figures: the live mount's, or the file's between mounts
+        reply = kernel_stat(qid, QuotaFile.for_id(qid, qfile), save=False,
+                            read_file=False, off_message="Quota accounting is off")
         st = state_from_dict(reply["state"])
         status = 1 if reply.get("ugid_active") else 0
     w = sys.stdout.write

@@ -1,0 +1,175 @@
+"""vzctl 4.x's own command lines, replayed through real mounts and unmounts.
+
+The sequences are vzctl's (kolyshkin/vzctl, src/lib/quota.c and src/lib/fs.c):
+
+* start, ``vps_quotaon``: ``vzquota show ID`` (11: ``vzquota init ID -b -B -i -I
+  -p PRIVATE -e -n -s 0|1 [-u N]``), then ``quota_on``: ``vzquota on ID -b -B -i
+  -I -e -n -s 0|1 [-u N]``; exit 11: init, once, and again; exit 5: ``vzquota
+  setlimit ID -p PRIVATE -b -B -i -I -e -n [-u N]`` instead; then the mount;
+* stop, ``fsumount``: ``umount ROOT``, then ``vzquota stat ID -f`` (quiet) and,
+  when it says 0, ``vzquota off ID`` (exit 6 is fine).
+
+A stop/start cycle must end with the quota the start asked for.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import backing as bk
+from conftest import SIMFS, VZQUOTA, is_mountpoint, vzquota
+
+QID = "101"
+
+VZCTL = r'''
+set -u
+VZQUOTA="$1"; SIMFS="$2"; ID="$3"; PRIVATE="$4"; ROOT="$5"; UGIDLIMIT="$6"; STEP="$7"
+DISKSPACE="100000 110000"; DISKINODES="1000 1100"; EXPTIME=600
+set -- $DISKSPACE; B1=$1; B2=$2
+set -- $DISKINODES; I1=$1; I2=$2
+
+ugid_args() {       # is_2nd_level_quota_on(): a UGIDLIMIT other than 0
+    if [ -n "$UGIDLIMIT" ] && [ "$UGIDLIMIT" != 0 ]; then echo "-s 1 -u $UGIDLIMIT";
+    else echo "-s 0"; fi
+}
+quota_init() {
+    $VZQUOTA init $ID -b $B1 -B $B2 -i $I1 -I $I2 -p $PRIVATE -e $EXPTIME -n $EXPTIME \
+        $(ugid_args) || exit 20
+}
+quota_set() {
+    if [ -n "$UGIDLIMIT" ] && [ "$UGIDLIMIT" != 0 ]; then U="-u $UGIDLIMIT"; else U=""; fi
+    $VZQUOTA setlimit $ID -p $PRIVATE -b $B1 -B $B2 -i $I1 -I $I2 -e $EXPTIME \
+        -n $EXPTIME $U || exit 21
+}
+start() {           # vps_quotaon() + quota_on(), then the mount
+    $VZQUOTA show $ID >/dev/null 2>&1
+    if [ $? -eq 11 ]; then quota_init; fi
+    tried=0
+    while :; do
+        $VZQUOTA on $ID -b $B1 -B $B2 -i $I1 -I $I2 -e $EXPTIME -n $EXPTIME $(ugid_args)
+        rc=$?
+        if [ $rc -eq 11 ] && [ $tried -eq 0 ]; then tried=1; quota_init; continue; fi
+        if [ $rc -eq 5 ]; then quota_set; rc=0; fi
+        break
+    done
+    [ $rc -eq 0 ] || exit 22
+    $SIMFS $PRIVATE $ROOT -o dev,suid,quotaid=$ID || exit 23
+}
+stop() {            # fsumount(): umount, then stat -f and off
+    umount $ROOT || exit 30
+    if $VZQUOTA stat $ID -f >/dev/null 2>&1; then
+        $VZQUOTA off $ID
+        rc=$?
+        [ $rc -eq 0 ] || [ $rc -eq 6 ] || exit 31
+    fi
+}
+$STEP
+'''
+
+
+def vzctl(step: str, private: Path, root: Path, ugidlimit: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "-c", VZCTL, "vzctl", VZQUOTA, SIMFS, QID, str(private),
+                           str(root), ugidlimit, step], capture_output=True, text=True)
+
+
+def test_restart_with_a_2nd_level_switched_on(fuse, area):
+    """The issue's run: a container started without UGIDLIMIT, stopped, started
+    with UGIDLIMIT=100: the 2nd level must be on (stat -f -t exit 0), not left
+    off by ``on`` -> 5 -> ``setlimit`` (no -s)."""
+    private, root = area
+    (private / "etc").mkdir()
+    (private / "etc" / "f").write_bytes(b"x" * 8192)
+    try:
+        r = vzctl("start", private, root, "")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert vzquota("stat", QID, "-f", "-t", check=False).returncode == 9   # 2nd level off
+        (root / "a").write_bytes(b"a" * 20000)
+        r = vzctl("stop", private, root, "")
+        assert (r.returncode, r.stderr) == (0, ""), r.stdout + r.stderr
+        # after the clean unmount the quota is off, as vzctl's off left it
+        assert vzquota("stat", QID, "-f", check=False).returncode == 6
+        r = vzctl("start", private, root, "100")
+        assert r.returncode == 0, r.stdout + r.stderr
+        r = vzquota("stat", QID, "-f", "-t", check=False)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "User/group quota: -,active\n" in r.stdout
+        assert "limit 100\n" in r.stdout
+        (root / "b").write_bytes(b"b" * 30000)
+        bk.assert_usage_matches(private, QID)      # both levels equal the recount
+        r = vzctl("stop", private, root, "100")
+        assert (r.returncode, r.stderr) == (0, ""), r.stdout + r.stderr
+        # and once more with the same parameters: on (not 5), same quota
+        r = vzctl("start", private, root, "100")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert vzquota("stat", QID, "-t", check=False).returncode == 0
+        bk.assert_usage_matches(private, QID)
+        r = vzctl("stop", private, root, "100")
+        assert (r.returncode, r.stderr) == (0, ""), r.stdout + r.stderr
+        st = vzquota("show", QID, "-t")
+        assert "User/group quota: on,inactive\n" in st.stdout
+    finally:
+        if is_mountpoint(str(root)):
+            subprocess.run(["umount", str(root)], check=False)
+
+
+def test_stat_force_after_a_clean_unmount_is_0_until_off(fuse, area):
+    """As the original's kernel quota stayed on after the unmount: ``stat -f``
+    answers 0 with the saved figures, ``off`` switches it off quietly (exit 0,
+    nothing printed), then ``stat -f`` is 6 and ``off`` 6."""
+    private, root = area
+    vzquota("init", QID, "-p", str(private), "-b", "1000", "-B", "2000", "-i", "100",
+            "-I", "200", "-e", "0", "-n", "0")
+    vzquota("on", QID)
+    try:
+        subprocess.run([SIMFS, str(private), str(root), "-o", f"quotaid={QID}"], check=True)
+        (root / "f").write_bytes(b"f" * 5000)
+        live = vzquota("stat", QID).stdout
+        subprocess.run(["umount", str(root)], check=True)
+        r = subprocess.run([VZQUOTA, "stat", QID, "-f"], capture_output=True, text=True)
+        assert (r.returncode, r.stdout, r.stderr) == (0, live, "")
+        r = subprocess.run([VZQUOTA, "stat", QID, "-f", "-t"], capture_output=True,
+                           text=True)
+        assert r.returncode == 9 and "User/group quota: -,inactive\n" in r.stdout
+        assert vzquota("on", QID, check=False).returncode == 5      # running already
+        r = subprocess.run([VZQUOTA, "off", QID], capture_output=True, text=True)
+        assert (r.returncode, r.stdout, r.stderr) == (0, "", "")
+        r = subprocess.run([VZQUOTA, "stat", QID, "-f"], capture_output=True, text=True)
+        assert r.returncode == 6 and r.stderr == (
+            "vzquota : (error) Quota accounting is off, try vzquota show id\n\n")
+        assert vzquota("off", QID, check=False).returncode == 6
+    finally:
+        if is_mountpoint(str(root)):
+            subprocess.run(["umount", str(root)], check=False)
+
+
+def test_stat_of_a_dead_mount_says_so(mounter, area):
+    """The daemon killed, the mount left behind ("Transport endpoint is not
+    connected"): stat says the mount is dead and how to clear it, not that
+    accounting is off; once cleared, the original's words again."""
+    private, root = area
+    vzquota("init", QID, "-p", str(private), "-b", "1000", "-B", "2000", "-i", "100",
+            "-I", "200", "-e", "0", "-n", "0")
+    vzquota("on", QID)
+    m = mounter(private, root, f"quotaid={QID}")
+    m.proc.kill()
+    m.proc.wait()
+    try:
+        for args in (["stat", QID], ["stat", QID, "-f"], ["stat", QID, "-t"]):
+            r = subprocess.run([VZQUOTA, *args], capture_output=True, text=True)
+            assert r.returncode == 6 and r.stdout == "", r.stderr
+            assert r.stderr.startswith(f"vzquota : (error) The simfs mount of quota id {QID}")
+            assert "is dead: its daemon is gone and the mount answers \"Transport endpoint " \
+                   "is not connected\"; clear it with umount -l " in r.stderr, r.stderr
+            assert str(root) in r.stderr
+        if r.stderr.count("umount -l") == 1 and "dead simfs mounts" not in r.stderr:
+            assert r.stderr == (
+                f"vzquota : (error) The simfs mount of quota id {QID} at {root} is dead: its "
+                "daemon is gone and the mount answers \"Transport endpoint is not "
+                f"connected\"; clear it with umount -l {root}, then mount it again (the "
+                "quota is recounted)\n")
+    finally:
+        subprocess.run(["umount", "-l", str(root)], check=True)
+    r = subprocess.run([VZQUOTA, "stat", QID], capture_output=True, text=True)
+    assert (r.returncode, r.stderr) == (6, "vzquota : (error) Quota accounting is off, "
+                                        "try vzquota show id\n\n")
