@@ -447,8 +447,9 @@ def test_second_level_off_keeps_no_objects(private):
         "User/group quota: off,inactive", "Ugids: loaded 0, total 0, limit 0",
         "Ugid limit was exceeded: no", "", "User/group grace times and quotafile flags:",
         "%5s %14s %14s %10s" % ("type", "block_exp_time", "inode_exp_time", "dqi_flags"),
-        "%5s %14s %14s %9Xh" % ("user", "", "", 0),
-        "%5s %14s %14s %9Xh" % ("group", "", "", 0), ""]
+        # the 2nd-level graces start at the kernel quota's week (the original: 0)
+        "%5s %14s %14s %9Xh" % ("user", "7days", "7days", 0),
+        "%5s %14s %14s %9Xh" % ("group", "7days", "7days", 0), ""]
     init(private, "-u", "5")            # -u alone does not turn the 2nd level on
     assert "*Ugids: loaded 0, total 0, limit 5" not in vzquota("show", QID, "-t").stdout
     assert "Ugids: loaded 0, total 0, limit 5" in vzquota("show", QID, "-t").stdout
@@ -465,7 +466,7 @@ def test_second_level_off_keeps_no_objects(private):
     warnings = ("vzquota : (warning) ugid_limit [5] < ugid_current_usage [9]\n"
                 "vzquota : (warning) Quotas were not loaded for some users/groups for id "
                 "101 due to ugid limit\n")
-    vzquota("off", QID)                 # offline: the error, the repair, exit 0
+    vzquota("off", QID)                 # offline, between mounts: switched off
     assert run("-v", "on", QID) == (0, (
         "vzquota : (info) User/group quota was activated with ugid limit of 5\n"
         "vzquota : (info) Quota was switched on for id 101\n"), warnings)

@@ -90,6 +90,7 @@ def ugid_state(**kw) -> QuotaState:
     """The SPEC's -t example: 2nd level on, one user with 1 MiB, 12 inodes."""
     st = spec_state(ugid_on=True, ugid_limit=100, on=True, mounted=True)
     st.user_grace = Graces(7 * DAY, 7 * DAY)
+    st.group_grace = Graces(0, 0)              # the SPEC's example: no group graces
     st.users[500] = QuotaObject(Counter(1024 * K, 10000 * K, 12000 * K, 0),
                                 Counter(12, 0, 0, 0))
     for k, v in kw.items():

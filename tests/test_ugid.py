@@ -225,3 +225,48 @@ def test_show_t_after_stop_keeps_limits(ugmount):
     out = vzquota("show", QID, "-t").stdout
     assert "%-11u %5s %9s" % (1001, "user", "1k-blocks") in out
     assert "%11d %11d" % (100, 200) in out
+
+
+def test_2nd_level_grace_starts_at_a_week(ugmount):
+    """A new 2nd level has the kernel quota's grace times (MAX_DQ_TIME and
+    MAX_IQ_TIME: a week), so a per-user soft limit is a soft one: a write past
+    it succeeds and starts the grace; the hard limit still holds."""
+    private, root, _ = ugmount()
+    out = vzquota("stat", QID, "-t").stdout
+    assert " user          7days          7days         0h\n" in out
+    assert "group          7days          7days         0h\n" in out
+    assert "user 604800 604800 0h group 604800 604800 0h" in " ".join(
+        vzquota("-b", "stat", QID, "-t").stdout.split())
+    r = vzquota("setlimit2", QID, "-u", "1001", "5M", "6M", "0", "0")
+    assert r.stderr == ""                        # a grace time: nothing to warn about
+    assert write_as(1001, 1001, root / "big", 5632 * K) == str(5632 * K)   # past soft
+    assert write_as(1001, 1001, root / "big", 64 * K) == str(64 * K)       # in grace
+    row = [line for line in vzquota("stat", QID, "-t").stdout.splitlines()
+           if line.startswith("1001 ") and "user 1k-blocks" in line][0]
+    assert row.split()[6] in ("7days", "6days"), row
+    written = write_as(1001, 1001, root / "big", 1024 * K)   # up to the hard limit only
+    users = per_id(live()["state"]["users"])
+    assert users[1001][0] <= 6 * 1024 * K
+    assert written != str(1024 * K)
+    assert write_as(1001, 1001, root / "big", 64 * K) == f"ERR {errno.EDQUOT}"
+    assert_exact(private)
+
+
+def test_setlimit2_warns_of_a_soft_limit_with_no_grace(ugmount):
+    private, root, _ = ugmount()
+    vzquota("setlimit2", QID, "-t", "0", "1d")
+    r = vzquota("setlimit2", QID, "-u", "1001", "100", "200", "5", "10")
+    assert r.stderr == (
+        "vzquota : (warning) The user block grace time is 0, so the block soft limit "
+        "of uid 1001 acts as a hard limit; set a grace time with vzquota setlimit2 "
+        f"{QID} -t BGRACE IGRACE\n")
+    vzquota("setlimit2", QID, "-g", "-t", "1d", "1d")
+    vzquota("setlimit2", QID, "-g", "2001", "0", "0", "5", "10")
+    r = vzquota("setlimit2", QID, "-g", "-t", "1d", "0")
+    assert r.stderr == ("vzquota : (warning) The group inode grace time is now 0, so the "
+                        "inode soft limits of 1 gids act as hard limits\n")
+    assert vzquota("-q", "setlimit2", QID, "-u", "1002", "100", "200", "0", "0").stderr == ""
+    # with a grace of 0 the first crossing ends it: the soft limit acts as a hard one
+    assert write_as(1001, 1001, root / "f", 152 * K) == str(152 * K)
+    assert write_as(1001, 1001, root / "f", 4 * K) == f"ERR {errno.EDQUOT}"
+    assert_exact(private)

@@ -34,7 +34,7 @@ from .errors import (EC_EXDEV, EC_LIVE, EC_NOQUOTAFILE, EC_NOTRUN, EC_QUOTADIRTY
                      CrossDevice, VzError)
 from .format import format_ugid, format_usage
 from .gnugetopt import NO_ARG, REQUIRED, GetoptError, GetoptLong
-from .model import QuotaObject, QuotaState
+from .model import QuotaObject, QuotaState, default_ugid_graces
 from .qfile import QuotaFile, state_from_dict, state_to_dict
 from .scan import scan
 from .service import apply_limits, apply_limits2
@@ -508,8 +508,7 @@ def cmd_on(o: Opts, out: Out) -> int:
         if not st.ugid_on or not st.ugid_limit:
             st.users.clear()
             st.groups.clear()
-            st.user_grace.space = st.user_grace.inodes = 0
-            st.group_grace.space = st.group_grace.inodes = 0
+            st.user_grace, st.group_grace = default_ugid_graces(), default_ugid_graces()
             st.ugid_exceeded = False
         again = False
         if st.mounted and not o.nocheck:
@@ -639,7 +638,9 @@ def cmd_setlimit2(o: Opts, out: Out) -> int:
     if reply is not None and reply.get("active"):
         if not reply.get("ugid_active"):
             raise VzError(EC_NOTRUN, "Second level quota accounting is off")
-        live(o, "setlimit2", **req)
+        reply = live(o, "setlimit2", **req)
+        if reply is not None and "state" in reply:
+            zero_grace_warnings(live_state(reply), req, out, o.sid)
         return 0
     # Not in the original (it needs a running quota): offline, the file keeps
     # the limits for the next mount -- as long as the 2nd level is on.
@@ -653,7 +654,32 @@ def cmd_setlimit2(o: Opts, out: Out) -> int:
         st = qf.load()
         change(st)
         qf.save(st)
+    zero_grace_warnings(st, req, out, o.sid)
     return 0
+
+
+def zero_grace_warnings(st: QuotaState, req: dict, out: Out, sid: int) -> None:
+    """Not in the original: a soft limit with a grace time of 0 acts as a hard
+    one (its first crossing ends the grace at once), so ``setlimit2`` warns
+    when it sets one, or sets a grace time of 0 under existing soft limits."""
+    kind = req["kind"]
+    grace = st.grace2(kind)
+    who = "uid" if kind == "user" else "gid"
+    fix = f"vzquota setlimit2 {sid} {'-g ' if kind == 'group' else ''}-t BGRACE IGRACE"
+    if "id" in req:
+        for res, soft, time_ in (("block", req["bsoft"], grace.space),
+                                 ("inode", req["isoft"], grace.inodes)):
+            if soft and not time_:
+                out.warn(f"The {kind} {res} grace time is 0, so the {res} soft limit of "
+                         f"{who} {req['id']} acts as a hard limit; set a grace time with "
+                         f"{fix}\n")
+        return
+    for res, time_, attr in (("block", req["bgrace"], "space"),
+                             ("inode", req["igrace"], "inodes")):
+        n = sum(1 for o in st.table(kind).values() if getattr(o, attr).soft)
+        if not time_ and n:
+            out.warn(f"The {kind} {res} grace time is now 0, so the {res} soft limits of "
+                     f"{n} {who}s act as hard limits\n")
 
 
 def cmd_reload2(o: Opts, out: Out) -> int:

@@ -50,6 +50,18 @@ class Graces:
     inodes: int = 0
 
 
+# The grace times a 2nd level starts with: the kernel quota's defaults
+# (include/linux/quota.h, later quotaio_v1.h: MAX_DQ_TIME and MAX_IQ_TIME,
+# 7*24*60*60, one week), as the uid/gid quotas of the original's kernel had them.
+# With 0 a soft limit would act as a hard one.
+MAX_DQ_TIME = 604800
+MAX_IQ_TIME = 604800
+
+
+def default_ugid_graces() -> Graces:
+    return Graces(MAX_DQ_TIME, MAX_IQ_TIME)
+
+
 @dataclass
 class QuotaState:
     """Everything the quota file stores about one quota id."""
@@ -61,8 +73,8 @@ class QuotaState:
     # 2nd level
     ugid_on: bool = False                   # -s 1
     ugid_limit: int = 0                     # -u N: distinct uids+gids tracked
-    user_grace: Graces = field(default_factory=Graces)
-    group_grace: Graces = field(default_factory=Graces)
+    user_grace: Graces = field(default_factory=default_ugid_graces)
+    group_grace: Graces = field(default_factory=default_ugid_graces)
     users: dict[int, QuotaObject] = field(default_factory=dict)
     groups: dict[int, QuotaObject] = field(default_factory=dict)
     ugid_exceeded: bool = False
