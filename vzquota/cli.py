@@ -35,7 +35,7 @@ from .errors import (EC_EXDEV, EC_LIVE, EC_NOQUOTAFILE, EC_NOTRUN, EC_QUOTADIRTY
 from .format import format_ugid, format_usage
 from .gnugetopt import NO_ARG, REQUIRED, GetoptError, GetoptLong
 from .model import QuotaObject, QuotaState, default_ugid_graces
-from .qfile import QuotaFile, state_from_dict, state_to_dict
+from .qfile import QuotaFile, no_gc, state_from_dict, state_to_dict
 from .scan import scan
 from .service import apply_limits, apply_limits2
 from .units import c_strtol, kib, parse_blocks, parse_count, parse_time
@@ -694,8 +694,10 @@ def print_state(st: QuotaState, now: int, o: Opts, out: Out, *, active: bool,
                 live_figures: bool, unknown_status: bool = False) -> None:
     sys.stdout.write(format_usage(st, now, bool(out.batch)))
     if o.sqt:
-        sys.stdout.write(format_ugid(st, now, active=active, live=live_figures,
-                                     batch=bool(out.batch), unknown_status=unknown_status))
+        with no_gc():
+            text = format_ugid(st, now, active=active, live=live_figures,
+                               batch=bool(out.batch), unknown_status=unknown_status)
+        sys.stdout.write(text)
 
 
 def between_mounts(st: QuotaState) -> bool:

