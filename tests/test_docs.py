@@ -198,3 +198,21 @@ def test_every_command_has_a_usage_text():
     for cmd, text in vz_cli.USAGES.items():
         assert f"vzquota {cmd} " in text, cmd
         assert text.endswith("\n"), cmd
+
+
+def test_vzquota_8_lists_its_differences_from_the_original():
+    """Issue 18: a "differences from vzquota 3.x" section, each entry with its
+    reason; among them what import does not keep (the per-object status)."""
+    roff = VZQUOTA_8.read_text()
+    lines = section(roff, "DIFFERENCES FROM VZQUOTA 3.x")
+    assert lines, "vzquota(8) has no DIFFERENCES FROM VZQUOTA 3.x section"
+    text = plain("\n".join(lines))
+    entries = [e for e in text.split(".TP\n")[1:]]
+    assert len(entries) >= 8
+    for e in entries:                                  # a title, then the reason
+        assert len(e.splitlines()) >= 3, e
+    for words in ("status flags", "grace times start at a week", "Locks wait",
+                  "Accounting lives in the mount", "Numbers that do not fit"):
+        assert words in text, words
+    imp = plain(roff[roff.index(".B import\nMake the quota file"):])
+    assert "per-object status flags" in imp.split(".SH")[0]

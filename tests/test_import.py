@@ -145,7 +145,9 @@ def expected_batch_show_t(abi_note: str = "") -> str:
         "0",
         "%5s %d %d %9Xh" % ("user", 3 * 86400, 86400, 0),
         "%5s %d %d %9Xh" % ("group", 7200, 600, 0),
-        # objects by id, user first; grace shown when usage >= soft
+        # objects by id, user first; grace shown when usage >= soft; the status
+        # is derived ("0 0": no mount accounts it), the file's per-object flags
+        # (1 loaded, 2 dirty) are not kept, as vzquota(8) says under import
         "%-11d %5s %9s %11d %11d %11d %8s %6s" % (0, "user", "1k-blocks", 40, 0, 0, "0", "0 0"),
         "%-11d %5s %9s %11d %11d %11d %8s %6s" % (0, "user", "inodes", 9, 0, 0, "0", "0 0"),
         "%-11d %5s %9s %11d %11d %11d %8s %6s" % (1001, "user", "1k-blocks", 11_000, 10_000,
