@@ -14,6 +14,7 @@ A stop/start cycle must end with the quota the start asked for.
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -55,6 +56,10 @@ start() {           # vps_quotaon() + quota_on(), then the mount
     done
     [ $rc -eq 0 ] || exit 22
     $SIMFS $PRIVATE $ROOT -o dev,suid,quotaid=$ID || exit 23
+}
+quotaon() {         # vzctl quotaon (vzmigrate on the new node): on, no mount
+    $VZQUOTA on $ID -b $B1 -B $B2 -i $I1 -I $I2 -e $EXPTIME -n $EXPTIME $(ugid_args) \
+        || exit 24
 }
 stop() {            # fsumount(): umount, then stat -f and off
     umount $ROOT || exit 30
@@ -173,3 +178,51 @@ def test_stat_of_a_dead_mount_says_so(mounter, area):
     r = subprocess.run([VZQUOTA, "stat", QID], capture_output=True, text=True)
     assert (r.returncode, r.stderr) == (6, "vzquota : (error) Quota accounting is off, "
                                         "try vzquota show id\n\n")
+
+
+def test_vzmigrate_to_a_new_node_then_start(fuse, area, world_tmp):
+    """vzmigrate (offline) as vzctl 4.x runs it on the new node: ``vzctl
+    quotainit`` and ``quotaon`` over the (still empty) private area, rsync of
+    the tree, ``vzdqload ID -U -G -T -F < dump && vzquota reload2 ID``, then
+    ``vzctl start``: the 2nd level is on with the old node's limits and the
+    live usage equals the recount at both levels (the copy was counted by no
+    mount: the load marks the file dirty and the start recounts)."""
+    private, root = area
+    old = world_tmp / "old-node"
+    (old / "private" / "home").mkdir(parents=True)
+    for n, (uid, size) in enumerate([(1001, 40000), (1002, 90000), (1001, 5000)]):
+        f = old / "private" / "home" / f"f{n}"
+        f.write_bytes(b"m" * size)
+        os.chown(f, uid, uid)
+    env = dict(os.environ, VZQUOTA_DIR=str(old / "vzquota"))
+    for args in (["init", QID, "-b", "100000", "-B", "110000", "-i", "1000", "-I", "1100",
+                  "-p", str(old / "private"), "-e", "600", "-n", "600", "-s", "1", "-u", "100"],
+                 ["setlimit2", QID, "-u", "1001", "500", "600", "0", "0"],
+                 ["setlimit2", QID, "-t", "1d", "2d"]):
+        subprocess.run([VZQUOTA, *args], env=env, check=True, capture_output=True)
+    dump = world_tmp / "quotadump.101"
+    with open(dump, "w") as f:
+        subprocess.run([str(Path(VZQUOTA).parent / "vzdqdump"),
+                        QID, "-U", "-G", "-T", "-F"], env=env, check=True, stdout=f)
+    try:
+        for step in ("quota_init", "quotaon"):
+            r = vzctl(step, private, root, "100")
+            assert r.returncode == 0, r.stdout + r.stderr
+        subprocess.run(["cp", "-a", f"{old / 'private'}/.", str(private)], check=True)
+        r = subprocess.run(["sh", "-c", f"{Path(VZQUOTA).parent / 'vzdqload'} {QID} -U -G -T "
+                            f"-F < {dump} && {VZQUOTA} reload2 {QID}"],
+                           capture_output=True, text=True)
+        assert (r.returncode, r.stderr) == (0, "")
+        r = vzctl("start", private, root, "100")
+        assert r.returncode == 0, r.stdout + r.stderr
+        r = vzquota("stat", QID, "-t")
+        assert "User/group quota: on,active\n" in r.stdout
+        assert " user          1days          2days         0h\n" in r.stdout
+        row = [x for x in r.stdout.splitlines() if x.startswith("1001 ") and "1k-blocks" in x]
+        assert row and row[0].split()[4:6] == ["500", "600"], row
+        bk.assert_usage_matches(private, QID)
+        r = vzctl("stop", private, root, "100")
+        assert (r.returncode, r.stderr) == (0, ""), r.stdout + r.stderr
+    finally:
+        if is_mountpoint(str(root)):
+            subprocess.run(["umount", str(root)], check=False)

@@ -331,6 +331,11 @@ def _load(argv: list[str], usage: str, out: Out) -> int:
         if "F" in what:
             _load_level1(st, inp)
         if status or "F" in what:
+            # Not in the original, whose kernel counted the private area while
+            # the quota was on, mounted or not: here what was copied in from the
+            # host (vzmigrate's rsync into the new node's private area, before
+            # this load) was counted by no mount, so the next start recounts.
+            st.dirty = True
             qf.save(st)
     return 0
 
