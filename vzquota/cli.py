@@ -714,8 +714,10 @@ def kernel_stat(qid: int, qf: QuotaFile, save: bool, read_file: bool = True,
     """What the original's kernel answered for ``stat``: the live mount's
     figures, or between mounts the quota file's (``between_mounts``); else
     exit 6, saying so when the quota's mount is dead (``dead_mount_error``)."""
+    answered = True             # a mount answered (its quota may be off)
     try:
         reply = request(qid, "stat", save=save)
+        answered = reply is not None
     except VzError as e:
         if e.code != EC_NOTRUN:
             raise
@@ -723,7 +725,7 @@ def kernel_stat(qid: int, qf: QuotaFile, save: bool, read_file: bool = True,
     if reply is not None and reply.get("active", True):
         return reply
     st = None
-    if reply is None:
+    if not answered:            # no mount: between mounts, or a dead one?
         try:
             st = qf.load()
         except VzError:
@@ -733,7 +735,7 @@ def kernel_stat(qid: int, qf: QuotaFile, save: bool, read_file: bool = True,
         return {"ok": True, "active": True, "ugid_active": st.ugid_on and st.ugid_limit > 0,
                 "dropped": False, "now": int(time.time()), "state": state_to_dict(st),
                 "between_mounts": True}
-    if reply is None:
+    if not answered:
         dead = dead_mount_error(qid, st)
         if dead is not None:
             raise dead
