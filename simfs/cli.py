@@ -42,7 +42,7 @@ FUSE_VALUED = {"fsname", "subtype", "max_read"}
 IGNORED = {"defaults", "auto", "noauto", "user", "users", "nouser", "owner", "group",
            "nofail", "_netdev", "loop"}
 SIMFS_VALUED = {"quotaid", "quotafile", "log", "checkpoint", "runtime", "hook", "maxopen",
-                "fuse"}
+                "fuse", "recounthold"}
 # simfs's own flags: quota_off_ok lets a quota id whose quota is off be mounted
 # (unenforced, on purpose); without it such a mount is refused.
 SIMFS_FLAGS = {"quota_off_ok"}
@@ -56,6 +56,7 @@ DEFAULT_FSNAME = "/dev/simfs"
 MAX_QUOTAID = 2**32 - 1
 MAX_UGID = 2**32 - 2
 MAX_CHECKPOINT = 86400.0
+MAX_RECOUNTHOLD = 60.0
 _DIGITS = re.compile(r"[0-9]+")                          # ASCII only (not str.isdigit)
 _DECIMAL = re.compile(r"[0-9]+(\.[0-9]*)?|\.[0-9]+")
 
@@ -119,6 +120,11 @@ def parse_options(words: list[str], private: str) -> tuple[set[str], dict[str, s
         if not _DECIMAL.fullmatch(c) or not 0 < float(c) <= MAX_CHECKPOINT:
             raise UsageError(f"checkpoint must be a number of seconds above 0 and up to "
                              f"{MAX_CHECKPOINT}, not {c!r}")
+    if "recounthold" in own:
+        c = own["recounthold"]
+        if not _DECIMAL.fullmatch(c) or not 0 <= float(c) <= MAX_RECOUNTHOLD:
+            raise UsageError(f"recounthold must be a number of seconds from 0 to "
+                             f"{MAX_RECOUNTHOLD:g}, not {c!r}")
     for key in ("quotafile", "log", "hook"):
         if key in own and not own[key]:
             raise UsageError(f"{key}= needs a file name")
@@ -138,7 +144,8 @@ def parser() -> argparse.ArgumentParser:
                "quotafile=FILE, checkpoint=SECS (save usage this often, default 30), "
                "maxopen=N (files and directories the container may hold open at once, "
                "default 65536; one uid at most a quarter, the last sixteenth for "
-               "root only), "
+               "root only), recounthold=SECS (how long a live recount may hold "
+               "allocating calls, default 3, 0 never), "
                "quota_off_ok (mount even though the quota is off: nothing enforced "
                "until vzquota on), "
                "log=FILE, hook=CMD (run at quota limit events), "
@@ -388,12 +395,15 @@ def remount(root: str, words: list[str]) -> int:
 def option_values(own: dict[str, str]) -> dict:
     """simfs's own ``-o`` values as the daemon runs them (defaults filled in),
     comparable between a mount and a remount."""
+    from vzquota.service import HOLD_MAX
+
     from .inodes import MAX_OPEN
     return {"quotaid": int(own["quotaid"]) if "quotaid" in own else None,
             "quotafile": own.get("quotafile"), "log": own.get("log"),
             "hook": own.get("hook"), "checkpoint": float(own.get("checkpoint", 30)),
             "runtime": own.get("runtime", "uvloop"),
             "maxopen": int(own.get("maxopen", MAX_OPEN)),
+            "recounthold": float(own.get("recounthold", HOLD_MAX)),
             "quota_admin": int(own["quota_admin"]) if "quota_admin" in own else None,
             "fuse": own.get("fuse", "builtin")}
 
@@ -575,7 +585,7 @@ def build(args: argparse.Namespace, fuse_opts: set[str], own: dict[str, str]):
     m = Mount(os.path.abspath(args.private), os.path.abspath(args.root), fuse_opts,
               quotaid=v["quotaid"], quotafile=v["quotafile"], checkpoint=v["checkpoint"],
               runtime=v["runtime"], hook=v["hook"], max_open=v["maxopen"],
-              quota_admin=v["quota_admin"], fuse=v["fuse"])
+              hold_max=v["recounthold"], quota_admin=v["quota_admin"], fuse=v["fuse"])
     m.option_values = v         # shown to a remount (ops.OPTIONS_XATTR)
     return m
 

@@ -20,6 +20,7 @@ is applied on the loop (``LiveQuota.finish_recalc``).
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import fcntl
 import json
@@ -28,6 +29,7 @@ import os
 import signal
 import socket
 import subprocess
+import time
 from dataclasses import dataclass, field
 
 import anyio
@@ -39,7 +41,7 @@ from vzquota.errors import EC_LIVE, VzError
 from vzquota.inside import QuotaAdmin
 from vzquota.qfile import QuotaFile
 from vzquota.scan import ScanResult, scan
-from vzquota.service import LiveQuota
+from vzquota.service import HOLD_MAX, LiveQuota, holds
 
 from . import binding, events
 from .binding import BINDINGS
@@ -49,6 +51,9 @@ from .ops import SimOperations
 log = logging.getLogger(__name__)
 
 RECALC_PASSES = 5
+RETRY_QUIET = 1.0      # a live recount that was not exact is made again once no
+RETRY_FIRST = 10.0     # name or allocation changed for RETRY_QUIET s, or else
+RETRY_MAX = 300.0      # after RETRY_FIRST s, doubling up to RETRY_MAX
 SWEEP_EVERY = 1.0      # seconds between sweeps of files closed with delayed blocks
 RUNTIMES = ("uvloop", "asyncio", "trio")      # the first is the default
 
@@ -72,6 +77,7 @@ class Mount:
     checkpoint: float = 30.0
     runtime: str = RUNTIMES[0]
     max_open: int = MAX_OPEN
+    hold_max: float = HOLD_MAX      # -o recounthold: see vzquota.service.holds
     quota_admin: int | None = None      # -o quota_admin[=UID]: the container's root
     fuse: str = BINDINGS[0]
     ops: SimOperations | None = None
@@ -226,6 +232,7 @@ class Mount:
                     tg.start_soon(self._checkpoints)
                     tg.start_soon(self._sweeps)
                     tg.start_soon(self._events, tg)
+                    tg.start_soon(self._retries)
                 await self.channel.main()
                 clean = True
                 tg.cancel_scope.cancel()
@@ -253,7 +260,7 @@ class Mount:
         blocks hold once they are allocated (SimOperations.sweep)."""
         while True:
             await anyio.sleep(SWEEP_EVERY)
-            if self.ops.unsettled:
+            if self.ops.unsettled and self.ops.gate is None:    # not while held
                 try:
                     await self.ops.sweep()
                 except Exception:
@@ -412,34 +419,160 @@ class Mount:
 
     async def recalc(self, why: str | None = None) -> int:
         """Recount while serving.  A pass is applied only if it is exact (see
-        ``PassWatch``); otherwise it is repeated, up to RECALC_PASSES.  Returns
-        0 when exact, else the number of passes made (``LiveQuota.finish_recalc``
-        says what was applied then)."""
+        ``PassWatch``); otherwise it is repeated, up to RECALC_PASSES.  Passes
+        may hold the requests that change names or allocations while they scan
+        (``holds``; at most ``hold_max`` seconds): then nothing can disturb them.
+        Returns 0 when exact, else the number of passes made
+        (``LiveQuota.finish_recalc`` says what was applied then; ``_retries``
+        tries again later)."""
         live = self.live
         if self._recalc_lock is None:
             self._recalc_lock = anyio.Lock()
         async with self._recalc_lock:      # one recount at a time
+            last = None
             for n in range(RECALC_PASSES):
                 if live.engine is None:
                     return 0
+                gate = Gate() if holds(n, why, last, self.hold_max) else None
+                if gate is not None:
+                    self.ops.gate = gate
                 watch = PassWatch(self.ops, live.engine)
                 self.ops.watch = watch
+                began = time.monotonic()
+                failed: list[BaseException] = []
+
+                def scan() -> ScanResult | None:
+                    try:
+                        return self._scan(watch.skip)
+                    except BaseException as e:     # raised below, not as a group
+                        failed.append(e)
+                        return None
                 try:
-                    result = await anyio.to_thread.run_sync(self._scan, watch.skip)
+                    async with anyio.create_task_group() as tg:
+                        if gate is not None:
+                            tg.start_soon(self._let_go_after, gate, self.hold_max)
+                        result = await anyio.to_thread.run_sync(scan)
+                        tg.cancel_scope.cancel()
+                    if failed:
+                        raise failed[0]
+                    last = time.monotonic() - began
+                    if live.engine is None:
+                        return 0
+                    # no await from here to the apply (the held requests go on
+                    # only once this returns to the loop)
+                    quiet = watch.complete(result)
+                    self.ops.refresh()
+                    done = live.finish_recalc(result, quiet, n == RECALC_PASSES - 1, why)
                 finally:
                     self.ops.watch = None
-                if live.engine is None:
-                    return 0
-                # no await from here to the apply
-                quiet = watch.complete(result)
-                self.ops.refresh()
-                last = n == RECALC_PASSES - 1
-                if live.finish_recalc(result, quiet, last, why):
-                    log.info("quota %d: recounted (pass %d)", self.quotaid, n + 1)
+                    if gate is not None:
+                        self._let_go(gate)
+                if done:
+                    log.info("quota %d: recounted (pass %d%s, %.3f s)", self.quotaid, n + 1,
+                             ", allocations held" if gate is not None and not gate.cut
+                             else "", last)
                     return 0
         log.warning("quota %d: usage kept changing during %d recount passes",
                     self.quotaid, RECALC_PASSES)
         return RECALC_PASSES
+
+    def _let_go(self, gate: "Gate") -> None:
+        """End a hold: the held requests go on, then the FORGETs kept meanwhile."""
+        if self.ops.gate is gate:
+            self.ops.gate = None
+        held = gate.open()
+        deferred, self.ops.deferred = self.ops.deferred, []
+        if deferred:
+            self.ops.forget_now(deferred)
+        if held:
+            log.info("quota %d: %d requests held during a recount pass go on",
+                     self.quotaid, held)
+
+    async def _let_go_after(self, gate: "Gate", seconds: float) -> None:
+        await anyio.sleep(seconds)
+        log.info("quota %d: a recount pass holds allocations for more than %g s: "
+                 "letting them go", self.quotaid, seconds)
+        gate.cut = True
+        self._let_go(gate)
+
+    async def _retries(self) -> None:
+        """Make a live recount that could not be exact again (``live.inexact``):
+        at the first quiet moment (no request that changes names or allocations
+        for RETRY_QUIET s), or else after RETRY_FIRST s, then less and less
+        often (up to RETRY_MAX)."""
+        seen = self.ops.mutations
+        backoff = RETRY_FIRST
+        next_try = None
+        while True:
+            await anyio.sleep(RETRY_QUIET)
+            live = self.live
+            now_seen = self.ops.mutations
+            quiet, seen = now_seen == seen, now_seen
+            if live is None or live.engine is None or live.inexact is None:
+                backoff, next_try = RETRY_FIRST, None
+                continue
+            now = time.monotonic()
+            if next_try is None:
+                next_try = now + backoff
+            if not quiet and now < next_try:
+                continue
+            why = live.inexact
+            log.info("quota %d: recounting again (the last recount was not exact)",
+                     self.quotaid)
+            try:
+                passes = await self.recalc(why)
+            except Exception:
+                log.exception("quota %d: recounting again failed", self.quotaid)
+                passes = 1
+            if passes:
+                backoff = min(RETRY_MAX, backoff * 2)
+                next_try = time.monotonic() + backoff
+            else:
+                log.info("quota %d: the recount is exact now", self.quotaid)
+                backoff, next_try = RETRY_FIRST, None
+            seen = self.ops.mutations
+
+
+class Gate:
+    """Holds requests (``SimOperations.gate``) until ``open``.  Works on every
+    runtime: under asyncio (the FUSE layer first runs a handler outside any
+    task, where anyio cannot tell the loop) a plain future, under trio an
+    anyio Event.  A held request the kernel interrupts is cancelled while it
+    waits (its future is then done, and skipped by ``open``)."""
+
+    def __init__(self):
+        self._waiters: list = []
+        self._open = False
+        self.cut = False          # opened before its pass ended (hold_max)
+
+    def wait(self):
+        if self._open:
+            return _nothing()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:          # trio
+            ev = anyio.Event()
+            self._waiters.append(ev)
+            return ev.wait()
+        fut = loop.create_future()
+        self._waiters.append(fut)
+        return fut
+
+    def open(self) -> int:
+        """Let every held request go on; returns how many there were."""
+        self._open = True
+        waiters, self._waiters = self._waiters, []
+        for w in waiters:
+            if isinstance(w, asyncio.Future):
+                if not w.done():
+                    w.set_result(None)
+            else:
+                w.set()
+        return len(waiters)
+
+
+async def _nothing() -> None:
+    return None
 
 
 class PassWatch:

@@ -108,6 +108,9 @@ READ_NOWAIT = 32 << 10
 MUTATING = frozenset({"setattr", "mknod", "mkdir", "symlink", "create", "link", "unlink",
                       "rmdir", "rename", "write", "setxattr", "removexattr", "fallocate",
                       "tmpfile"})
+# Handlers a live recount may hold while it scans (``SimOperations.gate``):
+# everything that may change names or allocations (open only with O_TRUNC).
+HELD = MUTATING | {"release", "fsync"}
 
 
 def in_thread(fn: Callable, *args):
@@ -138,6 +141,16 @@ def _writeback_and_close(fd: int) -> None:
         os.close(fd)
 
 
+async def _held(gate, call: Callable, ops: "SimOperations", args: tuple):
+    """A request a live recount holds (``SimOperations.gate``): run once it
+    lets it go; the FUSE layer drives the coroutine a plain handler returns."""
+    await gate.wait()
+    r = call(ops, *args)
+    while hasattr(r, "__await__"):          # held again by a newer pass
+        r = await r
+    return r
+
+
 def errno_boundary(fn: Callable) -> Callable:
     """The one errno boundary: only FUSEError may leave a handler.  A handler
     that never awaits stays a plain function (the request loop answers it
@@ -158,6 +171,9 @@ def errno_boundary(fn: Callable) -> Callable:
     if inspect.iscoroutinefunction(fn):
         @functools.wraps(fn)
         async def wrapper(self: "SimOperations", *args):
+            gate = self.gate
+            if gate is not None and op in HELD:
+                await gate.wait()        # a live recount holds it (simfs/mount.py)
             self.counts[op] += 1
             watch = self.watch
             if watch is not None:        # a live recount is running (simfs/mount.py)
@@ -175,6 +191,9 @@ def errno_boundary(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def plain(self: "SimOperations", *args):
+        gate = self.gate
+        if gate is not None and (op in HELD or op == "open" and args[1] & os.O_TRUNC):
+            return _held(gate, plain, self, args)    # a live recount holds it
         self.counts[op] += 1
         watch = self.watch
         if watch is None:
@@ -273,6 +292,11 @@ class SimOperations:
         # and after (``before(op, args)``, ``after(op, mark)``), to tell whether
         # the recount can be made exact.
         self.watch = None
+        # Set by the mount while a live recount holds the requests that may
+        # change names or allocations (HELD): they wait on it; FORGETs
+        # meanwhile are kept in ``deferred`` and done once it opens.
+        self.gate = None
+        self.deferred: list[tuple[int, int]] = []
 
     @property
     def mutations(self) -> int:
@@ -670,6 +694,12 @@ class SimOperations:
 
     def forget(self, inode_list):
         self.counts["forget"] += 1
+        if self.gate is not None:
+            self.deferred.extend(inode_list)
+            return
+        self.forget_now(inode_list)
+
+    def forget_now(self, inode_list) -> None:
         for ino, n in inode_list:
             try:
                 node = self.table.inodes.get(ino)

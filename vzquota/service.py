@@ -44,6 +44,30 @@ MAX_VALUE = 2**63 - 1           # the largest limit, count or time (units.UNLIMI
 MAX_UGID = 2**32 - 2            # uid/gid range (2**32 - 1 is "no id")
 MAX_PATH = 4096
 
+# A live recount may hold the calls that allocate or change names while one
+# pass scans, for at most this many seconds (``holds``).
+HOLD_MAX = 3.0
+
+
+def holds(n: int, why: str | None, last: float | None,
+          hold_max: float = HOLD_MAX) -> bool:
+    """Whether pass ``n`` (0: the first) of a live recount holds the calls that
+    allocate or change names while it scans (the mount lets them go after
+    ``hold_max`` seconds at the latest; 0: never): a pass they cannot disturb
+    is exact.
+
+    The first pass holds them when the figures in use are stale (``why`` is
+    "stale": quota was off, so enforcing those figures meanwhile would be
+    knowingly short); a later pass, when the one before it (``last`` seconds)
+    was short enough to be made again within ``hold_max``.  A first pass asked
+    for by ``recalc`` holds nothing: the mount's own figures are enforced
+    meanwhile, and it is exact if nothing changed."""
+    if hold_max <= 0:
+        return False
+    if n == 0:
+        return why == "stale"
+    return last is not None and last <= hold_max
+
 
 def _bad(why: str) -> VzError:
     return VzError(EC_LIVE, f"bad request: {why}")
@@ -265,6 +289,9 @@ class LiveQuota:
         # Limit events of the mount's life per (event, level, resource): the
         # mount's events.Watcher.totals (the "events" request; metrics).
         self.event_totals: dict[tuple[str, int, str], int] = {}
+        # The ``why`` of a live recount that could not be exact: the mount
+        # tries again (at quiet moments, and now and then) until one is.
+        self.inexact: str | None = None
 
     def _apply(self, engine: QuotaEngine, result: ScanResult) -> None:
         apply_scan(engine, result)
@@ -401,6 +428,7 @@ class LiveQuota:
             if self.engine is None:
                 raise VzError(EC_NOTRUN, f"Quota is not running for id {st.qid}")
             self.engine = None
+            self.inexact = None
             st.on = st.mounted = False
             st.dirty = True
             self.save()
@@ -442,6 +470,7 @@ class LiveQuota:
         if cmd == "drop":
             self.qfile.remove()
             self.engine = None
+            self.inexact = None
             self.dropped = True
             return {"ok": True}
         raise VzError(EC_LIVE, f"unknown request {cmd!r}")
@@ -492,9 +521,15 @@ class LiveQuota:
         quiet is not applied (returns False: the mount tries again) unless it is
         the ``last`` one and the figures in use are known to be stale (``why``
         is "stale"): then it is applied as the best figure there is, and the
-        quota marked dirty."""
+        quota marked dirty.  After a ``last`` pass that was not exact,
+        ``inexact`` says so (the mount keeps trying); an exact one clears it."""
         if self.engine is None:
+            self.inexact = None
             return True
+        if quiet:
+            self.inexact = None
+        elif last:
+            self.inexact = why or "recalc"
         if not quiet and not (last and why == "stale"):
             return False
         self._apply(self.engine, result)
@@ -506,9 +541,10 @@ class LiveQuota:
         qid = self.state.qid
         if why == "stale":
             what = ("the figures are approximate and the quota file is marked dirty "
-                    "(the next mount recounts)")
+                    "until a recount is exact")
         else:
             what = "the figures were left as they were"
         return VzError(EC_LIVE, f"Usage of quota id {qid} kept changing during "
                        f"{passes} recount passes, so the recount is not exact: {what}; "
-                       f"run 'vzquota recalc {qid}' when writers are quiet")
+                       f"the mount recounts again at quiet moments, or run "
+                       f"'vzquota recalc {qid}' when writers are quiet")
