@@ -28,6 +28,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -41,11 +42,13 @@ from vzquota.errors import EC_LIVE, VzError
 from vzquota.inside import QuotaAdmin
 from vzquota.qfile import QuotaFile
 from vzquota.scan import ScanResult, scan
-from vzquota.service import HOLD_MAX, LiveQuota, holds
+from vzquota.engine import Growth
+from vzquota.service import HOLD_MAX, LiveQuota, holds, upper_bound
 
 from . import binding, events
 from .binding import BINDINGS
 from .inodes import MAX_OPEN, ROOT, Closer
+from .lower import RENAME_EXCHANGE
 from .ops import SimOperations
 
 log = logging.getLogger(__name__)
@@ -462,9 +465,11 @@ class Mount:
                     # only once this returns to the loop)
                     quiet = watch.complete(result)
                     self.ops.refresh()
-                    done = live.finish_recalc(result, quiet, n == RECALC_PASSES - 1, why)
+                    done = live.finish_recalc(result, quiet, n == RECALC_PASSES - 1, why,
+                                              None if quiet else watch.bound(result))
                 finally:
                     self.ops.watch = None
+                    watch.close()
                     if gate is not None:
                         self._let_go(gate)
                 if done:
@@ -589,6 +594,12 @@ class PassWatch:
     ``generation``: all steps during the pass must be accounted for by
     requests on hot files).  A spoiled pass is not exact.
 
+    It also keeps what an inexact pass needs to be an upper bound (``bound``):
+    what the engine charged meanwhile (``Growth``) and what a rename or a link
+    may have hidden from the scan (a file moved or linked into a directory
+    already walked: counted as new); a directory moved meanwhile may have
+    hidden a whole subtree: then there is no bound.
+
     Concurrency: ``before``/``after`` run on the event loop; the scan thread
     only reads ``skip``, a frozenset fixed before it starts.
     """
@@ -613,36 +624,110 @@ class PassWatch:
                              if i.opens > 0 and not i.unlinked and not i.is_dir
                              and i.ino != ROOT)
         self.skip = frozenset(table.fuse_ino(ino) for ino in self.hot)   # backing numbers
+        self.growth = engine.growth = Growth()
+        self.unbounded = False          # a directory moved: no upper bound
+        self.created: set[int] = set()  # backing numbers of inodes made during the pass
+
+    def close(self) -> None:
+        if self.engine.growth is self.growth:
+            self.engine.growth = None
+
+    def bound(self, result: ScanResult) -> ScanResult | None:
+        """After ``complete``: an upper bound of the usage, or None."""
+        return None if self.unbounded else upper_bound(result, self.growth)
+
+    def _entry(self, parent: int, name: bytes) -> os.stat_result | None:
+        try:
+            return os.stat(name, dir_fd=self.ops.table.get(parent).fd, follow_symlinks=False)
+        except OSError:
+            return None
+
+    def _moved(self, parent: int, name: bytes) -> None:
+        """``name`` in ``parent`` is about to get a name the scan may have
+        passed already: count a file as new; a directory leaves no bound."""
+        st = self._entry(parent, name)
+        if st is None:
+            return
+        if stat.S_ISDIR(st.st_mode):
+            self.unbounded = True
+        else:
+            self.growth.add(st.st_uid, st.st_gid, st.st_blocks * 512, 1)
+
+    def _going(self, parent: int, name: bytes):
+        """What ``name`` in ``parent`` was charged, if it was made during this
+        pass (all of that is in ``growth``) and this name is its last."""
+        st = self._entry(parent, name)
+        if (st is None or st.st_ino not in self.created
+                or (not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1)):
+            return None
+        inode = self.ops.table.find(st.st_ino)
+        if inode is None or inode.freed:
+            return None
+        return (parent, name, st.st_ino, inode.uid, inode.gid, inode.space)
 
     def before(self, op: str, args: tuple):
+        ino = made = going = None
         if op in self.NAMES:
             self.spoiled = True
-        ino = None
-        if op in self.BY_HANDLE and args:
+            if op == "rename":
+                self._moved(args[0], args[1])
+                if args[4] & RENAME_EXCHANGE:
+                    self._moved(args[2], args[3])
+                else:
+                    going = self._going(args[2], args[3])
+            elif op == "link":
+                try:
+                    st = os.fstat(self.ops.table.get(args[0]).fd)
+                    self.growth.add(st.st_uid, st.st_gid, st.st_blocks * 512, 1)
+                except OSError:
+                    pass
+            elif op in ("unlink", "rmdir"):
+                going = self._going(args[0], args[1])
+            else:                                   # mknod, mkdir, symlink, create
+                made = (args[0], args[1])
+        elif op in self.BY_HANDLE and args:
             h = self.ops.handles.get(args[0])
             ino = getattr(h, "inode", None)
             ino = ino.ino if ino is not None else None
         elif op in self.BY_INODE and args:
             ino = args[0]
-        return self.engine.generation, ino
+        if ino is not None and ino in self.hot:
+            self.engine.growth = None       # a hot file's end is counted exactly
+        return self.engine.generation, ino, made, going
 
     def after(self, op: str, mark) -> None:
-        gen, ino = mark
+        gen, ino, made, going = mark
+        if self.ops.watch is self:          # (an fsync may end after the pass)
+            self.engine.growth = self.growth
         step = self.engine.generation - gen
         if step and ino is not None and ino in self.hot:
             self.accounted += step
+        if made is not None and step:           # made (it was charged)
+            st = self._entry(*made)
+            if st is not None:
+                self.created.add(st.st_ino)
+        if going is not None:
+            parent, name, st_ino, uid, gid, space = going
+            st = self._entry(parent, name)
+            if st is None or st.st_ino != st_ino:   # gone: made and gone in this pass
+                self.created.discard(st_ino)
+                self.growth.take(uid, gid, space, 1)
 
     def complete(self, result: ScanResult) -> bool:
-        """At the end of the scan, on the loop: add the hot files to ``result``
-        and say whether the pass is exact."""
-        if self.spoiled or self.engine.generation - self.start != self.accounted:
-            return False
+        """At the end of the scan, on the loop: add the hot files still linked
+        to ``result`` and say whether the pass is exact."""
+        exact = not self.spoiled and self.engine.generation - self.start == self.accounted
         table = self.ops.table
         for ino in self.hot:
             inode = table.inodes.get(ino)
             if inode is None or inode.unlinked:
-                return False
-            st = os.fstat(inode.fd)
+                exact = False         # unlinked: charged as an orphan, if at all
+                continue
+            try:
+                st = os.fstat(inode.fd)
+            except OSError:
+                exact = False
+                continue
             space = st.st_blocks * 512
             result.space += space
             result.inodes += 1
@@ -650,4 +735,4 @@ class PassWatch:
                 a = ids.setdefault(key, [0, 0])
                 a[0] += space
                 a[1] += 1
-        return True
+        return exact

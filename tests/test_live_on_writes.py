@@ -217,3 +217,45 @@ def test_recounthold_option():
     for bad in ("-1", "61", "nan", "inf", "x", ""):
         with pytest.raises(UsageError):
             parse_options([f"recounthold={bad}"], "/p")
+
+
+@pytest.mark.parametrize("backing", params(only=("ext4",)), indirect=True)
+def test_an_inexact_on_is_never_short(backing, backing_quota, mounter, world_tmp):
+    """When an `on` under writes cannot be exact (here: nothing held), the
+    figure it applies is its last pass plus what was charged while that pass
+    ran (and files renamed or linked meanwhile): never short of the tree, at
+    either level (it was: the pass alone, without the files open at its end)."""
+    qm = backing_quota(B=200000, I=100000)
+    fill_tree(qm.root)
+    qm.mount.umount()
+    mounter(qm.private, qm.root, "dev", "suid", f"quotaid={qm.qid}", "recounthold=0")
+    for i in range(4):
+        vzquota("off", qm.qid)
+        (qm.root / f"while-off-{i}").write_bytes(b"o" * (512 * K))        # uncounted
+        with Writers(qm.root, world_tmp):
+            r = vzquota("on", qm.qid, check=False)
+            assert r.returncode in (0, 3), r
+        rc, lv = recount(qm.private), live(qm.qid)
+        assert lv.space >= rc.space and lv.inodes >= rc.inodes, (i, lv, rc)
+        for name, a, b in (("uid", lv.users, rc.users), ("gid", lv.groups, rc.groups)):
+            for k, (space, inodes) in b.items():
+                got = a.get(k, (0, 0))
+                assert got[0] >= space and got[1] >= inodes, (i, name, k, got, (space, inodes))
+
+
+def test_upper_bound_adds_what_was_charged():
+    from vzquota.engine import Growth
+    from vzquota.scan import ScanResult
+    from vzquota.service import upper_bound
+    g = Growth()
+    g.add(1000, 100, 8192, 2)
+    g.add(1000, 100, -4096, -1)                  # frees are not taken off
+    g.add(None, 7, 4096, 1, level1=False)        # a chgrp: the new group only
+    g.add(1001, 100, 4096, 1)
+    g.take(1001, 100, 4096, 1)                   # made and gone within the pass
+    r = ScanResult(100, 1, {0: [100, 1]}, {0: [100, 1]})
+    b = upper_bound(r, g)
+    assert (b.space, b.inodes) == (100 + 8192, 3)
+    assert b.users == {0: [100, 1], 1000: [8192, 2]}
+    assert b.groups == {0: [100, 1], 100: [8192, 2], 7: [4096, 1]}
+    assert r.users == {0: [100, 1]}                # the pass itself is left as it was

@@ -61,6 +61,47 @@ class Reservation:
         self.gid = gid
 
 
+class Growth:
+    """What was charged while a live recount pass ran (the positive part of
+    every charge, per level, uid and gid): added to the pass's count, an upper
+    bound of the usage when the pass was not exact (simfs/mount.py PassWatch)."""
+
+    __slots__ = ("space", "inodes", "users", "groups")
+
+    def __init__(self):
+        self.space = self.inodes = 0
+        self.users: dict[int, list[int]] = {}
+        self.groups: dict[int, list[int]] = {}
+
+    def add(self, uid: int | None, gid: int | None, space: int, inodes: int,
+            level1: bool = True) -> None:
+        space, inodes = max(0, space), max(0, inodes)
+        if not space and not inodes:
+            return
+        if level1:
+            self.space += space
+            self.inodes += inodes
+        for table, key in ((self.users, uid), (self.groups, gid)):
+            if key is None:
+                continue
+            a = table.get(key)
+            if a is None:
+                table[key] = [space, inodes]
+            else:
+                a[0] += space
+                a[1] += inodes
+
+    def take(self, uid: int, gid: int, space: int, inodes: int) -> None:
+        """Take back what ``add`` counted for an inode that is gone again."""
+        self.space = max(0, self.space - space)
+        self.inodes = max(0, self.inodes - inodes)
+        for table, key in ((self.users, uid), (self.groups, gid)):
+            a = table.get(key)
+            if a is not None:
+                a[0] = max(0, a[0] - space)
+                a[1] = max(0, a[1] - inodes)
+
+
 class QuotaEngine:
     """Accounting and enforcement of one quota id.  See the module docstring."""
 
@@ -74,6 +115,8 @@ class QuotaEngine:
         self.events_dropped = 0
         # Every refusal reported, per (event, level, resource) (for metrics).
         self.refusals: dict[tuple[str, int, str], int] = {}
+        # Set while a live recount pass runs: every charge is added to it too.
+        self.growth: Growth | None = None
 
     # ---- helpers -------------------------------------------------------------
 
@@ -250,6 +293,8 @@ class QuotaEngine:
         if objs is None:                  # released before: an ordinary charge
             self.charge(res.uid, res.gid, space, inodes)
         elif space or inodes:
+            if self.growth is not None:
+                self.growth.add(res.uid, res.gid, space, inodes)
             self._apply(objs, space, inodes)
             if space < 0 or inodes < 0:
                 self._drop_empty(res.uid, res.gid)
@@ -268,6 +313,8 @@ class QuotaEngine:
         refusing: a commit's correction, a directory that grew, a free."""
         if not space and not inodes:
             return
+        if self.growth is not None:
+            self.growth.add(uid, gid, space, inodes)
         try:
             objs = self._objects(uid, gid, create=space > 0 or inodes > 0)
         except QuotaExceeded:
@@ -356,6 +403,9 @@ class QuotaEngine:
             obj.inodes.usage = max(0, obj.inodes.usage - inodes)
             self._update_timer(obj.space, grace.space, now)
             self._update_timer(obj.inodes, grace.inodes, now)
+        if self.growth is not None:
+            self.growth.add(new_uid if new_uid != uid else None,
+                            new_gid if new_gid != gid else None, space, inodes, level1=False)
         self._drop_empty(uid, gid)
         self._touch()
 

@@ -224,6 +224,23 @@ def apply_limits2(st: QuotaState, req: dict) -> None:
     obj.inodes.soft, obj.inodes.hard = req["isoft"], req["ihard"]
 
 
+def upper_bound(r: ScanResult, growth) -> ScanResult:
+    """A pass's count plus what was charged while it ran (``engine.Growth``):
+    not less than the usage at its end, whatever the pass missed (as long as
+    no directory moved meanwhile: the mount checks that)."""
+    out = ScanResult(r.space + growth.space, r.inodes + growth.inodes,
+                     {k: list(v) for k, v in r.users.items()},
+                     {k: list(v) for k, v in r.groups.items()})
+    for mine, more in ((out.users, growth.users), (out.groups, growth.groups)):
+        for k, (b, n) in more.items():
+            if not b and not n:
+                continue
+            a = mine.setdefault(k, [0, 0])
+            a[0] += b
+            a[1] += n
+    return out
+
+
 def apply_scan(engine: QuotaEngine, r: ScanResult) -> None:
     engine.set_usage(r.space, r.inodes, r.users, r.groups)
 
@@ -515,13 +532,15 @@ class LiveQuota:
     # ---- recounting while serving -----------------------------------------------
 
     def finish_recalc(self, result: ScanResult, quiet: bool, last: bool,
-                      why: str | None) -> bool:
+                      why: str | None, bound: ScanResult | None = None) -> bool:
         """Apply a recount made while serving.  ``quiet``: nothing changed while
         it ran, so it is exact; returns True when done.  A pass that was not
         quiet is not applied (returns False: the mount tries again) unless it is
         the ``last`` one and the figures in use are known to be stale (``why``
-        is "stale"): then it is applied as the best figure there is, and the
-        quota marked dirty.  After a ``last`` pass that was not exact,
+        is "stale"): then the best figure there is, ``bound`` (the pass plus
+        what was charged while it ran: never short, see ``upper_bound``) or
+        the pass itself when there is none, is applied and the quota marked
+        dirty.  After a ``last`` pass that was not exact,
         ``inexact`` says so (the mount keeps trying); an exact one clears it."""
         if self.engine is None:
             self.inexact = None
@@ -532,7 +551,7 @@ class LiveQuota:
             self.inexact = why or "recalc"
         if not quiet and not (last and why == "stale"):
             return False
-        self._apply(self.engine, result)
+        self._apply(self.engine, result if quiet or bound is None else bound)
         self.state.dirty = not quiet
         self.save()
         return quiet
