@@ -79,6 +79,8 @@ OPCODE_NAMES = {v: k.lower() for k, v in dict(globals()).items()
 NOTIFY_INVAL_INODE = 2
 NOTIFY_INVAL_ENTRY = 3
 NOTIFY_DELETE = 6
+NOTIFY_PRUNE = 9                     # 7.45: drop these inodes if unused
+PRUNE_MINOR = 45
 
 # ---- INIT flags (flags | flags2 << 32) -----------------------------------------
 ASYNC_READ = 1 << 0
@@ -230,6 +232,7 @@ DIRENT = S("<QQII")                  # ino off namelen type
 NOTIFY_INVAL_INODE_OUT = S("<Qqq")
 NOTIFY_INVAL_ENTRY_OUT = S("<QII")   # parent namelen flags
 NOTIFY_DELETE_OUT = S("<QQII")       # parent child namelen padding
+NOTIFY_PRUNE_OUT = S("<IIQ")         # count padding spare, then count uint64 node ids
 BACKING_MAP = S("<iIQ")              # fd flags padding
 EXT_HEADER = S("<II")                # size type
 SUPP_GROUPS = S("<I")                # nr_groups, then that many uint32

@@ -8,7 +8,8 @@ signatures of pyfuse3's ``Operations``, plus ``fallocate``, ``lseek`` and
 ``copy_file_range``), answers ``ENOSYS`` for an opcode it has no handler for,
 and keeps the kernel's view right when a reply cannot be delivered (an
 interrupted LOOKUP's entry is forgotten, an OPEN's handle released).  It also
-sends the notifications (``invalidate_entry``, ``invalidate_inode``) and
+sends the notifications (``invalidate_entry``, ``invalidate_inode``,
+``prune``) and
 registers passthrough backing files.
 
 Concurrency: everything runs on one thread, the event loop's.  Under asyncio
@@ -30,6 +31,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import struct
 import time
 import types
 from typing import Any, Callable
@@ -175,6 +177,31 @@ class Session:
         """Make the kernel drop its cached attributes (and pages in the
         range; ``length`` 0 means to the end, -1 attributes only)."""
         self._notify(k.NOTIFY_INVAL_INODE, k.NOTIFY_INVAL_INODE_OUT.pack(ino, off, length))
+
+    PRUNE_BATCH = 512        # node ids per PRUNE message (the kernel's own batch)
+
+    @property
+    def can_prune(self) -> bool:
+        """Whether the kernel takes FUSE_NOTIFY_PRUNE (protocol 7.45 and later)."""
+        return self.minor >= k.PRUNE_MINOR and self.fd >= 0
+
+    def prune(self, nodeids) -> int:
+        """Ask the kernel to drop the inodes ``nodeids`` (and their dentries)
+        that nothing uses: no open file, no working directory, no cached child.
+        It forgets each one it drops (FORGET/BATCH_FORGET, the lookup count it
+        held), later, like any inode it evicts; the others it keeps, silently.
+        Sent in messages of PRUNE_BATCH ids; returns how many ids were sent.
+        Before 7.45 the kernel has no such notification: nothing is sent and 0
+        is returned (the daemon then holds what the kernel holds, as before).
+        Never call it from a handler of a request on one of these inodes."""
+        if not self.can_prune:
+            return 0
+        ids = list(nodeids)
+        for i in range(0, len(ids), self.PRUNE_BATCH):
+            part = ids[i:i + self.PRUNE_BATCH]
+            self._notify(k.NOTIFY_PRUNE, k.NOTIFY_PRUNE_OUT.pack(len(part), 0, 0)
+                         + struct.pack(f"<{len(part)}Q", *part))
+        return len(ids)
 
     def _notify(self, code: int, body: bytes) -> None:
         try:

@@ -619,3 +619,44 @@ def test_tmpfile_is_a_create_without_a_name(wire):
     assert decode_entry(out[:128])[0] == 40 and k.OPEN_OUT.unpack(out[128:])[0] == 9
     _, parent, mode, flags, ctx = wire.ops.calls[-1]
     assert (parent, mode, flags, ctx.umask) == (2, 0o100600, os.O_RDWR, 0o022)
+
+
+# ---- notifications ----------------------------------------------------------------
+
+def test_invalidate_entry_bytes(wire):
+    wire.s.invalidate_entry(7, b"name")
+    data = wire.peer.recv(1 << 16)
+    assert data == (struct.pack("<IiQ", 16 + 16 + 5, k.NOTIFY_INVAL_ENTRY, 0)
+                    + struct.pack("<QII", 7, 4, 0) + b"name\0")
+
+
+def test_prune_bytes(wire):
+    """FUSE_NOTIFY_PRUNE (7.45): header with error = code 9 and unique 0,
+    fuse_notify_prune_out {u32 count, u32 padding, u64 spare}, count u64 ids."""
+    assert wire.s.can_prune
+    assert wire.s.prune([5, 1 << 40, 77]) == 3
+    data = wire.peer.recv(1 << 16)
+    assert data == (struct.pack("<IiQ", 16 + 16 + 24, 9, 0)
+                    + struct.pack("<IIQ", 3, 0, 0) + struct.pack("<QQQ", 5, 1 << 40, 77))
+    assert wire.no_reply()
+
+
+def test_prune_in_batches_of_512(wire):
+    ids = list(range(1000, 1600))
+    assert wire.s.prune(iter(ids)) == 600
+    first, second = wire.peer.recv(1 << 16), wire.peer.recv(1 << 16)
+    assert first[:32] == struct.pack("<IiQIIQ", 32 + 512 * 8, 9, 0, 512, 0, 0)
+    assert first[32:] == struct.pack("<512Q", *ids[:512])
+    assert second == struct.pack("<IiQIIQ", 32 + 88 * 8, 9, 0, 88, 0, 0) + \
+        struct.pack("<88Q", *ids[512:])
+    assert wire.s.prune([]) == 0
+    assert wire.no_reply()
+
+
+def test_prune_needs_7_45(wire):
+    """An older kernel has no PRUNE (it would answer EINVAL): nothing is sent."""
+    wire.ok(k.INIT, init_body(minor=44))
+    assert wire.s.minor == 44
+    assert not wire.s.can_prune
+    assert wire.s.prune([5, 6]) == 0
+    assert wire.no_reply()
