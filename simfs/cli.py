@@ -42,7 +42,7 @@ FUSE_VALUED = {"fsname", "subtype", "max_read"}
 IGNORED = {"defaults", "auto", "noauto", "user", "users", "nouser", "owner", "group",
            "nofail", "_netdev", "loop"}
 SIMFS_VALUED = {"quotaid", "quotafile", "log", "checkpoint", "runtime", "hook", "maxopen",
-                "fuse", "recounthold"}
+                "fuse", "recounthold", "maxinodes"}
 # simfs's own flags: quota_off_ok lets a quota id whose quota is off be mounted
 # (unenforced, on purpose); without it such a mount is refused.
 SIMFS_FLAGS = {"quota_off_ok"}
@@ -115,6 +115,11 @@ def parse_options(words: list[str], private: str) -> tuple[set[str], dict[str, s
         if not _DIGITS.fullmatch(v) or not 16 <= int(v) <= 1 << 20:
             raise UsageError(f"maxopen must be a number of open files from 16 to "
                              f"{1 << 20}, not {v!r}")
+    if "maxinodes" in own:
+        v = own["maxinodes"]
+        if not _DIGITS.fullmatch(v) or not 64 <= int(v) <= 1 << 30:
+            raise UsageError(f"maxinodes must be a number of inodes from 64 to "
+                             f"{1 << 30}, not {v!r}")
     if "checkpoint" in own:
         c = own["checkpoint"]
         if not _DECIMAL.fullmatch(c) or not 0 < float(c) <= MAX_CHECKPOINT:
@@ -146,6 +151,8 @@ def parser() -> argparse.ArgumentParser:
                "default 65536; one uid at most a quarter, the last sixteenth for "
                "root only), recounthold=SECS (how long a live recount may hold "
                "allocating calls, default 3, 0 never), "
+               "maxinodes=N (inodes the daemon keeps before it asks the kernel to "
+               "forget the least recently used, default 200000; needs FUSE 7.45), "
                "quota_off_ok (mount even though the quota is off: nothing enforced "
                "until vzquota on), "
                "log=FILE, hook=CMD (run at quota limit events), "
@@ -397,13 +404,14 @@ def option_values(own: dict[str, str]) -> dict:
     comparable between a mount and a remount."""
     from vzquota.service import HOLD_MAX
 
-    from .inodes import MAX_OPEN
+    from .inodes import MAX_INODES, MAX_OPEN
     return {"quotaid": int(own["quotaid"]) if "quotaid" in own else None,
             "quotafile": own.get("quotafile"), "log": own.get("log"),
             "hook": own.get("hook"), "checkpoint": float(own.get("checkpoint", 30)),
             "runtime": own.get("runtime", "uvloop"),
             "maxopen": int(own.get("maxopen", MAX_OPEN)),
             "recounthold": float(own.get("recounthold", HOLD_MAX)),
+            "maxinodes": int(own.get("maxinodes", MAX_INODES)),
             "quota_admin": int(own["quota_admin"]) if "quota_admin" in own else None,
             "fuse": own.get("fuse", "builtin")}
 
@@ -585,7 +593,8 @@ def build(args: argparse.Namespace, fuse_opts: set[str], own: dict[str, str]):
     m = Mount(os.path.abspath(args.private), os.path.abspath(args.root), fuse_opts,
               quotaid=v["quotaid"], quotafile=v["quotafile"], checkpoint=v["checkpoint"],
               runtime=v["runtime"], hook=v["hook"], max_open=v["maxopen"],
-              hold_max=v["recounthold"], quota_admin=v["quota_admin"], fuse=v["fuse"])
+              hold_max=v["recounthold"], max_inodes=v["maxinodes"],
+              quota_admin=v["quota_admin"], fuse=v["fuse"])
     m.option_values = v         # shown to a remount (ops.OPTIONS_XATTR)
     return m
 

@@ -58,6 +58,10 @@ PINNED_FDS = 4096      # descriptors that may not be evicted (see the docstring)
 MAX_OPEN = 65536       # default budget of open files and directories (-o maxopen)
 ROOT_RESERVE = 16      # 1/16 of the open-file budget only uid 0 may use (OpenShares)
 USER_SHARE = 4         # one uid may hold at most 1/4 of the rest
+MAX_INODES = 200_000   # inodes kept before the kernel is asked to forget some (-o maxinodes)
+PRUNE_SLACK = 16       # a prune goes down to 1/16 below the cap (not one at a time)
+SHARED_MAX = 4096      # distinct int values Inode records share (InodeTable.share)
+SHARED_SPACE = 1 << 20 # allocations below this are shared values too
 
 
 @dataclass(frozen=True)
@@ -171,25 +175,34 @@ class OpenShares:
 
 
 class Inode:
-    __slots__ = ("ino", "_fd", "handle", "table", "pinned", "lookups", "opens", "space",
-                 "uid", "gid", "mode", "unlinked", "freed")
+    """One inode the kernel holds (or the daemon keeps, see ``SimOperations``).
 
-    def __init__(self, table: "InodeTable", ino: int, st: os.stat_result,
-                 handle: bytes | None):
-        self.table = table
+    Lean on purpose, there may be ``max_inodes`` of them: 12 slots (112 bytes
+    with the object header) and no ``__dict__``; the table is a class
+    attribute of the table's own subclass (``InodeTable.Inode``); uid, gid,
+    mode and small sizes are shared int objects (``InodeTable.share``); the
+    file handle is kept as an int when it has the filesystem's common header
+    (``InodeTable.pack``)."""
+    __slots__ = ("ino", "_fd", "handle", "pinned", "lookups", "opens", "space",
+                 "uid", "gid", "mode", "unlinked", "freed")
+    table: "InodeTable"
+
+    def __init__(self, ino: int, st: os.stat_result, handle: int | bytes | None):
         self.ino = ino
         self._fd = -1             # O_PATH|O_NOFOLLOW descriptor while it has one
-        self.handle = handle      # kernel file handle; None: the fd is pinned
+        self.handle = handle      # kernel file handle (packed); None: the fd is pinned
         self.pinned = False
         self.lookups = 0          # kernel lookup count
         self.opens = 0            # open file handles
         self.reset(st)
 
     def reset(self, st: os.stat_result) -> None:
-        self.space = st.st_blocks * 512   # allocated bytes, as last charged
-        self.uid = st.st_uid      # owner the quota charges
-        self.gid = st.st_gid
-        self.mode = st.st_mode
+        share = self.table.share
+        space = st.st_blocks * 512
+        self.space = share(space) if space < SHARED_SPACE else space   # allocated bytes,
+        self.uid = share(st.st_uid)     # as last charged; the owner the quota charges
+        self.gid = share(st.st_gid)
+        self.mode = share(st.st_mode)
         self.unlinked = False     # its last name is gone
         self.freed = False        # and the quota has given back what it held
 
@@ -251,7 +264,21 @@ class Closer:
 
 class InodeTable:
     def __init__(self, root_fd: int, budget: Budget | None = None,
-                 file_handles: bool = True):
+                 file_handles: bool = True, max_inodes: int = MAX_INODES):
+        # Inode records of this table know it through their class
+        self.Inode = type("Inode", (Inode,), {"__slots__": (), "table": self})
+        self._shared: dict[int, int] = {}
+        self._head = b""          # the common header of file handles (pack)
+        self._tail = 0            # and the length of what follows it
+        # The cap: past it, the daemon asks the kernel to forget the least
+        # recently looked-up inodes it may (SimOperations.prune).  ``inodes``
+        # is kept in that order: a lookup of a known inode moves it to the end.
+        self.max_inodes = max_inodes
+        self.peak = 0             # most inodes held at once
+        self.pruned = 0           # inodes the kernel was asked to forget
+        self.dropped = 0          # inodes that left the table
+        self.on_full: Callable[[], None] | None = None   # called once past the cap
+        self.full = False         # on_full was called, no prune pass ran since
         st = os.fstat(root_fd)
         self.dev = st.st_dev
         self.root_ino = st.st_ino
@@ -270,7 +297,7 @@ class InodeTable:
         if not self.file_handles:
             log.info("the private area's filesystem has no file handles: one "
                      "descriptor per cached inode, at most %d inodes", self.budget.pinned)
-        root = Inode(self, ROOT, st, None)
+        root = self.Inode(ROOT, st, None)
         root._fd = root_fd
         root.pinned = True        # not counted: the root is not the container's
         root.lookups = 1 << 62    # never forgotten
@@ -278,11 +305,40 @@ class InodeTable:
 
     def _handles_work(self, root_fd: int) -> bool:
         try:
-            os.close(lower.open_handle(self.mount_fd, lower.handle_of(root_fd)))
+            h = lower.handle_of(root_fd)
+            os.close(lower.open_handle(self.mount_fd, h))
+            self._head, self._tail = h[:8], len(h) - 8
             return True
         except OSError as e:
             log.debug("file handles unavailable: %s", e)
             return False
+
+    def share(self, v: int) -> int:
+        """One int object for each value (up to SHARED_MAX of them): a record's
+        uid, gid and mode cost a pointer, not an int each."""
+        shared = self._shared
+        got = shared.get(v)
+        if got is not None:
+            return got
+        if len(shared) < SHARED_MAX:
+            shared[v] = v
+        return v
+
+    def pack(self, handle: bytes) -> int | bytes:
+        """A file handle as kept: the int of what follows the filesystem's
+        common header (32 bytes for ext4's 8, against 64 for the bytes), or
+        the bytes themselves if the header differs."""
+        if handle[:8] == self._head and len(handle) == 8 + self._tail:
+            return int.from_bytes(handle[8:], "little")
+        return handle
+
+    def unpack(self, handle: int | bytes) -> bytes:
+        if type(handle) is int:
+            return self._head + handle.to_bytes(self._tail, "little")
+        return handle
+
+    def _handle_of(self, fd: int) -> int | bytes:
+        return self.pack(lower.handle_of(fd))
 
     @property
     def root(self) -> Inode:
@@ -335,7 +391,7 @@ class InodeTable:
     def reopen(self, inode: Inode) -> int:
         if inode.handle is None:
             raise OSError(errno.ESTALE, f"inode {inode.ino} has no descriptor")
-        fd = lower.open_handle(self.mount_fd, inode.handle)
+        fd = lower.open_handle(self.mount_fd, self.unpack(inode.handle))
         self._cache(inode, fd)
         return fd
 
@@ -377,20 +433,28 @@ class InodeTable:
             inode.reset(st)
             if inode.handle is not None:
                 try:
-                    inode.handle = lower.handle_of(fd)
+                    inode.handle = self._handle_of(fd)
                 except OSError:
                     inode.handle = None
         if inode is None:
             handle = None
             if self.file_handles:
                 try:
-                    handle = lower.handle_of(fd)
+                    handle = self._handle_of(fd)
                 except OSError:
                     handle = None
             if handle is None and self.pinned >= self.budget.pinned:
                 os.close(fd)
                 raise OSError(errno.ENFILE, "inode descriptor budget exhausted")
-            inode = self.inodes[ino] = Inode(self, ino, st, handle)
+            inode = self.inodes[ino] = self.Inode(ino, st, handle)
+            n = len(self.inodes) - 1          # the root is not counted
+            if n > self.peak:
+                self.peak = n
+            if n > self.max_inodes and not self.full and self.on_full is not None:
+                self.full = True
+                self.on_full()
+        else:
+            self.recent(inode)
         if inode._fd >= 0:
             os.close(fd)
         elif inode.handle is not None:
@@ -401,6 +465,37 @@ class InodeTable:
             self.pinned += 1
         inode.lookups += 1
         return inode
+
+    def recent(self, inode: Inode) -> None:
+        """``inode`` was looked up again: the last to be pruned (see max_inodes)."""
+        inodes = self.inodes
+        del inodes[inode.ino]
+        inodes[inode.ino] = inode
+
+    def over(self) -> int:
+        """How many inodes a prune should have the kernel forget now: down to
+        1/PRUNE_SLACK below the cap once past it (the root is not counted)."""
+        n = len(self.inodes) - 1
+        if n <= self.max_inodes:
+            return 0
+        return n - (self.max_inodes - self.max_inodes // PRUNE_SLACK)
+
+    def oldest(self, n: int, prunable: Callable[[Inode], bool]) -> list[int]:
+        """Up to ``n`` numbers of the least recently looked-up inodes for which
+        ``prunable`` holds; every inode looked at (taken or not) moves to the
+        end, so the next call looks at others."""
+        out: list[int] = []
+        seen: list[Inode] = []
+        for inode in self.inodes.values():
+            if len(out) >= n or len(seen) >= 4 * n:
+                break
+            seen.append(inode)
+            if (inode.ino != ROOT and inode.lookups > 0 and inode.opens <= 0
+                    and not inode.pinned and not inode.unlinked and prunable(inode)):
+                out.append(inode.ino)
+        for inode in seen:
+            self.recent(inode)
+        return out
 
     def lookup(self, parent: Inode, name: bytes) -> tuple[Inode, os.stat_result]:
         """Resolve one name in ``parent`` and count a kernel reference to it."""
@@ -430,6 +525,7 @@ class InodeTable:
 
     def drop(self, inode: Inode) -> None:
         del self.inodes[inode.ino]
+        self.dropped += 1
         if inode.pinned:
             inode.pinned = False
             self.pinned -= 1

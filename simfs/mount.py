@@ -47,7 +47,7 @@ from vzquota.service import HOLD_MAX, LiveQuota, holds, upper_bound
 
 from . import binding, events
 from .binding import BINDINGS
-from .inodes import MAX_OPEN, ROOT, Closer
+from .inodes import MAX_INODES, MAX_OPEN, ROOT, Closer
 from .lower import RENAME_EXCHANGE
 from .ops import SimOperations
 
@@ -58,6 +58,7 @@ RETRY_QUIET = 1.0      # a live recount that was not exact is made again once no
 RETRY_FIRST = 10.0     # name or allocation changed for RETRY_QUIET s, or else
 RETRY_MAX = 300.0      # after RETRY_FIRST s, doubling up to RETRY_MAX
 SWEEP_EVERY = 1.0      # seconds between sweeps of files closed with delayed blocks
+PRUNE_EVERY = 1.0      # seconds between checks of the inode table against its cap
 RUNTIMES = ("uvloop", "asyncio", "trio")      # the first is the default
 
 
@@ -81,6 +82,7 @@ class Mount:
     runtime: str = RUNTIMES[0]
     max_open: int = MAX_OPEN
     hold_max: float = HOLD_MAX      # -o recounthold: see vzquota.service.holds
+    max_inodes: int = MAX_INODES        # -o maxinodes: the inode table's cap
     quota_admin: int | None = None      # -o quota_admin[=UID]: the container's root
     fuse: str = BINDINGS[0]
     ops: SimOperations | None = None
@@ -171,7 +173,7 @@ class Mount:
                     self._shown = None
             except VzError as e:
                 raise MountError(e.message) from None
-        self.ops = SimOperations(root_fd, self.max_open)
+        self.ops = SimOperations(root_fd, self.max_open, self.max_inodes)
         self.ops.table.closer = Closer()
         if "ro" in self.fuse_options and self.fuse == "builtin":
             # nothing can be written: reads may bypass the daemon (ops._backing_open)
@@ -230,6 +232,7 @@ class Mount:
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._signals)
+                tg.start_soon(self._prunes)
                 if self.live is not None:
                     tg.start_soon(self._control)
                     tg.start_soon(self._checkpoints)
@@ -268,6 +271,20 @@ class Mount:
                     await self.ops.sweep()
                 except Exception:
                     log.exception("settling closed files failed")
+
+    async def _prunes(self) -> None:
+        """Every PRUNE_EVERY seconds, a prune pass if the inode table is over
+        its cap and none is scheduled (SimOperations.prune: normally a lookup
+        past the cap schedules one at once; this catches the rest, e.g. under
+        trio, or when the kernel kept what a pass asked for)."""
+        table = self.ops.table
+        while True:
+            await anyio.sleep(PRUNE_EVERY)
+            if table.over() > 0 and not table.full:
+                try:
+                    self.ops.prune()
+                except Exception:
+                    log.exception("asking the kernel to forget inodes failed")
 
     async def _signals(self) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:

@@ -62,7 +62,7 @@ from vzquota.inside import ADMIN_XATTR, refuse_without_quota
 from vzquota.model import GROUP, USER
 
 from . import lower
-from .inodes import MAX_OPEN, ROOT, Budget, Inode, InodeTable, OpenShares
+from .inodes import MAX_INODES, MAX_OPEN, ROOT, Budget, Inode, InodeTable, OpenShares
 from .statfs import host_figures, quota_figures
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,8 @@ SETTLE_AGE = 2.0
 QUOTA_XATTR = b"user.vzquota"   # read-only, virtual, on the root only
 COUNTS_XATTR = b"trusted.simfs.requests"   # read-only, virtual, root only: request counts
 OPTIONS_XATTR = b"trusted.simfs.options"   # read-only, virtual, root only: simfs's -o values
-VIRTUAL_XATTRS = (QUOTA_XATTR, COUNTS_XATTR, OPTIONS_XATTR)
+INODES_XATTR = b"trusted.simfs.inodes"     # read-only, virtual, root only: the inode table
+VIRTUAL_XATTRS = (QUOTA_XATTR, COUNTS_XATTR, OPTIONS_XATTR, INODES_XATTR)
 # POSIX ACLs: the kernel checks only the mode bits (default_permissions; pyfuse3
 # cannot ask for FUSE_POSIX_ACL), so an ACL would be stored and shown but not
 # enforced.  The mount behaves as a filesystem without ACL support: these are
@@ -99,6 +100,13 @@ TIMEOUT = 60.0                  # entry/attr cache: every change comes through u
 # Reads of at least this many bytes that the backing page cache cannot serve at
 # once (RWF_NOWAIT) go to a worker thread.
 READ_NOWAIT = 32 << 10
+# Inodes asked of the kernel per prune pass at most (see prune): a pass is a
+# few milliseconds of the loop.  Passes are PRUNE_GAP seconds apart at least,
+# twice that after each pass after which no inode left the table (the kernel
+# uses them all), up to PRUNE_GAP_MAX.
+PRUNE_MAX = 2048
+PRUNE_GAP = 0.005
+PRUNE_GAP_MAX = 1.0
 
 
 # Handlers that may change names or allocations: ``SimOperations.mutations``
@@ -250,9 +258,14 @@ class SimOperations:
     # pyfuse3 and in unit tests): passthrough backing ids, notifications
     channel = None
 
-    def __init__(self, root_fd: int, max_open: int = MAX_OPEN):
+    def __init__(self, root_fd: int, max_open: int = MAX_OPEN,
+                 max_inodes: int = MAX_INODES):
         limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        self.table = InodeTable(root_fd, Budget.plan(limit, max_open))
+        self.table = InodeTable(root_fd, Budget.plan(limit, max_open), max_inodes=max_inodes)
+        self.table.on_full = self._prune_soon
+        self._prune_next = 0.0    # no prune pass before (time.monotonic)
+        self._prune_gap = PRUNE_GAP
+        self._prune_dropped = -1  # table.dropped at the last pass
         self.shares = OpenShares(self.table.budget.files)
         self.table.on_reused = self._reused
         self.bsize = os.fstatvfs(root_fd).f_bsize or 4096
@@ -670,6 +683,83 @@ class SimOperations:
 
     def _last_link(self, st: os.stat_result) -> bool:
         return stat.S_ISDIR(st.st_mode) or st.st_nlink <= 1
+
+    # ---- the cap on inodes (InodeTable.max_inodes) ----------------------------
+
+    def _prunable(self, inode: Inode) -> bool:
+        """Whether the kernel may be asked to forget ``inode``: the table's own
+        test (not the root, looked up, no open handle, not pinned, not
+        unlinked) and no state of ours that needs it kept (held for a gap,
+        unsettled, gapped, a passthrough handle)."""
+        return (inode not in self.held and inode not in self.unsettled
+                and inode not in self.gapped and inode.ino not in self.pt_opens)
+
+    def _prune_soon(self) -> None:
+        """The table went past its cap (from inside a handler): prune from the
+        loop once this request is answered, never inside it."""
+        if self.channel is None or not getattr(self.channel, "can_prune", False):
+            # no PRUNE (pyfuse3, a kernel before 7.45): nothing to ask
+            log.warning("%d inodes held, past maxinodes=%d: the kernel cannot be asked "
+                        "to forget some (%s); the table holds what the kernel holds",
+                        len(self.table.inodes) - 1, self.table.max_inodes,
+                        "pyfuse3" if self.channel is None else
+                        f"FUSE 7.{getattr(self.channel, 'minor', 0)}, PRUNE needs 7.45")
+            return
+        try:
+            loop = asyncio.get_running_loop()
+            delay = self._prune_next - time.monotonic()
+            if delay > 0:
+                loop.call_later(delay, self.prune)
+            else:
+                loop.call_soon(self.prune)
+        except RuntimeError:      # trio
+            try:
+                import trio
+                trio.lowlevel.current_trio_token().run_sync_soon(self.prune)
+            except Exception:
+                pass              # the mount's periodic check (Mount._prunes) does it
+
+    def prune(self) -> int:
+        """Ask the kernel to forget the least recently looked-up inodes we may
+        let go of (``_prunable``), down to 1/16 below the cap, PRUNE_MAX at
+        most per pass.  The kernel drops those it does not use and sends
+        their FORGETs, which take them out of the table as any FORGET does
+        (charged for good on the way: ``forget``); a later lookup of the same
+        name adopts the same backing inode again (by its file handle, its
+        number).  Returns how many were asked.  Run from the loop only."""
+        table = self.table
+        table.full = False
+        channel = self.channel
+        if channel is None or not getattr(channel, "can_prune", False):
+            return 0
+        n = table.over()
+        if n <= 0:
+            return 0
+        # back off while the kernel lets nothing go (it uses every inode asked)
+        if table.dropped == self._prune_dropped:
+            self._prune_gap = min(self._prune_gap * 2, PRUNE_GAP_MAX)
+        else:
+            self._prune_gap = PRUNE_GAP
+        self._prune_dropped = table.dropped
+        self._prune_next = time.monotonic() + self._prune_gap
+        ids = table.oldest(min(n, PRUNE_MAX), self._prunable)
+        if not ids:
+            return 0
+        try:
+            sent = channel.prune(ids)
+        except OSError as e:
+            log.warning("asking the kernel to forget %d inodes failed: %s", len(ids), e)
+            return 0
+        table.pruned += sent
+        log.debug("prune: %d inodes over, %d asked, next pass in %.3f s at the earliest",
+                  n, sent, self._prune_gap)
+        return sent
+
+    def inodes_report(self) -> dict:
+        t = self.table
+        return {"inodes": len(t.inodes) - 1, "peak": t.peak, "max": t.max_inodes,
+                "pruned": t.pruned, "held": len(self.held),
+                "unsettled": len(self.unsettled), "descriptors": t.open_fds()}
 
     # ---- lookup and attributes ---------------------------------------------
 
@@ -1272,6 +1362,7 @@ class SimOperations:
                 table.adopt(fd, st)
             else:
                 inode.lookups += 1
+                table.recent(inode)
 
     @errno_boundary
     def releasedir(self, fh):
@@ -1361,6 +1452,9 @@ class SimOperations:
         if inode == ROOT and name == COUNTS_XATTR:
             # trusted.*: the kernel lets only the host's CAP_SYS_ADMIN ask
             return json.dumps(self.counts, sort_keys=True).encode() + b"\n"
+        if inode == ROOT and name == INODES_XATTR:
+            # the inode table's size against its cap (tools/inodemem, tests)
+            return json.dumps(self.inodes_report(), sort_keys=True).encode() + b"\n"
         if inode == ROOT and name == OPTIONS_XATTR:
             # what a remount compares its options with (simfs/cli.py)
             return json.dumps(dict(self.mount_options, passthrough=self.passthrough),
