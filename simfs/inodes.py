@@ -177,21 +177,34 @@ class OpenShares:
 class Inode:
     """One inode the kernel holds (or the daemon keeps, see ``SimOperations``).
 
-    Lean on purpose, there may be ``max_inodes`` of them: 12 slots (112 bytes
-    with the object header) and no ``__dict__``; the table is a class
-    attribute of the table's own subclass (``InodeTable.Inode``); uid, gid,
-    mode and small sizes are shared int objects (``InodeTable.share``); the
-    file handle is kept as an int when it has the filesystem's common header
+    Lean on purpose, there may be ``max_inodes`` of them: 10 slots (112 bytes
+    with the object and GC headers) and no ``__dict__``; the three flags share
+    one slot; the table is a class attribute of the table's own subclass
+    (``InodeTable.Inode``); uid, gid, mode and small sizes are shared int
+    objects (``InodeTable.share``); the file handle is kept as one small int
     (``InodeTable.pack``)."""
-    __slots__ = ("ino", "_fd", "handle", "pinned", "lookups", "opens", "space",
-                 "uid", "gid", "mode", "unlinked", "freed")
+    __slots__ = ("ino", "_fd", "handle", "_flags", "lookups", "opens", "space",
+                 "uid", "gid", "mode")
     table: "InodeTable"
+
+    def _flag(bit: int):
+        def get(self) -> bool:
+            return self._flags & bit != 0
+
+        def put(self, on: bool) -> None:
+            self._flags = self._flags | bit if on else self._flags & ~bit
+        return property(get, put)
+
+    pinned = _flag(1)         # its descriptor is never evicted
+    unlinked = _flag(2)       # its last name is gone
+    freed = _flag(4)          # and the quota has given back what it held
+    del _flag
 
     def __init__(self, ino: int, st: os.stat_result, handle: int | bytes | None):
         self.ino = ino
         self._fd = -1             # O_PATH|O_NOFOLLOW descriptor while it has one
         self.handle = handle      # kernel file handle (packed); None: the fd is pinned
-        self.pinned = False
+        self._flags = 0
         self.lookups = 0          # kernel lookup count
         self.opens = 0            # open file handles
         self.reset(st)
@@ -203,8 +216,7 @@ class Inode:
         self.uid = share(st.st_uid)     # as last charged; the owner the quota charges
         self.gid = share(st.st_gid)
         self.mode = share(st.st_mode)
-        self.unlinked = False     # its last name is gone
-        self.freed = False        # and the quota has given back what it held
+        self._flags &= 1          # neither unlinked nor freed
 
     @property
     def fd(self) -> int:
@@ -324,21 +336,29 @@ class InodeTable:
             shared[v] = v
         return v
 
-    def pack(self, handle: bytes) -> int | bytes:
+    def pack(self, handle: bytes, st_ino: int) -> int | bytes:
         """A file handle as kept: the int of what follows the filesystem's
-        common header (32 bytes for ext4's 8, against 64 for the bytes), or
-        the bytes themselves if the header differs."""
-        if handle[:8] == self._head and len(handle) == 8 + self._tail:
-            return int.from_bytes(handle[8:], "little")
-        return handle
+        common header; when its first 32 bits are the inode's number (ext4's
+        and XFS's: number, generation), only the rest, as a negative int
+        (32 bytes for ext4, against 64 for the bytes); the bytes themselves
+        if the header differs."""
+        if handle[:8] != self._head or len(handle) != 8 + self._tail:
+            return handle
+        tail = int.from_bytes(handle[8:], "little")
+        if tail & 0xFFFFFFFF == st_ino & 0xFFFFFFFF:
+            return ~(tail >> 32)
+        return tail
 
-    def unpack(self, handle: int | bytes) -> bytes:
+    def unpack(self, handle: int | bytes, ino: int) -> bytes:
+        """The file handle of the inode numbered ``ino`` (FUSE's number)."""
         if type(handle) is int:
+            if handle < 0:
+                handle = (~handle << 32) | (self.fuse_ino(ino) & 0xFFFFFFFF)
             return self._head + handle.to_bytes(self._tail, "little")
         return handle
 
-    def _handle_of(self, fd: int) -> int | bytes:
-        return self.pack(lower.handle_of(fd))
+    def _handle_of(self, fd: int, st: os.stat_result) -> int | bytes:
+        return self.pack(lower.handle_of(fd), st.st_ino)
 
     @property
     def root(self) -> Inode:
@@ -391,7 +411,7 @@ class InodeTable:
     def reopen(self, inode: Inode) -> int:
         if inode.handle is None:
             raise OSError(errno.ESTALE, f"inode {inode.ino} has no descriptor")
-        fd = lower.open_handle(self.mount_fd, self.unpack(inode.handle))
+        fd = lower.open_handle(self.mount_fd, self.unpack(inode.handle, inode.ino))
         self._cache(inode, fd)
         return fd
 
@@ -433,14 +453,14 @@ class InodeTable:
             inode.reset(st)
             if inode.handle is not None:
                 try:
-                    inode.handle = self._handle_of(fd)
+                    inode.handle = self._handle_of(fd, st)
                 except OSError:
                     inode.handle = None
         if inode is None:
             handle = None
             if self.file_handles:
                 try:
-                    handle = self._handle_of(fd)
+                    handle = self._handle_of(fd, st)
                 except OSError:
                     handle = None
             if handle is None and self.pinned >= self.budget.pinned:

@@ -712,12 +712,15 @@ class SimOperations:
                 loop.call_later(delay, self.prune)
             else:
                 loop.call_soon(self.prune)
-        except RuntimeError:      # trio
+        except RuntimeError:      # trio: no timer here; a later lookup asks again
+            if self._prune_next > time.monotonic():
+                self.table.full = False
+                return
             try:
                 import trio
                 trio.lowlevel.current_trio_token().run_sync_soon(self.prune)
             except Exception:
-                pass              # the mount's periodic check (Mount._prunes) does it
+                self.table.full = False   # the mount's periodic check does it (Mount._prunes)
 
     def prune(self) -> int:
         """Ask the kernel to forget the least recently looked-up inodes we may
@@ -748,7 +751,8 @@ class SimOperations:
         try:
             sent = channel.prune(ids)
         except OSError as e:
-            log.warning("asking the kernel to forget %d inodes failed: %s", len(ids), e)
+            if e.errno not in (errno.ENODEV, errno.ECONNABORTED, errno.EBADF):  # unmounted
+                log.warning("asking the kernel to forget %d inodes failed: %s", len(ids), e)
             return 0
         table.pruned += sent
         log.debug("prune: %d inodes over, %d asked, next pass in %.3f s at the earliest",

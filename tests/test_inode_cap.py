@@ -115,6 +115,10 @@ def test_lean_records(ops, area):
     x, y = ops.table.get(a.st_ino), ops.table.get(b.st_ino)
     assert x.mode is y.mode and x.uid is y.uid and x.gid is y.gid
     assert not hasattr(x, "__dict__")
+    assert len(type(x).__mro__[1].__slots__) == 10      # flags share one slot
+    x.unlinked = True
+    assert x.unlinked and not x.freed and not x.pinned
+    x.unlinked = False
     if ops.table.file_handles:
         assert type(x.handle) is int
         # the same backing inode through the handle, once its descriptor is gone
