@@ -234,8 +234,10 @@ os.link(f"{root}/d0/f001", f"{root}/d9/link")
         assert counts["lookup"] > 3 * FILES - CAP, counts
         assert rep["pruned"] - pruned >= 3 * (FILES - CAP), rep
         # the table stayed at the cap, give or take the lookups answered
-        # between two prune passes (PRUNE_GAP) until the kernel's FORGETs came
-        assert CAP - CAP // 16 - 10 <= peak_seen <= CAP + 100, (peak_seen, rep)
+        # between two prune passes (PRUNE_GAP, 5 ms) until the kernel's
+        # FORGETs came (seen: up to 95 over with this cap), against 2,000
+        # names looked up
+        assert CAP - CAP // 16 - 10 <= peak_seen <= CAP + CAP // 2, (peak_seen, rep)
         # a hard link is one inode, before and after its names were forgotten
         assert os.lstat(root / "d9" / "link").st_ino == os.lstat(root / "d0" / "f001").st_ino
         # the open and the unlinked-open files were kept: they still work,
