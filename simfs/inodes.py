@@ -223,7 +223,7 @@ class Inode:
         """An O_PATH descriptor of the backing inode (ESTALE if it is gone)."""
         fd = self._fd
         if fd >= 0:
-            if not self.pinned:
+            if not self._flags & 1:       # not pinned (the flag read directly: hot)
                 self.table.lru.move_to_end(self.ino)
             return fd
         return self.table.reopen(self)
