@@ -12,6 +12,12 @@ lookups (``ls -l`` of a huge directory) can fill the daemon's descriptor table.
 (it is in the LRU) it costs a dictionary move.  A caller may use at most a few
 ``.fd`` values at once (the LRU keeps at least 16).
 
+The table itself is bounded too: its records are lean (``Inode``), kept in
+least-recently-looked-up order, and past ``max_inodes`` (``-o maxinodes``)
+``on_full`` tells the operations, which ask the kernel to forget the oldest
+(``oldest``; ``SimOperations.prune``, FUSE_NOTIFY_PRUNE) and drop them at
+their FORGET.
+
 Pinned descriptors are never evicted: the root's, those of inodes unlinked
 through the mount while the kernel still holds them (so that they stay alive
 and their numbers cannot be reused, as on a local filesystem), up to
