@@ -120,6 +120,18 @@ class SimMount:
         return self.log.read_text(errors="replace")
 
 
+# Fixtures through which a test mounts FUSE: every test that uses one (directly
+# or through another fixture) gets the ``fuse`` marker, so ``-m "not fuse"``
+# runs the half that needs no mount.
+MOUNTING_FIXTURES = {"fuse", "mounter", "mounted", "backing", "backing_quota"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if MOUNTING_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.fuse)
+
+
 @pytest.fixture
 def fuse():
     why = fuse_problem()
