@@ -213,6 +213,10 @@ def fit_prefix(hole_list: list[tuple[int, int]], off: int, n: int, room: int,
 FS_IOC_FIEMAP = 0xC020660B
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_COLLAPSE_RANGE = 0x08
+FALLOC_FL_ZERO_RANGE = 0x10
+FALLOC_FL_INSERT_RANGE = 0x20
+FALLOC_FL_UNSHARE_RANGE = 0x40
 SYNC_FILE_RANGE_WAIT_BEFORE = 1
 SYNC_FILE_RANGE_WRITE = 2
 SYNC_FILE_RANGE_WAIT_AFTER = 4
@@ -260,10 +264,90 @@ def settled(fd: int, bs: int) -> bool:
     return not n or not any(mapping(fd, n, bs)[1:])
 
 
+def fallocate(fd: int, mode: int, off: int, n: int) -> None:
+    """fallocate(2) with its ``mode`` (os.posix_fallocate has none): the
+    backing filesystem's own errno (EOPNOTSUPP for a mode it lacks) raised."""
+    _check(_libc.fallocate(fd, ctypes.c_int(mode), ctypes.c_long(off), ctypes.c_long(n)),
+           "fallocate")
+
+
 def punch(fd: int, off: int, n: int) -> None:
     """Deallocate [off, off+n) of ``fd``, keeping its size."""
-    _check(_libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                           ctypes.c_long(off), ctypes.c_long(n)), "fallocate")
+    fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off, n)
+
+
+FIEMAP_EXTENT_LAST = 0x1
+FIEMAP_BATCH = 128
+
+
+def mapped(fd: int, start: int, end: int) -> list[tuple[int, int]]:
+    """The byte ranges of [start, end) that ``fd``'s extents map (FIEMAP:
+    written, unwritten (fallocated) and delayed ones alike, all counted in
+    ``st_blocks``), in order; OSError where the filesystem has no FIEMAP."""
+    out: list[tuple[int, int]] = []
+    pos = start
+    while pos < end:
+        buf = bytearray(_FIEMAP.pack(pos, end - pos, 0, 0, FIEMAP_BATCH, 0)
+                        + bytes(_EXTENT.size * FIEMAP_BATCH))
+        fcntl.ioctl(fd, FS_IOC_FIEMAP, buf)
+        count = _FIEMAP.unpack_from(buf)[3]
+        if not count:
+            break
+        last = False
+        for i in range(count):
+            logical, _, length, _, _, flags, _, _, _ = _EXTENT.unpack_from(
+                buf, _FIEMAP.size + i * _EXTENT.size)
+            s, e = max(logical, start), min(logical + length, end)
+            if e > s:
+                if out and out[-1][1] >= s:
+                    out[-1] = (out[-1][0], max(out[-1][1], e))
+                else:
+                    out.append((s, e))
+            pos = max(pos, logical + length)
+            last = last or bool(flags & FIEMAP_EXTENT_LAST)
+        if last or count < FIEMAP_BATCH:
+            break
+    return out
+
+
+def unallocated(fd: int, start: int, end: int, bs: int) -> list[tuple[int, int]]:
+    """Block-aligned intervals of [start, end) that no extent of ``fd`` maps:
+    what a write or fallocate of that range may have to allocate.  Unlike
+    ``holes`` (SEEK_HOLE, which shows fallocated but unwritten blocks as
+    holes), blocks preallocated by fallocate count as allocated.  Where the
+    filesystem has no FIEMAP it is ``holes``, an upper bound: tmpfs shows
+    fallocated pages nowhere (SEEK_DATA, mincore) but in ``st_blocks``."""
+    a = start - start % bs
+    z = -(-end // bs) * bs
+    try:
+        have = mapped(fd, a, z)
+    except OSError:
+        return holes(fd, start, end, bs)
+    out: list[tuple[int, int]] = []
+    pos = a
+    for s, e in have:
+        s -= s % bs                   # a block partly mapped is allocated
+        e = -(-e // bs) * bs
+        if s > pos:
+            out.append((pos, s))
+        pos = max(pos, e)
+    if pos < z:
+        out.append((pos, z))
+    return out
+
+
+FS_XFLAG_PREALLOC = 0x2
+
+
+def deliberate_prealloc(fd: int) -> bool:
+    """Whether ``fd``'s blocks past its end were put there on purpose
+    (fallocate: XFS marks the inode preallocated), not by speculation."""
+    buf = bytearray(_FSXATTR.size)
+    try:
+        fcntl.ioctl(fd, FS_IOC_FSGETXATTR, buf)
+    except OSError:
+        return False
+    return bool(_FSXATTR.unpack(buf)[0] & FS_XFLAG_PREALLOC)
 
 
 def start_writeback(fd: int, wait: bool = False) -> None:

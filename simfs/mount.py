@@ -627,7 +627,7 @@ class PassWatch:
     # handlers that never await: nothing else runs between before and after,
     # so the generation steps between them are theirs (fsync awaits: a change
     # it makes spoils the pass).
-    BY_HANDLE = frozenset({"write", "release", "fallocate", "flush"})
+    BY_HANDLE = frozenset({"write", "release", "fallocate", "flush", "copy_file_range"})
     BY_INODE = frozenset({"open", "setattr", "setxattr", "removexattr"})
 
     def __init__(self, ops: SimOperations, engine):
@@ -700,10 +700,13 @@ class PassWatch:
                     pass
             elif op in ("unlink", "rmdir"):
                 going = self._going(args[0], args[1])
+            elif op == "tmpfile":
+                pass            # nameless: the scan cannot see it; its charge is in growth
             else:                                   # mknod, mkdir, symlink, create
                 made = (args[0], args[1])
         elif op in self.BY_HANDLE and args:
-            h = self.ops.handles.get(args[0])
+            # copy_file_range changes its destination: (fh_in, off_in, fh_out, ...)
+            h = self.ops.handles.get(args[2] if op == "copy_file_range" else args[0])
             ino = getattr(h, "inode", None)
             ino = ino.ino if ino is not None else None
         elif op in self.BY_INODE and args:

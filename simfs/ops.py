@@ -77,6 +77,8 @@ SETTLE_ZONE = 1 << 20
 # More extents than this and an ext4 file needs blocks for its extent tree,
 # allocated at writeback.
 EXTENTS_IN_INODE = 4
+# The longest extent ext4 maps (an unwritten one: 32767 blocks; a written one 32768).
+EXTENT_MAX = 32767
 DIR_GROWTH = 4                  # blocks reserved for a directory taking a new name
 GAPS_HELD = 1024                # gapped inodes kept in the table after the kernel let go
 # Files closed while ext4 still had to allocate their delayed blocks, followed
@@ -115,7 +117,7 @@ PRUNE_GAP_MAX = 1.0
 # generation, so readers do not count.)
 MUTATING = frozenset({"setattr", "mknod", "mkdir", "symlink", "create", "link", "unlink",
                       "rmdir", "rename", "write", "setxattr", "removexattr", "fallocate",
-                      "tmpfile"})
+                      "tmpfile", "copy_file_range"})
 # Handlers a live recount may hold while it scans (``SimOperations.gate``):
 # everything that may change names or allocations (open only with O_TRUNC).
 HELD = MUTATING | {"release", "fsync"}
@@ -408,10 +410,15 @@ class SimOperations:
 
     def _trim(self, fd: int, st: os.stat_result) -> bool:
         """Give back the blocks a file holds past its end (XFS's speculative
-        preallocation; nothing else can put them there through the mount, which
-        has no fallocate), keeping its times.  True if there were any."""
+        preallocation), keeping its times.  True if there were any.  Only on
+        XFS, and not in a file preallocated on purpose (fallocate with
+        KEEP_SIZE: XFS marks it so, and keeps those blocks itself)."""
+        if not self.xfs:
+            return False
         end = -(-st.st_size // self.bsize) * self.bsize
         try:
+            if lower.deliberate_prealloc(fd):
+                return False
             if not lower.extents(fd, end):
                 return False
             lower.punch(fd, end, st.st_blocks * 512 + self.bsize)
@@ -1238,14 +1245,163 @@ class SimOperations:
     def _fit(self, fd: int, off: int, n: int, room: float, err: int) -> tuple[int, int]:
         """The longest prefix of a write of ``n`` bytes at ``off`` whose new
         blocks fit in ``room``, and what they cost; ``err`` when none does."""
-        need = lower.holes(fd, off, off + n, self.bsize)
+        need = lower.unallocated(fd, off, off + n, self.bsize)
         cost = sum(e - s for s, e in need)
         if cost > room:
             n = lower.fit_prefix(need, off, n, int(room), self.bsize)
             if n <= 0:
                 raise OSError(err, os.strerror(err))
-            cost = sum(e - s for s, e in lower.holes(fd, off, off + n, self.bsize))
+            cost = sum(e - s for s, e in lower.unallocated(fd, off, off + n, self.bsize))
         return n, cost
+
+    def _map_blocks(self, fd: int, holes: list[tuple[int, int]], splits: int) -> int:
+        """What a call filling ``holes`` of ``fd`` and splitting ``splits``
+        of its extents (a punch or a zero range splits at each end) may
+        allocate for the file's extent map: a block once it maps more extents
+        than its inode holds (ext4's extent tree, XFS's extent btree), one
+        more per 300 extents.  Nothing where there is no FIEMAP (tmpfs has no
+        such blocks)."""
+        try:
+            n = lower.extents(fd, 0)
+        except OSError:
+            return 0
+        most = EXTENT_MAX * self.bsize
+        n += splits + sum(-(-(e - s) // most) for s, e in holes)
+        return 0 if n <= EXTENTS_IN_INODE else self.bsize * (1 + n // 300)
+
+    @errno_boundary
+    def fallocate(self, fh, mode, off, length):
+        """fallocate(2) with its modes, at both quota levels.  The blocks of
+        the range no extent maps yet (plus what the extent map may grow by)
+        are reserved before the call: EDQUOT (or ENOSPC at the host's root
+        reserve, for a non-root caller) before anything is allocated.  What
+        the file really gained or lost (st_blocks after minus before) is
+        committed after: a punch or a collapse credits.  A mode the backing
+        filesystem lacks fails with its own EOPNOTSUPP, charging nothing."""
+        h = self.handles[fh]
+        node = h.inode
+        q = self.quota
+        if off < 0 or length <= 0:
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        self._reconcile(node, os.fstat(h.fd))     # late blocks first: the commit is this call's
+        if mode & (lower.FALLOC_FL_PUNCH_HOLE | lower.FALLOC_FL_COLLAPSE_RANGE
+                   | lower.FALLOC_FL_INSERT_RANGE):
+            new = []                              # no data block allocated
+        else:                                     # 0, KEEP_SIZE, ZERO_RANGE, UNSHARE
+            new = lower.unallocated(h.fd, off, off + length, self.bsize)
+        splits = 2 if mode & (lower.FALLOC_FL_PUNCH_HOLE | lower.FALLOC_FL_ZERO_RANGE
+                              | lower.FALLOC_FL_COLLAPSE_RANGE
+                              | lower.FALLOC_FL_INSERT_RANGE) else 0
+        need = sum(e - s for s, e in new) + self._map_blocks(h.fd, new, splits)
+        if h.user:
+            if need > self._host_room():
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        try:
+            res = self._reserve(node.uid, node.gid, need)
+        except QuotaExceeded:
+            if not mode & (lower.FALLOC_FL_PUNCH_HOLE | lower.FALLOC_FL_COLLAPSE_RANGE):
+                raise
+            # a call that frees is never refused (as ext4 lets a punch take an
+            # extent block past a quota): a block its extent map may take
+            # anyway is charged after, up to the hard limits
+            res = None
+        h.wrote = True
+        try:
+            lower.fallocate(h.fd, mode, off, length)
+            st = os.fstat(h.fd)
+        except BaseException:
+            self._release(res)
+            # a backing failure part way (ENOSPC) may leave blocks allocated
+            self._reconcile(node, os.fstat(h.fd))
+            raise
+        delta = st.st_blocks * 512 - node.space
+        if h.user:
+            self._host_avail -= max(0, delta)
+        if res is not None and delta <= res.space:
+            q.commit(res, delta)
+            node.space += delta
+        else:
+            # more than reserved (an extent map that grew more): charged up
+            # to the hard limits, never over them (the rest waits in gapped)
+            self._release(res)
+            self._reconcile(node, st)
+        if delta < 0 and self.gapped:
+            self._settle_gaps()
+
+    @errno_boundary
+    def lseek(self, fh, off, whence):
+        """SEEK_DATA/SEEK_HOLE answered from the backing file (ENXIO past
+        its data or end passes through); the others too, though the kernel
+        handles them itself.  The backing descriptor's own position is
+        never used (reads and writes are positioned)."""
+        return os.lseek(self.handles[fh].fd, off, whence)
+
+    @errno_boundary
+    def copy_file_range(self, fh_in, off_in, fh_out, off_out, length, flags):
+        """copy_file_range between two files of the mount, by the backing
+        filesystem (a reflink where it can, else an in-kernel copy), charged
+        as a write of what the destination really gains (st_blocks after
+        minus before; shared extents count as the backing filesystem counts
+        them).  Reserved before like a write: far from every limit the
+        range's span, near one the blocks the destination range does not
+        map yet; a short copy when only a prefix fits, EDQUOT when nothing
+        does."""
+        if flags:
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        src = self.handles[fh_in]
+        h = self.handles[fh_out]
+        node = h.inode
+        q = self.quota
+        # nothing is copied past the end of the source
+        n = max(0, min(length, os.fstat(src.fd).st_size - off_in))
+        if n == 0:
+            return os.copy_file_range(src.fd, h.fd, 0, off_in, off_out)
+        want = lower.span(off_out, n, self.bsize)
+        host = self._host_room() if h.user else INFINITE
+        res = None
+        tree = False
+        if q is not None:
+            try:
+                if want <= host:
+                    res = q.reserve(node.uid, node.gid, want + SETTLE_ZONE)
+            except QuotaExceeded:
+                pass
+            if res is None:
+                # near a limit: settle the file, then only what it does not map
+                # yet costs anything (as write's slow path)
+                extents, st, _ = self._settle_file(h.fd, follow=False)
+                self._reconcile(node, st)
+                room = q.room(node.uid, node.gid)
+                tree = extents >= EXTENTS_IN_INODE
+                if tree:
+                    room = max(0, room - self.bsize)
+                n, want = self._fit(h.fd, off_out, n, min(room, host),
+                                    errno.ENOSPC if host < room else errno.EDQUOT)
+                res = q.reserve(node.uid, node.gid, want + (self.bsize if tree else 0))
+        elif want > host:
+            n, want = self._fit(h.fd, off_out, n, host, errno.ENOSPC)
+        h.wrote = True
+        try:
+            copied = os.copy_file_range(src.fd, h.fd, n, off_in, off_out)
+            if tree:
+                _writeback(h.fd)
+            st = os.fstat(h.fd)
+            if h.trim and self._trim(h.fd, st):
+                st = os.fstat(h.fd)
+        except BaseException:
+            self._release(res)
+            self._reconcile(node, os.fstat(h.fd))
+            raise
+        delta = st.st_blocks * 512 - node.space
+        if h.user:
+            self._host_avail -= max(0, delta)
+        if res is not None and delta <= res.space:
+            q.commit(res, delta)
+            node.space += delta
+        else:
+            self._release(res)
+            self._reconcile(node, st)
+        return copied
 
     @errno_boundary
     def flush(self, fh):
