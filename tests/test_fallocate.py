@@ -263,3 +263,97 @@ def test_copy_file_range_past_the_limit(backing_quota, who):
     qm.assert_exact()
     dst.unlink()
     qm.assert_exact()
+
+
+# ---- COLLAPSE_RANGE / INSERT_RANGE, by the handler itself ------------------------------
+# The kernel's FUSE client never sends these modes (test_fallocate_each_mode), so
+# the handler is driven directly, as the request loop would, on an ext4
+# directory (the test host's /tmp; ext4 has both modes) with a real engine.
+
+class Ctx:
+    uid = gid = 0
+    umask = 0o022
+    pid = os.getpid()
+
+
+def du(path) -> int:
+    import subprocess
+    return int(subprocess.run(["du", "--block-size=1", "-s", "-x", str(path)],
+                              capture_output=True, text=True, check=True).stdout.split()[0])
+
+
+@pytest.fixture
+def qops(world_tmp):
+    from simfs import lower
+    from simfs.ops import SimOperations
+    from vzquota.engine import QuotaEngine
+    from vzquota.model import QuotaState
+    from vzquota.scan import scan
+    d = world_tmp / "backing"
+    d.mkdir()
+    fd = os.open(d, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    if lower.fs_magic(fd) != 0xEF53:
+        os.close(fd)
+        pytest.skip("needs /tmp on ext4 (COLLAPSE_RANGE/INSERT_RANGE)")
+    o = SimOperations(fd)
+    st = QuotaState(qid=1)
+    st.level1.space.hard = st.level1.inodes.hard = 1 << 40
+    o.quota = QuotaEngine(st)
+    r = scan(str(d))
+    o.quota.set_usage(r.space, r.inodes, r.users, r.groups)
+    yield o, d
+    o.table.close_all()
+    os.close(fd)
+
+
+def test_collapse_credits_and_insert_charges_what_it_takes(qops):
+    import stat as st_
+    ops, d = qops
+    fi, _ = ops.create(1, b"f", st_.S_IFREG | 0o644, os.O_RDWR, Ctx())
+    fh = fi.fh
+    ops.fallocate(fh, 0, 0, MiB)
+    ops.write(fh, 0, b"d" * (512 * K))
+    assert ops.quota.state.level1.space.usage == du(d)
+    before = ops.quota.state.level1.space.usage
+    ops.fallocate(fh, COLLAPSE_RANGE, 256 * K, 256 * K)
+    assert os.stat(d / "f").st_size == 768 * K
+    assert ops.quota.state.level1.space.usage == before - 256 * K == du(d)   # credited
+    ops.fallocate(fh, INSERT_RANGE, 0, 128 * K)
+    assert os.stat(d / "f").st_size == 896 * K
+    assert ops.quota.state.level1.space.usage == du(d)
+    with open(d / "f", "rb") as f:
+        data = f.read()
+    assert data[:128 * K] == bytes(128 * K) and data[128 * K:384 * K] == b"d" * (256 * K)
+    # at the limit: a collapse is never refused for quota
+    ops.quota.state.level1.space.hard = ops.quota.state.level1.space.usage
+    ops.fallocate(fh, COLLAPSE_RANGE, 0, 64 * K)
+    assert ops.quota.state.level1.space.usage == du(d)
+    ops.release(fh)
+    assert ops.quota.state.level1.space.usage == du(d)
+
+
+@pytest.mark.parametrize("backing", bk.params(only=("ext4",)), indirect=True)
+def test_fallocate_keeps_out_of_the_root_reserve(backing, backing_quota):
+    """The daemon allocates as root: a fallocate by another uid that would
+    need more than the backing's f_bavail fails with ENOSPC before anything
+    is allocated (it would eat into root's reserve); root inside may."""
+    qm = backing_quota(B=1 << 30)
+    reserve = backing.reserve_bytes()
+    assert reserve > 8 * MiB, reserve
+    st = backing.statvfs()
+    fd = os.open(backing.mnt / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, st.f_bavail * st.f_frsize - 4 * MiB)
+    finally:
+        os.close(fd)
+    d = qm.root / "u"
+    d.mkdir()
+    os.chown(d, 1000, 1000)
+    out = step(1000, "fallocate", d / "f", 0, 0, 8 * MiB)
+    assert out == {"r": "ENOSPC", "size": 0, "space": 0}, out
+    qm.assert_exact()
+    out = step(1000, "fallocate", d / "f", 0, 0, 2 * MiB)
+    assert out == {"r": 0, "size": 2 * MiB, "space": 2 * MiB}, out
+    out = step(0, "fallocate", qm.root / "r", 0, 0, 8 * MiB)
+    assert out["r"] == 0, out
+    qm.assert_exact()

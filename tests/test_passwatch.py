@@ -118,3 +118,31 @@ async def test_reading_does_not_spoil_the_pass(qops):
     result = scan(str(d), skip=watch.skip)
     assert watch.complete(result)
     assert (result.space, result.inodes) == du(d)
+
+
+async def test_fallocate_and_copies_into_a_hot_file_keep_the_pass_exact(qops):
+    """fallocate on a file open at the start, and copy_file_range into it (its
+    destination is the third argument), are accounted for: the pass stays
+    exact; a copy into a file not open at the start spoils it."""
+    ops, d = qops
+    ino = (ops.lookup(ROOT, b"f3", CTX)).st_ino
+    hot = ops.open(ino, os.O_RDWR, CTX).fh
+    src = ops.open((ops.lookup(ROOT, b"f19", CTX)).st_ino, os.O_RDONLY, CTX).fh
+    watch = PassWatch(ops, ops.quota)
+    ops.watch = watch
+    ops.fallocate(hot, 0, 64 * K, 256 * K)
+    ops.fallocate(hot, 0x3, 64 * K, 64 * K)                  # punch, keep size
+    assert ops.copy_file_range(src, 0, hot, 512 * K, 19 * K, 0) == 19 * K
+    result = scan(str(d), skip=watch.skip)
+    ops.watch = None
+    assert watch.complete(result)
+    assert (result.space, result.inodes) == du(d)
+    ops.release(hot)
+    watch = PassWatch(ops, ops.quota)
+    ops.watch = watch
+    cold = ops.open((ops.lookup(ROOT, b"f5", CTX)).st_ino, os.O_RDWR, CTX).fh
+    ops.copy_file_range(src, 0, cold, 64 * K, 19 * K, 0)
+    ops.watch = None
+    assert not watch.complete(scan(str(d), skip=watch.skip))
+    for fh in (src, cold):
+        ops.release(fh)
