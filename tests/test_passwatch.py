@@ -86,7 +86,8 @@ async def test_writes_to_a_file_open_at_the_start_keep_the_pass_exact(qops):
     ops.release(fh)
 
 
-@pytest.mark.parametrize("change", ["rename", "late-open-write", "create", "unlink"])
+@pytest.mark.parametrize("change", ["rename", "late-open-write", "create", "unlink",
+                                    "tmpfile"])
 async def test_other_changes_spoil_the_pass(qops, change):
     ops, d = qops
     watch = PassWatch(ops, ops.quota)
@@ -99,6 +100,10 @@ async def test_other_changes_spoil_the_pass(qops, change):
         ops.release(fh)
     elif change == "create":
         fi, _ = ops.create(ROOT, b"new", stat.S_IFREG | 0o644, os.O_RDWR, CTX)
+        ops.release(fi.fh)
+    elif change == "tmpfile":             # nameless: spoils the pass, no name to look at
+        fi, _ = ops.tmpfile(ROOT, stat.S_IFREG | 0o600, os.O_RDWR, CTX)
+        ops.write(fi.fh, 0, b"t" * (16 * K))
         ops.release(fi.fh)
     else:
         ops.unlink(ROOT, b"f5", CTX)
