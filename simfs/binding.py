@@ -6,7 +6,7 @@ Role: one small interface (``mount``, ``main``, ``terminate``, ``close``,
 ``run``) over both, so ``simfs.mount`` does not care which serves.  The
 handlers (``simfs.ops``) are written against fusewire's types; for pyfuse3 a
 thin adapter converts its calls and their answers.  What pyfuse3 cannot do
-(fallocate, lseek, copy_file_range, passthrough, KILLPRIV_V2: handlers it has
+(fallocate, lseek, copy_file_range, passthrough, KILLPRIV_V2, POSIX ACLs: handlers it has
 no slot for) is answered by libfuse as before (ENOSYS/EOPNOTSUPP).
 
 Concurrency: both run the handlers on one event loop on one thread; ``run``

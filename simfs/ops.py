@@ -93,11 +93,15 @@ COUNTS_XATTR = b"trusted.simfs.requests"   # read-only, virtual, root only: requ
 OPTIONS_XATTR = b"trusted.simfs.options"   # read-only, virtual, root only: simfs's -o values
 INODES_XATTR = b"trusted.simfs.inodes"     # read-only, virtual, root only: the inode table
 VIRTUAL_XATTRS = (QUOTA_XATTR, COUNTS_XATTR, OPTIONS_XATTR, INODES_XATTR)
-# POSIX ACLs: the kernel checks only the mode bits (default_permissions; pyfuse3
-# cannot ask for FUSE_POSIX_ACL), so an ACL would be stored and shown but not
-# enforced.  The mount behaves as a filesystem without ACL support: these are
-# refused with EOPNOTSUPP, and ACLs already in the private area are not shown.
-ACL_XATTRS = frozenset((b"system.posix_acl_access", b"system.posix_acl_default"))
+# POSIX ACLs: with FUSE_POSIX_ACL negotiated (fusewire) the kernel checks them
+# (default_permissions with the ACL) and the backing filesystem keeps them: they
+# pass through (SimOperations.acl).  Where the kernel would not check them (the
+# pyfuse3 fallback, which does not ask for it) the mount behaves as a filesystem
+# without ACL support: these are refused with EOPNOTSUPP and ACLs already in the
+# private area are not shown, never stored or shown unenforced.
+ACL_ACCESS = b"system.posix_acl_access"
+ACL_DEFAULT = b"system.posix_acl_default"
+ACL_XATTRS = frozenset((ACL_ACCESS, ACL_DEFAULT))
 TIMEOUT = 60.0                  # entry/attr cache: every change comes through us
 # Reads of at least this many bytes that the backing page cache cannot serve at
 # once (RWF_NOWAIT) go to a worker thread.
@@ -234,6 +238,8 @@ class Handle:
     trim: bool = False      # XFS file without exact allocation: trimmed after each write
     uid: int = 0            # who opened it (its share of the budget: OpenShares)
     backing: int = 0        # passthrough backing id (reads bypass the daemon), 0 if none
+    gid: int = 0            # the opener's group and process (whose groups decide whether
+    pid: int = 0            # a write clears a set-group-ID that is not group-executable)
 
 
 @dataclass
@@ -254,8 +260,16 @@ class SimOperations:
     # vzquota.inside.QuotaAdmin of the mount's quota (set by the mount): who may
     # write ADMIN_XATTR from inside
     admin = None
-    # INIT flags asked of the kernel beyond fusewire's defaults (fusewire.kernel)
-    fuse_want = 0
+    # INIT flags asked of the kernel beyond fusewire's defaults (fusewire.kernel):
+    # HANDLE_KILLPRIV_V2 (one request per write(2): the kernel stops asking for
+    # security.capability before each write and tells the daemon, by a flag on
+    # write/setattr/open, when set-user-ID/set-group-ID must go: see
+    # _kill_privs), POSIX_ACL (the kernel enforces ACLs; SETXATTR_EXT carries
+    # its kill-sgid flag for an ACL change) and DONT_MASK (the kernel sends a
+    # new node's mode unmasked with the umask beside it, so that a default ACL
+    # replaces the umask as on a local filesystem: see _acl_inherited)
+    fuse_want = (fusewire.kernel.HANDLE_KILLPRIV_V2 | fusewire.kernel.POSIX_ACL
+                 | fusewire.kernel.SETXATTR_EXT | fusewire.kernel.DONT_MASK)
     # the fusewire.Session serving the mount (set by simfs.binding; None under
     # pyfuse3 and in unit tests): passthrough backing ids, notifications
     channel = None
@@ -312,6 +326,13 @@ class SimOperations:
         # meanwhile are kept in ``deferred`` and done once it opens.
         self.gate = None
         self.deferred: list[tuple[int, int]] = []
+
+    @property
+    def acl(self) -> bool:
+        """POSIX ACLs are enforced by the kernel on this mount (FUSE_POSIX_ACL
+        negotiated): they pass through; otherwise they are refused."""
+        ch = self.channel
+        return ch is not None and bool(ch.negotiated & fusewire.kernel.POSIX_ACL)
 
     @property
     def mutations(self) -> int:
@@ -772,6 +793,73 @@ class SimOperations:
                 "pruned": t.pruned, "held": len(self.held),
                 "unsettled": len(self.unsettled), "descriptors": t.open_fds()}
 
+    @staticmethod
+    def _kill_privs(node: Inode, st: os.stat_result, caller: tuple[int, int, int] | None,
+                    acl: bool = False, file_gid: int | None = None) -> None:
+        """What a local filesystem does when a write, truncate or chown by
+        someone without CAP_FSETID reaches a file (the kernel's kill flag
+        says so: HANDLE_KILLPRIV_V2): set-user-ID goes, and set-group-ID when
+        the file is group-executable or the caller (uid, gid, pid) is not in
+        its group (``file_gid``: the group it had before a chown); an access
+        ACL set by someone neither in the file's group nor CAP_FSETID drops
+        set-group-ID (``acl``: the kernel's flag already says so).  The daemon
+        runs as root (CAP_FSETID), so the backing filesystem keeps them: they
+        are cleared here, by a chmod of the backing inode (``st``: its stat
+        now).  ``security.capability`` needs nothing: the backing filesystem
+        drops it at every write, truncate and chown, root's too, as it does
+        locally."""
+        mode = st.st_mode
+        if acl:
+            kill = mode & stat.S_ISGID
+        elif stat.S_ISDIR(mode):          # (the kernel never asks: a directory keeps them)
+            return
+        else:
+            kill = mode & stat.S_ISUID
+            if mode & stat.S_ISGID:
+                if mode & stat.S_IXGRP:
+                    kill |= stat.S_ISGID
+                elif caller is not None and caller[0] != 0:
+                    # not group-executable (a locking mark): only a caller
+                    # outside the file's group loses it (rare: /proc read here)
+                    gid = st.st_gid if file_gid is None else file_gid
+                    if caller[1] != gid and gid not in get_sup_groups(caller[2]):
+                        kill |= stat.S_ISGID
+        if kill and not stat.S_ISLNK(mode):
+            os.chmod(lower.proc_path(node.fd), stat.S_IMODE(mode) & ~kill)
+            node.mode = mode & ~kill
+
+    def _acl_inherited(self, parent: Inode) -> bytes | None:
+        """The default ACL of ``parent`` when ACLs are enforced, else None.  A
+        node created there gets it from the backing filesystem (as its access
+        ACL, and a directory as its default ACL too) with its mode masked by
+        it instead of by the umask, as on a local filesystem: the daemon then
+        creates with the caller's mode unmasked (the kernel sends it so:
+        DONT_MASK) and keeps the mode the backing filesystem gave it."""
+        if not self.acl:
+            return None
+        try:
+            return os.getxattr(lower.proc_path(parent.fd), ACL_DEFAULT)
+        except OSError:               # ENODATA: none; EOPNOTSUPP: no ACLs on the backing
+            return None
+
+    def _acl_cost(self, acl: bytes | None, directory: bool) -> int:
+        """What inheriting default ACL ``acl`` may allocate: its blocks as an
+        access ACL, and again as the default ACL of a directory."""
+        if acl is None:
+            return 0
+        return self._xattr_cost(acl) * (2 if directory else 1)
+
+    @staticmethod
+    def _made_mode(inode: Inode, st: os.stat_result, made: list[int]) -> os.stat_result:
+        """A node created under a default ACL keeps the mode the backing
+        filesystem gave it (``made``), which giving it to its owner may have
+        changed (a chown drops set-group-ID); the chmod sets the ACL's mask
+        from the same group bits, so the ACL stays as it was inherited."""
+        if made and stat.S_IMODE(st.st_mode) != stat.S_IMODE(made[0]):
+            os.chmod(lower.proc_path(inode.fd), stat.S_IMODE(made[0]))
+            st = os.fstat(inode.fd)
+        return st
+
     # ---- lookup and attributes ---------------------------------------------
 
     @errno_boundary
@@ -823,8 +911,10 @@ class SimOperations:
     def setattr(self, inode, attr, fields, fh, ctx):
         node = self.table.get(inode)
         h = self.handles.get(fh) if fh is not None else None
+        file_gid = None
         if fields.update_uid or fields.update_gid:
             st = os.fstat(node.fd)
+            file_gid = st.st_gid
             uid = attr.st_uid if fields.update_uid else st.st_uid
             gid = attr.st_gid if fields.update_gid else st.st_gid
             if self.quota is not None and not node.freed:
@@ -851,6 +941,10 @@ class SimOperations:
                     os.ftruncate(fd, attr.st_size)
                 finally:
                     os.close(fd)
+        if getattr(fields, "kill_suidgid", False) and not fields.update_mode:
+            # a truncate by someone without CAP_FSETID, or a chown
+            self._kill_privs(node, os.fstat(node.fd), (ctx.uid, ctx.gid, ctx.pid),
+                             file_gid=file_gid)
         if fields.update_atime or fields.update_mtime:
             lower.utimens_path(
                 node.fd,
@@ -873,20 +967,32 @@ class SimOperations:
     @errno_boundary
     def mknod(self, parent_inode, name, mode, rdev, ctx):
         parent = self.table.get(parent_inode)
-        perm = mode & ~ctx.umask
-        inode, st = self._make_node(
-            parent, name, ctx, 0,
-            lambda uid, gid: os.mknod(name, perm, rdev, dir_fd=parent.fd))
-        return self._attrs(st, inode.ino)
+        acl = self._acl_inherited(parent)
+        perm = mode if acl is not None else mode & ~ctx.umask
+        made: list[int] = []
+
+        def make(uid: int, gid: int) -> None:
+            os.mknod(name, perm, rdev, dir_fd=parent.fd)
+            if acl is not None:
+                made.append(os.stat(name, dir_fd=parent.fd, follow_symlinks=False).st_mode)
+        inode, st = self._make_node(parent, name, ctx, self._acl_cost(acl, False), make)
+        return self._attrs(self._made_mode(inode, st, made), inode.ino)
 
     @errno_boundary
     def mkdir(self, parent_inode, name, mode, ctx):
         parent = self.table.get(parent_inode)
-        perm = stat.S_IMODE(mode) & ~ctx.umask
+        acl = self._acl_inherited(parent)
+        perm = stat.S_IMODE(mode) if acl is not None else stat.S_IMODE(mode) & ~ctx.umask
+        made: list[int] = []
 
         def make(uid: int, gid: int) -> None:
             os.mkdir(name, perm, dir_fd=parent.fd)
-        inode, st = self._make_node(parent, name, ctx, self.bsize, make)
+            if acl is not None:
+                made.append(os.stat(name, dir_fd=parent.fd, follow_symlinks=False).st_mode)
+        inode, st = self._make_node(parent, name, ctx,
+                                    self.bsize + self._acl_cost(acl, True), make)
+        if made:
+            return self._attrs(self._made_mode(inode, st, made), inode.ino)
         # a new directory under a setgid one inherits the bit (parent's mode is cached)
         want = perm | (stat.S_ISGID if parent.mode & stat.S_ISGID else 0)
         if stat.S_IMODE(st.st_mode) != want:
@@ -907,16 +1013,25 @@ class SimOperations:
     def create(self, parent_inode, name, mode, flags, ctx):
         parent = self.table.get(parent_inode)
         self._room_for_a_handle(ctx.uid)
-        perm = stat.S_IMODE(mode) & ~ctx.umask
+        # (ctx.kill_suidgid, O_TRUNC by someone without CAP_FSETID, has nothing
+        # to clear here: the file is new, and locally O_TRUNC truncates only
+        # a file that was there)
+        acl = self._acl_inherited(parent)
+        perm = stat.S_IMODE(mode) if acl is not None else stat.S_IMODE(mode) & ~ctx.umask
         fds: list[int] = []
+        made: list[int] = []
 
         def make(uid: int, gid: int) -> None:
             fl = (flags & ~(os.O_DIRECT | os.O_NOFOLLOW)) | os.O_CREAT | os.O_EXCL
             fds.append(os.open(name, fl | os.O_NOFOLLOW | os.O_CLOEXEC, perm,
                                dir_fd=parent.fd))
+            if acl is not None:
+                made.append(os.fstat(fds[0]).st_mode)
         try:
-            inode, st = self._make_node(parent, name, ctx, 0, make)
-            if stat.S_IMODE(st.st_mode) != perm:
+            inode, st = self._make_node(parent, name, ctx, self._acl_cost(acl, False), make)
+            if made:
+                st = self._made_mode(inode, st, made)
+            elif stat.S_IMODE(st.st_mode) != perm:
                 os.chmod(lower.proc_path(inode.fd), perm)
                 st = os.fstat(inode.fd)
         except BaseException:
@@ -924,7 +1039,7 @@ class SimOperations:
                 os.close(fd)
             raise
         inode.opens += 1
-        h = Handle(fds[0], inode, ctx.uid != 0, uid=ctx.uid)
+        h = Handle(fds[0], inode, ctx.uid != 0, uid=ctx.uid, gid=ctx.gid, pid=ctx.pid)
         fh = self._new_fh(h)
         if self.xfs:
             h.trim = not self._exact(fds[0])
@@ -1088,12 +1203,15 @@ class SimOperations:
         self._room_for_a_handle(ctx.uid)
         fd = lower.reopen(node.fd, fl)
         node.opens += 1
-        h = Handle(fd, node, ctx.uid != 0, uid=ctx.uid)
+        h = Handle(fd, node, ctx.uid != 0, uid=ctx.uid, gid=ctx.gid, pid=ctx.pid)
         fh = self._new_fh(h)
         if self.xfs and flags & os.O_ACCMODE != os.O_RDONLY and stat.S_ISREG(node.mode):
             h.trim = not self._exact(fd)
         if flags & os.O_TRUNC:
-            self._reconcile(node, os.fstat(fd))
+            st = os.fstat(fd)
+            self._reconcile(node, st)
+            if getattr(ctx, "kill_suidgid", False):   # by someone without CAP_FSETID
+                self._kill_privs(node, st, (ctx.uid, ctx.gid, ctx.pid))
         fi = self._file_info(fh, flags)
         if self.passthrough and stat.S_ISREG(node.mode) and \
                 flags & os.O_ACCMODE == os.O_RDONLY and not flags & os.O_TRUNC:
@@ -1183,6 +1301,8 @@ class SimOperations:
             written = os.pwrite(h.fd, buf if n == len(buf) else buf[:n], off)
             if h.user:
                 self._host_avail -= want
+            if kill_suidgid:              # a writer without CAP_FSETID
+                self._kill_privs(node, os.fstat(h.fd), (h.uid, h.gid, h.pid))
             return written
         uid, gid = node.uid, node.gid
         res = None
@@ -1240,6 +1360,8 @@ class SimOperations:
             # up to the hard limits, never over them
             q.release(res)
             self._reconcile(node, st)
+        if kill_suidgid:                  # a writer without CAP_FSETID
+            self._kill_privs(node, st, (h.uid, h.gid, h.pid))
         return written
 
     def _fit(self, fd: int, off: int, n: int, room: float, err: int) -> tuple[int, int]:
@@ -1571,9 +1693,9 @@ class SimOperations:
         # symlink (never its target), which then behaves as with l*xattr(2).
         return lower.proc_path(node.fd)
 
-    @staticmethod
-    def _no_acl(name: bytes) -> None:
-        if name in ACL_XATTRS:
+    def _no_acl(self, name: bytes) -> None:
+        """ACLs pass through only where the kernel enforces them."""
+        if name in ACL_XATTRS and not self.acl:
             raise OSError(errno.EOPNOTSUPP, "POSIX ACLs are not supported")
 
     @errno_boundary
@@ -1589,14 +1711,23 @@ class SimOperations:
         node = self.table.get(inode)
         self._host_check(ctx, self._xattr_cost(value))
         res = self._reserve(node.uid, node.gid, self._xattr_cost(value))
+        # XATTR_CREATE / XATTR_REPLACE as the caller asked (the fusewire
+        # context; pyfuse3 checks them itself).  An access ACL
+        # (set through the kernel's ACL code, with neither flag) also sets the
+        # mode: the backing filesystem puts the ACL's mask in the group bits,
+        # as it does locally.
+        flags = getattr(ctx, "flags", 0) & (os.XATTR_CREATE | os.XATTR_REPLACE)
         try:
-            # XATTR_CREATE/XATTR_REPLACE (the fusewire context; pyfuse3 checks them itself)
-            os.setxattr(self._xattr_path(node), name, value, getattr(ctx, "flags", 0))
+            os.setxattr(self._xattr_path(node), name, value, flags)
         except BaseException:
             self._release(res)
             raise
         self._release(res)
-        self._reconcile(node, os.fstat(node.fd))
+        st = os.fstat(node.fd)
+        self._reconcile(node, st)
+        if getattr(ctx, "kill_suidgid", False) and name == ACL_ACCESS:
+            # set by someone neither in the file's group nor CAP_FSETID
+            self._kill_privs(node, st, None, acl=True)
 
     def _xattr_cost(self, value: bytes) -> int:
         """Upper bound of what one setxattr allocates: a block for the
@@ -1623,13 +1754,20 @@ class SimOperations:
             raise OSError(errno.ENODATA, "write-only virtual attribute")
         self._no_acl(name)
         node = self.table.get(inode)
-        return os.getxattr(self._xattr_path(node), name)
+        try:
+            return os.getxattr(self._xattr_path(node), name)
+        except OSError as e:
+            if e.errno == errno.EOPNOTSUPP and name in ACL_XATTRS:
+                # a backing filesystem without ACLs: the file has none (the
+                # kernel's permission check would fail on EOPNOTSUPP)
+                raise OSError(errno.ENODATA, "no ACL") from None
+            raise
 
     @errno_boundary
     def listxattr(self, inode, ctx):
         node = self.table.get(inode)
-        names = (os.fsencode(n) for n in os.listxattr(self._xattr_path(node)))
-        return [n for n in names if n not in ACL_XATTRS]
+        names = [os.fsencode(n) for n in os.listxattr(self._xattr_path(node))]
+        return names if self.acl else [n for n in names if n not in ACL_XATTRS]
 
     @errno_boundary
     def removexattr(self, inode, name, ctx):

@@ -1,8 +1,8 @@
 """What a hostile container cannot do to the root daemon, through a real mount:
 
-* POSIX ACLs: the kernel enforces only the mode bits on a simfs mount, so ACLs
-  are refused (EOPNOTSUPP, as on a filesystem without ACL support) and ACLs
-  already stored in the private area are not shown as if they were enforced;
+* POSIX ACLs: never stored or shown unenforced: the kernel checks them
+  (FUSE_POSIX_ACL) for every uid, those set through the mount and those
+  already stored in the private area alike (see also test_privs_acl.py);
 * descriptors: the daemon's open files stay within its budget whatever the
   container looks up or opens; past the budget the container gets an error
   and the daemon keeps serving, its control channel included;
@@ -45,74 +45,77 @@ READ_AS = "import sys\ntry:\n    print(open(sys.argv[1]).read())\nexcept OSError
 # ---- POSIX ACLs ------------------------------------------------------------------------
 
 
-def test_acls_are_refused_not_stored_unenforced(mounted):
+def test_acl_denying_a_uid_is_enforced(mounted):
     """The repro: an ACL denying uid 1001 was stored, shown by getfacl, and yet
-    uid 1001 read the file.  Now setting it fails as on a filesystem without
-    ACLs, nothing lands in the private area, and what getfacl shows (the mode)
-    is what the kernel enforces."""
+    uid 1001 read the file (the kernel checked the mode bits only).  With
+    FUSE_POSIX_ACL the kernel checks the ACL: uid 1001 is refused, others read,
+    and getfacl shows what is enforced, on the mount as in the private area."""
     private, root, m = mounted
     f = root / "secret"
     f.write_text("secret\n")
     os.chmod(f, 0o644)
-    r = subprocess.run(["setfacl", "-m", "u:1001:---", str(f)], capture_output=True, text=True)
-    assert r.returncode != 0 and "Operation not supported" in r.stderr, r
-    assert errno_of(os.setxattr, f, "system.posix_acl_access", b"\x02\0\0\0") == errno.EOPNOTSUPP
+    subprocess.run(["setfacl", "-m", "u:1001:---", str(f)], check=True)
+    assert py_as(1001, 1001, READ_AS, str(f)).stdout.strip() == str(errno.EACCES)
+    assert py_as(1002, 1002, READ_AS, str(f)).stdout == "secret\n\n"
+    want = ["user::rw-", "user:1001:---", "group::r--", "mask::r--", "other::r--"]
+    for p in (f, private / "secret"):
+        out = subprocess.run(["getfacl", "-cp", str(p)], capture_output=True, text=True,
+                             check=True).stdout
+        assert out.split() == want
+    # a default ACL on a directory, and a file created in it inherits it
     (root / "d").mkdir()
-    r = subprocess.run(["setfacl", "-d", "-m", "u:1001:---", str(root / "d")],
-                       capture_output=True, text=True)
-    assert r.returncode != 0 and "Operation not supported" in r.stderr, r
-    # nothing was stored in the private area
-    for p in (private / "secret", private / "d"):
-        assert not any(n.startswith("system.posix_acl") for n in os.listxattr(p))
-    # what is shown is what is enforced: the mode bits, and uid 1001 may read
-    out = subprocess.run(["getfacl", "-cp", str(f)], capture_output=True, text=True,
-                         check=True).stdout
-    assert out.split() == ["user::rw-", "group::r--", "other::r--"]
-    assert py_as(1001, 1001, READ_AS, str(f)).stdout == "secret\n\n"
+    subprocess.run(["setfacl", "-d", "-m", "u:1001:---", str(root / "d")], check=True)
+    (root / "d" / "new").write_text("new\n")
+    assert py_as(1001, 1001, READ_AS, str(root / "d" / "new")).stdout.strip() == \
+        str(errno.EACCES)
+    assert "system.posix_acl_default" in os.listxattr(private / "d")
+    assert "system.posix_acl_access" in os.listxattr(root / "d" / "new")
     alive(m)
 
 
-def test_acls_already_in_the_private_area_are_not_shown(mounted):
-    """An ACL put on the backing file from the host is not enforced inside the
-    mount: it is not shown there either (getxattr/removexattr refuse the ACL
-    names, listxattr leaves them out), and it stays untouched on the host."""
+def test_acls_already_in_the_private_area_are_enforced(mounted):
+    """An ACL put on the backing file from the host is shown inside the mount
+    and enforced there; removed through the mount, it is gone on the host."""
     private, root, m = mounted
     (private / "f").write_text("data\n")
     os.chmod(private / "f", 0o644)
     (private / "d").mkdir()
+    os.chmod(private / "d", 0o777)
     subprocess.run(["setfacl", "-m", "u:1001:---", str(private / "f")], check=True)
     subprocess.run(["setfacl", "-d", "-m", "u:1001:---", str(private / "d")], check=True)
     os.setxattr(private / "f", "user.kept", b"1")
     f = root / "f"
-    assert os.listxattr(f) == ["user.kept"]
-    assert not any(n.startswith("system.posix_acl") for n in os.listxattr(root / "d"))
-    assert errno_of(os.getxattr, f, "system.posix_acl_access") == errno.EOPNOTSUPP
-    assert errno_of(os.getxattr, root / "d", "system.posix_acl_default") == errno.EOPNOTSUPP
-    assert errno_of(os.removexattr, f, "system.posix_acl_access") == errno.EOPNOTSUPP
+    assert sorted(os.listxattr(f)) == ["system.posix_acl_access", "user.kept"]
+    assert "system.posix_acl_default" in os.listxattr(root / "d")
     out = subprocess.run(["getfacl", "-cp", str(f)], capture_output=True, text=True,
                          check=True).stdout
-    assert "1001" not in out
-    # the kernel enforces the mode bits only (the ACL's mask is the group bits)
+    assert "user:1001:---" in out
+    assert py_as(1001, 1001, READ_AS, str(f)).stdout.strip() == str(errno.EACCES)
+    assert py_as(1002, 1002, READ_AS, str(f)).stdout == "data\n\n"
+    r = py_as(1002, 1002, "import sys\nopen(sys.argv[1] + '/g', 'w').write('g')\n",
+              str(root / "d"))
+    assert r.returncode == 0, r.stderr
+    assert py_as(1001, 1001, READ_AS, str(root / "d" / "g")).stdout.strip() == \
+        str(errno.EACCES)
+    os.removexattr(f, "system.posix_acl_access")
+    assert os.listxattr(private / "f") == ["user.kept"]
     assert py_as(1001, 1001, READ_AS, str(f)).stdout == "data\n\n"
-    # the host's copy is left as it was
-    host = subprocess.run(["getfacl", "-cp", str(private / "f")], capture_output=True,
-                          text=True, check=True).stdout
-    assert "user:1001:---" in host
     alive(m)
 
 
-def test_cp_a_and_tar_of_acl_trees_degrade_like_a_filesystem_without_acls(mounted, world_tmp):
+def test_cp_a_and_tar_keep_acls(mounted, world_tmp):
+    """cp -a and tar --acls copy ACLs into the mount, as onto a local
+    filesystem with ACLs, and the copies are enforced."""
     private, root, m = mounted
     src = world_tmp / "src"
     src.mkdir()
     (src / "plain").write_text("p\n")
     (src / "acl").write_text("a\n")
-    subprocess.run(["setfacl", "-m", "u:1001:r--", str(src / "acl")], check=True)
-    # a file without an ACL copies cleanly; one with an ACL copies, with a complaint
+    subprocess.run(["setfacl", "-m", "u:1001:---", str(src / "acl")], check=True)
     assert subprocess.run(["cp", "-a", str(src / "plain"), str(root / "plain")]).returncode == 0
     r = subprocess.run(["cp", "-a", str(src / "acl"), str(root / "acl")],
                        capture_output=True, text=True)
-    assert r.returncode == 1 and "Operation not supported" in r.stderr, r
+    assert r.returncode == 0, r
     assert (root / "acl").read_text() == "a\n"
     tarball = world_tmp / "t.tar"
     subprocess.run(["tar", "--acls", "-cf", str(tarball), "-C", str(src), "."], check=True)
@@ -121,8 +124,13 @@ def test_cp_a_and_tar_of_acl_trees_degrade_like_a_filesystem_without_acls(mounte
                        capture_output=True, text=True)
     assert r.returncode == 0, r
     assert (root / "x" / "acl").read_text() == "a\n"
-    assert not any(n.startswith("system.posix_acl")
-                   for p in private.rglob("*") for n in os.listxattr(p))
+    for p in (private / "acl", private / "x" / "acl"):
+        out = subprocess.run(["getfacl", "-cp", str(p)], capture_output=True, text=True,
+                             check=True).stdout
+        assert "user:1001:---" in out, p
+    for p in (root / "acl", root / "x" / "acl"):
+        assert py_as(1001, 1001, READ_AS, str(p)).stdout.strip() == str(errno.EACCES)
+    assert not any(n.startswith("system.posix_acl") for n in os.listxattr(private / "plain"))
     alive(m)
 
 

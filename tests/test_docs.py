@@ -158,8 +158,13 @@ def test_simfs_sections(simfs_8):
     for title in ("NAME", "SYNOPSIS", "DESCRIPTION", "OPTIONS", "QUOTA",
                   "DF INSIDE THE CONTAINER", "SEEING YOUR OWN QUOTA FROM INSIDE",
                   "MOUNTING FROM FSTAB", "SIGNALS AND UNMOUNTING", "CRASH RECOVERY",
-                  "SECURITY", "CAVEATS", "EXIT STATUS", "FILES", "SEE ALSO"):
+                  "SECURITY", "CAVEATS", "EXIT STATUS", "FILES", "SEE ALSO",
+                  "PERMISSIONS, ACLS AND SET-ID BITS"):
         section(simfs_8, title)
+    perms = plain("\n".join(section(simfs_8, "PERMISSIONS, ACLS AND SET-ID BITS")))
+    for word in ("FUSE_POSIX_ACL", "FUSE_HANDLE_KILLPRIV_V2", "default ACL", "umask",
+                 "security.capability", "XATTR_CREATE"):
+        assert word in perms, word
     xattr = plain("\n".join(section(simfs_8, "SEEING YOUR OWN QUOTA FROM INSIDE")))
     assert "user.vzquota" in xattr
     assert "getfattr -n user.vzquota --only-values /" in xattr
