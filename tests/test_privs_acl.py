@@ -195,8 +195,8 @@ os.close(fd)
 @pytest.mark.parametrize("uid", [1000, 0])
 def test_one_request_per_write(mount, uid):
     """1000 pwrite(2) calls of 4 KiB cost 1000 WRITE requests; GETXATTR does
-    not grow with them (with HANDLE_KILLPRIV v1 the kernel asked for
-    security.capability before each write: ~1000 more).  What is left is per
+    not grow with them (without HANDLE_KILLPRIV_V2 the kernel asked for
+    security.capability before each write: 1000 more).  What is left is per
     open, at most 2: the kernel's first write after the file's attributes
     changed asks for security.capability once, and its permission check may
     read a directory's ACL."""
