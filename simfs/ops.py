@@ -1054,9 +1054,10 @@ class SimOperations:
         parent = self.table.get(parent_inode)
         self._room_for_a_handle(ctx.uid)
         self.table.need_room()
-        perm = stat.S_IMODE(mode) & ~ctx.umask
+        acl = self._acl_inherited(parent)
+        perm = stat.S_IMODE(mode) if acl is not None else stat.S_IMODE(mode) & ~ctx.umask
         uid, gid = self._new_owner(parent, ctx)
-        res = self._reserve(uid, gid, 0, 1)
+        res = self._reserve(uid, gid, self._acl_cost(acl, False), 1)
         try:
             dfd = lower.reopen(parent.fd, os.O_RDONLY | os.O_DIRECTORY)
             try:
@@ -1066,6 +1067,8 @@ class SimOperations:
             finally:
                 os.close(dfd)
             try:
+                if acl is not None:       # keep the mode the default ACL gave it
+                    perm = stat.S_IMODE(os.fstat(fd).st_mode)
                 os.fchown(fd, uid, gid)
                 if stat.S_IMODE(os.fstat(fd).st_mode) != perm:
                     os.fchmod(fd, perm)
@@ -1084,7 +1087,7 @@ class SimOperations:
         inode.unlinked = True         # no name: freed when the kernel lets go of it
         self.table.keep(inode)
         inode.opens += 1
-        h = Handle(fd, inode, ctx.uid != 0, uid=ctx.uid)
+        h = Handle(fd, inode, ctx.uid != 0, uid=ctx.uid, gid=ctx.gid, pid=ctx.pid)
         fh = self._new_fh(h)
         if self.xfs:
             h.trim = not self._exact(fd)

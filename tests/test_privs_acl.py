@@ -234,7 +234,11 @@ def test_default_acl_inherited_and_enforced_as_locally(mount, local):
     make = ("import os, sys\nos.umask(0o077)\nd = sys.argv[1]\n"
             "with open(os.path.join(d, 'f'), 'w') as f:\n    f.write('data')\n"
             "os.mkdir(os.path.join(d, 'sub'))\nos.mkfifo(os.path.join(d, 'fifo'), 0o666)\n"
-            "with open(os.path.join(d, 'sub', 'g'), 'w') as f:\n    f.write('deep')\n")
+            "with open(os.path.join(d, 'sub', 'g'), 'w') as f:\n    f.write('deep')\n"
+            "t = os.open(d, os.O_TMPFILE | os.O_WRONLY, 0o666)\nos.write(t, b'tmp')\n"
+            "dfd = os.open(d, os.O_RDONLY)\n"
+            "os.link(f'/proc/self/fd/{t}', 'tmp', dst_dir_fd=dfd, follow_symlinks=True)\n"
+            "os.close(t)\n")
     for top in (root, local):
         d = top / "d"
         d.mkdir(mode=0o777)
@@ -243,7 +247,7 @@ def test_default_acl_inherited_and_enforced_as_locally(mount, local):
                        check=True)
         r = py_as(1000, 1000, make, str(d))
         assert r.returncode == 0, r.stderr
-    for name in ("f", "sub", "fifo", "sub/g"):
+    for name in ("f", "sub", "fifo", "sub/g", "tmp"):
         m, l = root / "d" / name, local / "d" / name
         assert os.lstat(m).st_mode == os.lstat(l).st_mode, name
         assert getfacl(m) == getfacl(l), name
