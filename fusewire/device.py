@@ -34,6 +34,7 @@ MS_NODIRATIME = 2048
 MS_RELATIME = 1 << 21
 MS_STRICTATIME = 1 << 24
 MS_LAZYTIME = 1 << 25
+MS_REMOUNT = 32
 MNT_DETACH = 2
 
 # option -> (flag, set?)

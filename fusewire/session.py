@@ -682,31 +682,31 @@ class Session:
         self._run(unique, self.ops.open, (nodeid, flags, ctx), FileInfo.open_out,
                   self._release_fi)
 
-    def _op_create(self, unique, nodeid, uid, gid, pid, buf, off, end, extlen):
+    def _create_in(self, uid, gid, pid, buf, off, end, extlen):
+        """CREATE and TMPFILE's struct: (flags, mode, the caller's context)."""
         flags, mode, umask, open_flags = k.CREATE_IN.unpack_from(buf, off)
-        ctx = RequestContext(uid, gid, pid, umask, self._groups(buf, end, extlen), 0,
-                             bool(open_flags & k.OPEN_KILL_SUIDGID))
+        return flags, mode, RequestContext(uid, gid, pid, umask,
+                                           self._groups(buf, end, extlen), 0,
+                                           bool(open_flags & k.OPEN_KILL_SUIDGID))
 
-        def undo(r):
-            fi, attr = r
-            self._undo(self._release_fi, fi)
-            return self._forget_entry(attr)
+    def _created_undo(self, r):
+        """An undelivered create: release its handle and forget its entry."""
+        fi, attr = r
+        self._undo(self._release_fi, fi)
+        return self._forget_entry(attr)
+
+    def _op_create(self, unique, nodeid, uid, gid, pid, buf, off, end, extlen):
+        flags, mode, ctx = self._create_in(uid, gid, pid, buf, off, end, extlen)
         self._run(unique, self.ops.create,
                   (nodeid, _name(buf, off + 16, end), mode, flags, ctx),
-                  _create_out, undo)
+                  _create_out, self._created_undo)
 
     def _op_tmpfile(self, unique, nodeid, uid, gid, pid, buf, off, end, extlen):
         # O_TMPFILE in directory ``nodeid``: a create with no name (the kernel
         # sends its placeholder "/" after the struct; ignored)
-        flags, mode, umask, open_flags = k.CREATE_IN.unpack_from(buf, off)
-        ctx = RequestContext(uid, gid, pid, umask, self._groups(buf, end, extlen), 0,
-                             bool(open_flags & k.OPEN_KILL_SUIDGID))
-
-        def undo(r):
-            fi, attr = r
-            self._undo(self._release_fi, fi)
-            return self._forget_entry(attr)
-        self._run(unique, self.ops.tmpfile, (nodeid, mode, flags, ctx), _create_out, undo)
+        flags, mode, ctx = self._create_in(uid, gid, pid, buf, off, end, extlen)
+        self._run(unique, self.ops.tmpfile, (nodeid, mode, flags, ctx), _create_out,
+                  self._created_undo)
 
     def _op_read(self, unique, nodeid, uid, gid, pid, buf, off, end, extlen):
         fh, offset, size, *_ = k.READ_IN.unpack_from(buf, off)

@@ -310,23 +310,6 @@ def raise_fd_limit() -> None:
             continue
 
 
-# mount(2) flags a remount may change (linux/mount.h), and what each word does.
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_SYNCHRONOUS = 1, 2, 4, 8, 16
-MS_REMOUNT, MS_DIRSYNC, MS_NOATIME, MS_NODIRATIME = 32, 128, 1024, 2048
-MS_RELATIME, MS_STRICTATIME, MS_LAZYTIME = 1 << 21, 1 << 24, 1 << 25
-REMOUNT_FLAGS = {
-    "ro": (MS_RDONLY, True), "rw": (MS_RDONLY, False),
-    "nosuid": (MS_NOSUID, True), "suid": (MS_NOSUID, False),
-    "nodev": (MS_NODEV, True), "dev": (MS_NODEV, False),
-    "noexec": (MS_NOEXEC, True), "exec": (MS_NOEXEC, False),
-    "sync": (MS_SYNCHRONOUS, True), "async": (MS_SYNCHRONOUS, False),
-    "dirsync": (MS_DIRSYNC, True),
-    "noatime": (MS_NOATIME, True), "atime": (MS_NOATIME, False),
-    "nodiratime": (MS_NODIRATIME, True), "diratime": (MS_NODIRATIME, False),
-    "relatime": (MS_RELATIME, True), "norelatime": (MS_RELATIME, False),
-    "strictatime": (MS_STRICTATIME, True), "nostrictatime": (MS_STRICTATIME, False),
-    "lazytime": (MS_LAZYTIME, True), "nolazytime": (MS_LAZYTIME, False),
-}
 
 
 # Words mount(8) passes along on a remount (from the mount table) that stay as
@@ -342,6 +325,10 @@ def remount(root: str, words: list[str]) -> int:
     per-mount flags start from the mount's current ones, because a remount
     sets all of them."""
     import ctypes
+
+    # the mount(2) flags a remount may change: the words a mount takes
+    from fusewire.device import MOUNT_FLAGS as REMOUNT_FLAGS
+    from fusewire.device import MS_REMOUNT
     real = os.path.realpath(root)
     current = None
     with open("/proc/self/mountinfo") as f:
