@@ -168,8 +168,7 @@ def serve(foreground_log: bool = True) -> int:
     except FileNotFoundError:
         pass
     lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    lsock.bind(path)
-    os.chmod(path, 0o600)
+    control.bind_private(lsock, path)     # 0600 from the start, never wider
     lsock.listen(128)
     lsock.setblocking(False)
 

@@ -357,12 +357,7 @@ class Mount:
         except FileNotFoundError:
             pass
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        old = os.umask(0o077)    # never a moment with a socket others may use
-        try:
-            sock.bind(path)
-        finally:
-            os.umask(old)
-        os.chmod(path, 0o600)
+        control.bind_private(sock, path)   # 0600 from the start: never wider
         sock.listen(16)
         self._sock = sock
 

@@ -398,9 +398,12 @@ def user_python() -> str:
 
 
 def start_racer(root: Path, uid: int, gid: int, seconds: float, seed: int,
-                ops: str = "all", name: str | None = None) -> subprocess.Popen:
+                ops: str = "all", name: str | None = None,
+                until_refused: bool = False) -> subprocess.Popen:
     """Start one writer as uid:gid in ``root`` (its own dir ``root/r<seed>``,
-    made here, plus ``root/shared``); it prints a JSON summary when done."""
+    made here, plus ``root/shared``); it prints a JSON summary when done.
+    ``until_refused``: it goes on past ``seconds`` until one of its calls got
+    EDQUOT (tests/racer.py: at most MORE_MAX seconds more)."""
     own = root / (name or f"r{seed}")
     own.mkdir(exist_ok=True)
     os.chown(own, uid, gid)
@@ -409,7 +412,7 @@ def start_racer(root: Path, uid: int, gid: int, seconds: float, seed: int,
         shared.mkdir()
         os.chmod(shared, 0o1777)
     return subprocess.Popen([user_python(), "-c", RACER, str(own), str(shared),
-                             str(seconds), str(seed), ops],
+                             str(seconds), str(seed), ops, "1" if until_refused else "0"],
                             user=uid, group=gid, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 

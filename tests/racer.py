@@ -7,9 +7,12 @@ shared one, until a deadline.  When a call is refused for space (EDQUOT,
 ENOSPC) it deletes one of its files, so usage keeps churning at the limit.
 Prints one JSON line at the end: {op: {result: count}}.
 
-Usage: python3 racer.py OWN_DIR SHARED_DIR SECONDS SEED OPS
+Usage: python3 racer.py OWN_DIR SHARED_DIR SECONDS SEED OPS [UNTIL_REFUSED]
 (OPS: ``all`` or a comma list; ``reopen`` - writes through /proc/self/fd to a
 file unlinked while held by an O_PATH descriptor - is only run when named.)
+With UNTIL_REFUSED=1 the writer goes on past SECONDS until a call of its own
+was refused with EDQUOT (at most MORE_MAX seconds more): how far it gets in
+SECONDS depends on the machine's load, reaching the limit must not.
 
 Stdlib only (it runs under the system Python as an unprivileged uid); the
 bounded sizes (files <= 1 MiB, xattrs <= 3.5 KB) keep each op short.
@@ -29,13 +32,17 @@ OPS = ("write", "append", "create", "truncate", "rename", "link", "xattr",
 WEIGHT = {"write": 4, "append": 4, "create": 4, "link": 2, "symlink": 2, "mkdir": 2,
           "truncate": 1, "rename": 2, "xattr": 2, "fsync": 1, "unlink": 1, "reopen": 1}
 SPACE = (errno.EDQUOT, errno.ENOSPC)
+MORE_MAX = 120.0        # UNTIL_REFUSED: seconds past SECONDS at most
 
 
 def main() -> int:
     own, shared, seconds, seed, which = sys.argv[1:6]
+    until_refused = sys.argv[6:7] == ["1"]
     rnd = random.Random(int(seed))
     ops = list(OPS) if which == "all" else which.split(",")
     deadline = time.monotonic() + float(seconds)
+    cutoff = deadline + MORE_MAX
+    refused = False
     stats = {}
     tag = f"{os.getuid()}-{seed}"
     counter = [0]
@@ -161,7 +168,10 @@ def main() -> int:
     weights = [WEIGHT.get(name, 1) for name in ops]
     defined = locals()
     table = {name: defined[f"op_{name}"] for name in ops}
-    while time.monotonic() < deadline:
+    while True:
+        now = time.monotonic()
+        if now >= deadline and (refused or not until_refused or now >= cutoff):
+            break
         name = rnd.choices(ops, weights)[0]
         res = stats.setdefault(name, {})
         try:
@@ -169,6 +179,7 @@ def main() -> int:
             key = "ok"
         except OSError as e:
             key = errno.errorcode.get(e.errno, str(e.errno))
+            refused = refused or e.errno == errno.EDQUOT
             if e.errno in SPACE:
                 try:
                     op_unlink()

@@ -153,8 +153,11 @@ def race(qm, seconds: float, ops: str = "all") -> tuple[bk.Sampler, dict]:
     procs = []
     try:
         for i, (uid, gid) in enumerate(RACERS):
-            procs.append(bk.start_racer(qm.root, uid, gid, seconds, seed=i, ops=ops))
-        summary = bk.merge_summaries(bk.finish_racers(procs))
+            # each goes on until it met a limit itself: under load 8 s may
+            # not be enough to get there (the check below failed once so)
+            procs.append(bk.start_racer(qm.root, uid, gid, seconds, seed=i, ops=ops,
+                                        until_refused=True))
+        summary = bk.merge_summaries(bk.finish_racers(procs, timeout=seconds + 180))
     finally:
         for p in procs:
             if p.poll() is None:

@@ -287,6 +287,66 @@ def test_only_root_may_ask_the_service(service, world_tmp):
     assert second.returncode == 1 and "already runs" in second.stderr
 
 
+# The service as ``simfs --service`` runs it, but with os.chmod doing nothing:
+# what bind itself made is what others could see until a chmod came.
+NO_CHMOD = ("import os, sys\n"
+            "os.chmod = lambda *a, **k: None\n"
+            "from simfs.cli import main\n"
+            "sys.argv[0] = 'simfs'\n"
+            "sys.exit(main())\n")
+
+
+def test_the_service_socket_is_never_wider_than_0600(fuse, world_tmp, tmp_path):
+    """The socket is bound with mode 0600, whatever the umask: it was bound
+    and then chmod'ed, so for a moment it had the umask's 0755 (seen once by
+    test_only_root_may_ask_the_service).  Here the chmod does nothing and the
+    umask is 022: the socket's first mode is what bind gave it."""
+    sock = os.path.join(control.run_dir(), "simfs.sock")
+    with open(tmp_path / "service.log", "ab") as logf:
+        proc = subprocess.Popen([sys.executable, "-c", NO_CHMOD, "--service"],
+                                stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+                                start_new_session=True, umask=0o022)
+    try:
+        modes = set()
+        deadline = time.monotonic() + 30
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                modes.add(os.stat(sock).st_mode & 0o777)
+            except FileNotFoundError:
+                continue
+            if is_listening(sock):
+                break
+        assert proc.poll() is None, (tmp_path / "service.log").read_text()
+        assert modes == {0o600}, [oct(m) for m in modes]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+def test_bind_private_ignores_the_umask(tmp_path):
+    import socket
+    old = os.umask(0)
+    try:
+        s = socket.socket(socket.AF_UNIX)
+        control.bind_private(s, str(tmp_path / "s"))
+        s.close()
+    finally:
+        os.umask(old)
+    assert os.stat(tmp_path / "s").st_mode & 0o777 == 0o600
+
+
+def is_listening(path: str) -> bool:
+    import socket
+    s = socket.socket(socket.AF_UNIX)
+    try:
+        s.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
 def run_tool(name: str, *args: str) -> dict:
     r = subprocess.run([sys.executable, str(TOOLS / name), *args, "--json"],
                        capture_output=True, text=True, timeout=900)

@@ -66,6 +66,18 @@ def ensure_run_dir() -> int:
     return fd
 
 
+def bind_private(sock: socket.socket, path: str) -> None:
+    """Bind the Unix socket ``sock`` at ``path`` with mode 0600 from the start
+    (under umask 0177): a chmod after bind would leave a moment when the
+    socket has the mode the process's umask gave it."""
+    old = os.umask(0o177)
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)        # (already so; whatever umask the caller had)
+
+
 def open_lock(dfd: int, name: str) -> int:
     """Open (create) lock file ``name`` in the run directory ``dfd``, refusing
     a symlink or anything but a regular file of root's."""
