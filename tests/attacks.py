@@ -12,7 +12,7 @@ limit) and, once the attack is done and synced, the live usage must equal the
 independent recount at both levels (invariant (b)).  The result row is what
 ``tools/torture`` prints.
 
-Mounts: ``Env`` starts its simfs daemons itself (``conftest.SimMount``, ``-f``
+Mounts: ``Env`` starts its simfs daemons itself (``mounts.SimMount``, ``-f``
 children, logs in ``workdir``), stops them with ``umount`` and, in
 ``cleanup()``, clears whatever is left; a daemon log with a traceback or an
 ERROR line is one of the problems ``run_attack`` reports (a daemon killed by a
@@ -95,7 +95,7 @@ class Env:
     logs_seen: int = 0                          # mounts whose logs were checked
 
     def start_mount(self, private: Path, root: Path, *options: str):
-        from conftest import SimMount
+        from mounts import SimMount
         m = SimMount(private, root, list(options), self.workdir / f"simfs{len(self.mounts)}.log")
         self.mounts.append(m)
         return m.start()
