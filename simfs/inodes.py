@@ -280,6 +280,34 @@ class Closer:
 
 
 
+def no_handles_message(failed: tuple[str, int] | None, pinned: int) -> tuple[int, str]:
+    """The log level and line for a mount that cannot keep inodes by file
+    handle; ``failed``: the call that failed and its errno (None: file handles
+    were not asked for).  The line names the call and the errno, so that a
+    filesystem without file handles (``name_to_handle_at``: EOPNOTSUPP) is not
+    confused with a process that may not open them: ``open_by_handle_at``
+    refused with EPERM by a seccomp filter (systemd-nspawn's, a container
+    runtime's) or for want of CAP_DAC_READ_SEARCH, on a filesystem that has them."""
+    cost = f"one descriptor per cached inode, at most {pinned} inodes"
+    if failed is None:
+        return logging.INFO, f"file handles not used: {cost}"
+    call, err = failed
+    name = "EOPNOTSUPP" if err == errno.EOPNOTSUPP else errno.errorcode.get(err, str(err))
+    what = f"{call} failed with {name} ({os.strerror(err)})"
+    if call == "open_by_handle_at" and err in (errno.EPERM, errno.EACCES):
+        return logging.WARNING, (
+            f"file handles refused: {what}, although the private area's filesystem has "
+            "them (name_to_handle_at worked): this process may not open them -- a seccomp "
+            "filter (e.g. systemd-nspawn's or a container runtime's) or a missing "
+            f"CAP_DAC_READ_SEARCH, not the filesystem; {cost} (run simfs on the host, "
+            "outside the container, or allow the call: systemd-nspawn "
+            "--system-call-filter=open_by_handle_at)")
+    if call == "name_to_handle_at" and err in (errno.EOPNOTSUPP, errno.ENOTSUP):
+        return logging.INFO, (f"the private area's filesystem has no file handles "
+                              f"({what}): {cost}")
+    return logging.WARNING, f"file handles unusable: {what}: {cost}"
+
+
 class InodeTable:
     def __init__(self, root_fd: int, budget: Budget | None = None,
                  file_handles: bool = True, max_inodes: int = MAX_INODES):
@@ -311,10 +339,11 @@ class InodeTable:
         self._warned_pins = False
         # open_by_handle_at wants an open (not O_PATH) descriptor of the filesystem
         self.mount_fd = lower.reopen(root_fd, os.O_RDONLY | os.O_DIRECTORY)
+        self.handles_error: tuple[str, int] | None = None   # (call, errno) if they fail
         self.file_handles = file_handles and self._handles_work(root_fd)
         if not self.file_handles:
-            log.info("the private area's filesystem has no file handles: one "
-                     "descriptor per cached inode, at most %d inodes", self.budget.pinned)
+            level, text = no_handles_message(self.handles_error, self.budget.pinned)
+            log.log(level, "%s", text)
         root = self.Inode(ROOT, st, None)
         root._fd = root_fd
         root.pinned = True        # not counted: the root is not the container's
@@ -322,13 +351,17 @@ class InodeTable:
         self.inodes[ROOT] = root
 
     def _handles_work(self, root_fd: int) -> bool:
+        """Whether inodes can be kept by file handle: the root's handle made
+        and opened again.  Else ``handles_error`` says which call failed."""
+        call = "name_to_handle_at"
         try:
             h = lower.handle_of(root_fd)
+            call = "open_by_handle_at"
             os.close(lower.open_handle(self.mount_fd, h))
             self._head, self._tail = h[:8], len(h) - 8
             return True
         except OSError as e:
-            log.debug("file handles unavailable: %s", e)
+            self.handles_error = (call, e.errno)
             return False
 
     def share(self, v: int) -> int:
