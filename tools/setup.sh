@@ -16,6 +16,8 @@
 #     - e2fsprogs, xfsprogs, btrfs-progs (loop-image backings), busybox and wrk
 #       (tools/webbench), and libfuse3-dev, pkg-config, gcc (the pyfuse3 fallback
 #       binding is built from source for the tests that run on it);
+#     - systemd-container (systemd-nspawn) and debootstrap, without their
+#       recommended packages (tools/nspawn-boot boots a Debian root on simfs);
 #     - .venv in the checkout: the project (editable) with its test and pyfuse3
 #       extras (the pyfuse3 wheel is built once per Python ABI and kept in
 #       /var/cache/simfs-vzquota).
@@ -57,6 +59,15 @@ if [ -n "$test_env" ] && ! dpkg -s busybox >/dev/null 2>&1 && ! dpkg -s busybox-
     need+=(busybox)
 fi
 [ ${#need[@]} -eq 0 ] || apt_install "${need[@]}"
+# tools/nspawn-boot: without recommends (systemd-container's would add
+# libnss-mymachines to the host's nsswitch.conf)
+if [ -n "$test_env" ]; then
+    need=()
+    for pkg in systemd-container debootstrap; do
+        dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
+    done
+    [ ${#need[@]} -eq 0 ] || apt_install --no-install-recommends "${need[@]}"
+fi
 
 # A Python >= 3.11 with venv support.
 PY=""

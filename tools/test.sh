@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set everything up (tools/setup.sh --test) and run the whole test suite on the
 # default binding (fusewire), then the quota, passthrough and attack tests again
-# on the pyfuse3 fallback (-o fuse=pyfuse3).
+# on the pyfuse3 fallback (-o fuse=pyfuse3), then tools/nspawn-boot (a Debian
+# root on simfs booted by systemd-nspawn, apt-get stopped at the quota).
 # Extra arguments go to pytest and run that selection only, on the default
 # binding (e.g. `bash tools/test.sh -k quota -x`); SIMFS_TEST_FUSE=pyfuse3 runs
 # a selection on the fallback.
@@ -14,5 +15,7 @@ fi
 echo "test: the whole suite on the default binding (fusewire)"
 .venv/bin/python -m pytest -ra
 echo "test: the quota, passthrough and attack tests on the pyfuse3 fallback"
-SIMFS_TEST_FUSE=pyfuse3 exec .venv/bin/python -m pytest -ra \
+SIMFS_TEST_FUSE=pyfuse3 .venv/bin/python -m pytest -ra \
     tests/test_quota_mount.py tests/test_passthrough.py tests/test_attacks.py
+echo "test: tools/nspawn-boot (systemd-nspawn boots a Debian root served by simfs)"
+exec tools/nspawn-boot
