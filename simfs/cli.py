@@ -44,8 +44,10 @@ IGNORED = {"defaults", "auto", "noauto", "user", "users", "nouser", "owner", "gr
 SIMFS_VALUED = {"quotaid", "quotafile", "log", "checkpoint", "runtime", "hook", "maxopen",
                 "fuse", "recounthold", "maxinodes"}
 # simfs's own flags: quota_off_ok lets a quota id whose quota is off be mounted
-# (unenforced, on purpose); without it such a mount is refused.
-SIMFS_FLAGS = {"quota_off_ok"}
+# (unenforced, on purpose); without it such a mount is refused.  passthrough:
+# a writable mount serves read-only opens by FUSE passthrough too (a read-only
+# mount always does; see ops.SimOperations._open_mode).
+SIMFS_FLAGS = {"quota_off_ok", "passthrough"}
 # Own options whose value may be left out: the default then.
 SIMFS_OPTIONAL = {"quota_admin": "0"}
 # Where the daemon logs when there is no syslog socket (/dev/log) to log to.
@@ -155,6 +157,9 @@ def parser() -> argparse.ArgumentParser:
                "forget the least recently used, default 200000; needs FUSE 7.45), "
                "quota_off_ok (mount even though the quota is off: nothing enforced "
                "until vzquota on), "
+               "passthrough (a writable mount lets the kernel read files opened "
+               "read-only itself, as a read-only mount always does; an open for "
+               "writing then gets ETXTBSY while such a reader has the file open), "
                "log=FILE, hook=CMD (run at quota limit events), "
                "quota_admin[=UID] (that uid, 0 by default, may set its container's "
                "per-user and per-group limits from inside), "
@@ -358,16 +363,6 @@ def remount(root: str, words: list[str]) -> int:
             print(f"simfs: remount cannot change {word} (only the mount flags: ro, rw, "
                   "nosuid, nodev, noexec, atime flags, sync)", file=sys.stderr)
             return 2
-    if "ro" in current[5].split(",") and not flags & REMOUNT_FLAGS["ro"][0]:
-        try:
-            serving = json.loads(os.getxattr(real, "trusted.simfs.options"))
-        except (OSError, ValueError):
-            serving = {}
-        if serving.get("passthrough"):
-            print(f"simfs: remount cannot make {root} writable: a read-only simfs mount "
-                  "serves reads by passthrough, which a writer's open cannot share; "
-                  "unmount and mount it rw", file=sys.stderr)
-            return 2
     if asked:
         # mount(8) passes fstab's options along: the same values are fine, a
         # changed one cannot take effect on a running daemon
@@ -400,7 +395,8 @@ def option_values(own: dict[str, str]) -> dict:
             "recounthold": float(own.get("recounthold", HOLD_MAX)),
             "maxinodes": int(own.get("maxinodes", MAX_INODES)),
             "quota_admin": int(own["quota_admin"]) if "quota_admin" in own else None,
-            "fuse": own.get("fuse", "builtin")}
+            "fuse": own.get("fuse", "builtin"),
+            "passthrough": "passthrough" in own}
 
 
 def changed_options(root: str, asked: dict[str, str]) -> str | None:
@@ -581,7 +577,8 @@ def build(args: argparse.Namespace, fuse_opts: set[str], own: dict[str, str]):
               quotaid=v["quotaid"], quotafile=v["quotafile"], checkpoint=v["checkpoint"],
               runtime=v["runtime"], hook=v["hook"], max_open=v["maxopen"],
               hold_max=v["recounthold"], max_inodes=v["maxinodes"],
-              quota_admin=v["quota_admin"], fuse=v["fuse"])
+              quota_admin=v["quota_admin"], fuse=v["fuse"],
+              passthrough=v["passthrough"])
     m.option_values = v         # shown to a remount (ops.OPTIONS_XATTR)
     return m
 

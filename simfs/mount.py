@@ -85,6 +85,7 @@ class Mount:
     max_inodes: int = MAX_INODES        # -o maxinodes: the inode table's cap
     quota_admin: int | None = None      # -o quota_admin[=UID]: the container's root
     fuse: str = BINDINGS[0]
+    passthrough: bool = False           # -o passthrough: also on a writable mount
     ops: SimOperations | None = None
     channel: object = None
     live: LiveQuota | None = None
@@ -175,8 +176,8 @@ class Mount:
                 raise MountError(e.message) from None
         self.ops = SimOperations(root_fd, self.max_open, self.max_inodes)
         self.ops.table.closer = Closer()
-        if "ro" in self.fuse_options and self.fuse == "builtin":
-            # nothing can be written: reads may bypass the daemon (ops._backing_open)
+        if ("ro" in self.fuse_options or self.passthrough) and self.fuse == "builtin":
+            # read-only opens may bypass the daemon (ops.SimOperations._open_mode)
             self.ops.fuse_want |= fusewire.kernel.PASSTHROUGH
             self.ops.passthrough = True
         if self.live is not None:

@@ -238,6 +238,7 @@ class Handle:
     trim: bool = False      # XFS file without exact allocation: trimmed after each write
     uid: int = 0            # who opened it (its share of the budget: OpenShares)
     backing: int = 0        # passthrough backing id (reads bypass the daemon), 0 if none
+    cached: bool = False    # in the kernel's caching io mode (not passthrough, not direct_io)
     gid: int = 0            # the opener's group and process (whose groups decide whether
     pid: int = 0            # a write clears a set-group-ID that is not group-executable)
 
@@ -313,10 +314,16 @@ class SimOperations:
         self.counts: collections.Counter[str] = collections.Counter()
         # simfs's own -o values this mount runs with (OPTIONS_XATTR; set by simfs/cli.py)
         self.mount_options: dict = {}
-        # reads of read-only opens by the kernel itself (see _backing_open):
-        # set by the mount for a read-only mount whose kernel agreed to it
+        # reads of read-only opens by the kernel itself (see _open_mode): set
+        # by the mount (a read-only mount, or -o passthrough) when asked of
+        # the kernel; off again if the kernel cannot do it at all
         self.passthrough = False
+        # the kernel's io mode of each open inode, as the daemon answered it
+        # (fs/fuse/iomode.c: never both at once): passthrough handles and the
+        # one backing id they share, and handles in the caching mode
         self.pt_opens: dict[int, int] = {}    # inode -> its passthrough handles
+        self.pt_backing: dict[int, int] = {}  # inode -> its backing id
+        self.cached_opens: dict[int, int] = {}  # inode -> its caching-mode handles
         # Set by the mount while a live recount runs: sees every request before
         # and after (``before(op, args)``, ``after(op, mark)``), to tell whether
         # the recount can be made exact.
@@ -1043,7 +1050,10 @@ class SimOperations:
         fh = self._new_fh(h)
         if self.xfs:
             h.trim = not self._exact(fds[0])
-        return self._file_info(fh, flags), self._attrs(st, inode.ino)
+        fi = self._file_info(fh, flags)
+        if not fi.direct_io:
+            self._cached(h)
+        return fi, self._attrs(st, inode.ino)
 
     @errno_boundary
     def tmpfile(self, parent_inode, mode, flags, ctx):
@@ -1091,7 +1101,10 @@ class SimOperations:
         fh = self._new_fh(h)
         if self.xfs:
             h.trim = not self._exact(fd)
-        return self._file_info(fh, flags), self._attrs(st, inode.ino)
+        fi = self._file_info(fh, flags)
+        if not fi.direct_io:
+            self._cached(h)
+        return fi, self._attrs(st, inode.ino)
 
     @errno_boundary
     def link(self, inode, new_parent_inode, new_name, ctx):
@@ -1198,8 +1211,7 @@ class SimOperations:
     @errno_boundary
     def open(self, inode, flags, ctx):
         node = self.table.get(inode)
-        if flags & os.O_ACCMODE != os.O_RDONLY and self.passthrough:
-            self._writable(node)
+        pt = self._open_mode(node, flags)      # may refuse: before anything is done
         # O_NOFOLLOW would refuse the /proc/self/fd magic link itself (ELOOP):
         # the inode is already resolved without following anything.
         fl = flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_DIRECT | os.O_NOFOLLOW)
@@ -1216,45 +1228,72 @@ class SimOperations:
             if getattr(ctx, "kill_suidgid", False):   # by someone without CAP_FSETID
                 self._kill_privs(node, st, (ctx.uid, ctx.gid, ctx.pid))
         fi = self._file_info(fh, flags)
-        if self.passthrough and stat.S_ISREG(node.mode) and \
-                flags & os.O_ACCMODE == os.O_RDONLY and not flags & os.O_TRUNC:
-            fi.backing_id = h.backing = self._backing_open(fd)
-            if h.backing:
-                self.pt_opens[node.ino] = self.pt_opens.get(node.ino, 0) + 1
+        if pt:
+            fi.backing_id = self._backing_for(node, h)
+        if not h.backing and not fi.direct_io:
+            self._cached(h)
         return fi
 
-    def _writable(self, node: Inode) -> None:
-        """An open for writing on a mount that serves reads by passthrough: it
-        was remounted rw behind the daemon's back (mount(8) does that without
-        asking simfs).  No new open is passthrough from now on; the files
-        still open that way cannot be opened for writing until they are
-        closed (ETXTBSY, as for a running program; the kernel would refuse
-        the open anyway)."""
-        log.warning("a read-only mount was made writable: passthrough stops")
-        self.passthrough = False
+    def _open_mode(self, node: Inode, flags: int) -> bool:
+        """Whether an open is answered passthrough (its reads and mmaps then go
+        from the kernel to the backing file, without the daemon).
+
+        The kernel keeps one io mode per inode (fs/fuse/iomode.c, 6.18): while
+        a passthrough open of it exists, an open answered without
+        FOPEN_PASSTHROUGH fails (EIO, "FOPEN_PASSTHROUGH expected"), FOPEN_DIRECT_IO
+        or not; while an open in the caching mode exists (no DIRECT_IO, no
+        PASSTHROUGH; or a direct_io file with a shared mmap), a passthrough open
+        fails.  An open for writing may never be passthrough: its writes must
+        be reserved and charged here, and even with FOPEN_DIRECT_IO (reads and
+        writes to the daemon) a passthrough file's mmap goes to the backing
+        file, where a shared writable mapping would fill holes uncharged.  So:
+        a read-only open is passthrough unless the inode has a caching-mode
+        open (then it is one itself, as without passthrough); an open for
+        writing (or O_TRUNC) is refused with ETXTBSY while the inode has a
+        passthrough open, as for a running program, and is otherwise a
+        caching one.  Decided and answered in one plain call (no await), so
+        the daemon's counts and the kernel's modes never disagree: the kernel
+        leaves a mode before it sends RELEASE, so the counts can only lag on
+        the side of the refusal."""
+        if not self.passthrough or not stat.S_ISREG(node.mode):
+            return False
+        if flags & os.O_ACCMODE == os.O_RDONLY and not flags & os.O_TRUNC:
+            return not self.cached_opens.get(node.ino)
         if self.pt_opens.get(node.ino):
             raise OSError(errno.ETXTBSY, "open for reading by passthrough")
+        return False
 
-    def _backing_open(self, fd: int) -> int:
-        """Register ``fd`` with the kernel for passthrough: its reads and mmaps
-        then go to the backing file without the daemon.  Only on a read-only
-        mount: the kernel refuses any open of an inode that is not passthrough
-        while a passthrough open of it exists (fs/fuse/iomode.c), and an open
-        for writing may never be one (its writes must be reserved and
-        charged), so on a writable mount a reader in passthrough would make
-        every writer's open fail.  0 (the daemon serves the reads) when the
-        kernel refuses it."""
-        channel = self.channel
-        if channel is None or not channel.negotiated & fusewire.kernel.PASSTHROUGH:
-            self.passthrough = False          # not offered (or another binding)
-            return 0
-        try:
-            return channel.backing_open(fd)
-        except OSError as e:
-            log.warning("passthrough refused by the kernel (%s): reads go through the "
-                        "daemon", e.strerror or e)
-            self.passthrough = False
-            return 0
+    def _cached(self, h: Handle) -> None:
+        h.cached = True
+        ino = h.inode.ino
+        self.cached_opens[ino] = self.cached_opens.get(ino, 0) + 1
+
+    def _backing_for(self, node: Inode, h: Handle) -> int:
+        """The backing id of ``node`` for one more passthrough handle ``h``:
+        one per inode (the kernel refuses a second backing file for an inode,
+        EBUSY), registered at its first passthrough open with that open's
+        descriptor and closed at its last release.  0 if the kernel refuses
+        it: this file is then served by the daemon (per file: a backing it
+        cannot stack on, ELOOP; or passthrough off altogether)."""
+        ino = node.ino
+        bid = self.pt_backing.get(ino, 0)
+        if not bid:
+            channel = self.channel
+            if channel is None or not channel.negotiated & fusewire.kernel.PASSTHROUGH:
+                self.passthrough = False          # not offered (or another binding)
+                return 0
+            try:
+                bid = channel.backing_open(h.fd)
+            except OSError as e:
+                log.warning("passthrough refused by the kernel (%s): reads go through "
+                            "the daemon", e.strerror or e)
+                if e.errno in (errno.EPERM, errno.ENOTTY, errno.EOPNOTSUPP, errno.ENOSYS):
+                    self.passthrough = False      # never, on this kernel or device
+                return 0
+            self.pt_backing[ino] = bid
+        h.backing = bid
+        self.pt_opens[ino] = self.pt_opens.get(ino, 0) + 1
+        return bid
 
     @errno_boundary
     def read(self, fh, off, size):
@@ -1555,13 +1594,19 @@ class SimOperations:
                     self._unsettled(node)
         finally:
             if h.backing:
-                try:
-                    self.channel.backing_close(h.backing)
-                except OSError as e:
-                    log.warning("closing passthrough backing id %d: %s", h.backing, e)
                 left = self.pt_opens.pop(node.ino) - 1
                 if left:
                     self.pt_opens[node.ino] = left
+                else:                         # the last one: its backing id goes
+                    bid = self.pt_backing.pop(node.ino)
+                    try:
+                        self.channel.backing_close(bid)
+                    except OSError as e:
+                        log.warning("closing passthrough backing id %d: %s", bid, e)
+            elif h.cached:
+                left = self.cached_opens.pop(node.ino) - 1
+                if left:
+                    self.cached_opens[node.ino] = left
             os.close(h.fd)
             node.opens -= 1
         if node.opens == 0 and node.lookups <= 0 and not self._hold(node):

@@ -495,13 +495,13 @@ if pytest is not None:
     def backing_quota(backing, mounter, world_tmp):
         """``backing_quota(B=..., I=..., ugid={uid_or_-gid: (bhard_k, ihard)})``:
         init a quota (1K blocks; 2nd level on) on ``backing.private``, mount it
-        with simfs (dev,suid) at a fresh root (mode 1777) and return a
-        ``QuotaMount``.  ``ugid`` keys are uids, or ``("g", gid)`` for groups."""
+        with simfs (dev,suid and ``opts``) at a fresh root (mode 1777) and
+        return a ``QuotaMount``.  ``ugid`` keys are uids, or ``("g", gid)`` for groups."""
         from conftest import vzquota
         made = []
 
         def start(B: int = 1 << 20, I: int = 100000, ugid: dict | None = None,
-                  ugid_limit: int = 64, qid: str = "101") -> QuotaMount:
+                  ugid_limit: int = 64, qid: str = "101", opts: tuple = ()) -> QuotaMount:
             root = world_tmp / f"root{len(made)}"
             root.mkdir()
             vzquota("init", qid, "-p", str(backing.private), "-b", str(B), "-B", str(B),
@@ -515,7 +515,7 @@ if pytest is not None:
                     vzquota("setlimit2", qid, "-u", str(key), str(bh), str(bh),
                             str(ih), str(ih))
             vzquota("on", qid)
-            m = mounter(backing.private, root, "dev", "suid", f"quotaid={qid}")
+            m = mounter(backing.private, root, "dev", "suid", f"quotaid={qid}", *opts)
             os.chmod(root, 0o1777)
             qm = QuotaMount(backing, backing.private, root, m, qid)
             made.append(qm)

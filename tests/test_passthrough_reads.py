@@ -1,12 +1,16 @@
-"""Passthrough reads (FUSE_PASSTHROUGH): on a read-only mount the kernel reads
-the backing file itself, so the daemon sees no READ and the page cache holds
-one copy of what is read.
+"""Passthrough reads (FUSE_PASSTHROUGH): on a read-only mount, and on a
+writable one mounted with ``-o passthrough``, the kernel reads a file opened
+read-only from the backing file itself, so the daemon sees no READ and the
+page cache holds one copy of what is read.
 
-The kernel lets no open of an inode be anything but passthrough while a
-passthrough open of it exists (fs/fuse/iomode.c), and a writer's open may
-never be one (its writes must go through the quota), so only a read-only
-mount uses it; a mount made writable behind the daemon's back (mount(8)
-remounts without asking simfs) stops using it at the first open for writing.
+The kernel keeps one io mode per inode (fs/fuse/iomode.c): while a
+passthrough open of it exists, every other open must be passthrough too
+(else EIO), FOPEN_DIRECT_IO or not; while a caching open exists, no
+passthrough open may start.  A writer's open may never be passthrough (its
+writes, mmap included, must go through the quota), so the daemon decides per
+open: a read-only open is passthrough unless the file has a caching open
+(then it is one, as without passthrough), and an open for writing gets
+ETXTBSY while a passthrough reader has the file open.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import os
 import subprocess
 
 import pytest
+from backing import recount
 
 COUNTS = "trusted.simfs.requests"
 
@@ -78,33 +83,119 @@ def test_one_page_cache_copy(ro_mount):
     assert grown < 1.5 * size, (grown, size)
 
 
-def test_a_mount_made_writable_stops_passthrough(ro_mount):
+def test_two_readers_of_one_file_at_once(ro_mount):
+    # one backing id per inode: the kernel refuses a second backing file for
+    # an inode (EBUSY), which made the second reader's open fail with EIO
     private, root, m, data = ro_mount
+    before = counts(root)
+    with open(root / "small", "rb") as a, open(root / "small", "rb") as b:
+        assert a.read() == b.read() == b"hello\n"
+        with open(root / "small", "rb") as c:
+            assert c.read() == b"hello\n"
+    with open(root / "small", "rb") as d:          # its id was closed and a new one made
+        assert d.read() == b"hello\n"
+    after = counts(root)
+    assert after.get("read", 0) == before.get("read", 0)
+    assert after["release"] - before.get("release", 0) == 4
+
+
+def test_a_mount_remounted_writable_keeps_passthrough(ro_mount):
+    private, root, m, data = ro_mount
+    from conftest import SIMFS
+    r = subprocess.run([SIMFS, "/dev/simfs", str(root), "-o", "remount,rw"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
     reader = open(root / "small", "rb")                 # passthrough
     try:
-        # -i: the kernel remounts without asking simfs (whether mount(8) runs a
-        # helper for a remount depends on the system)
-        subprocess.run(["mount", "-i", "-o", "remount,rw", str(root)], check=True)
-        with pytest.raises(OSError) as e:
-            open(root / "small", "r+b")
-        assert e.value.errno == errno.ETXTBSY
+        for flags in (os.O_RDWR, os.O_WRONLY | os.O_TRUNC, os.O_RDONLY | os.O_TRUNC):
+            with pytest.raises(OSError) as e:
+                os.open(root / "small", flags)
+            assert e.value.errno == errno.ETXTBSY
         assert reader.read() == b"hello\n"
     finally:
         reader.close()
     with open(root / "small", "r+b") as w:              # readers gone: a writer may open
         w.write(b"HELLO")
         w.flush()
+        before = counts(root).get("read", 0)
         with open(root / "small", "rb") as r:           # a reader beside it: cached, coherent
             assert r.read() == b"HELLO\n"
+        assert counts(root).get("read", 0) > before
     assert (private / "small").read_bytes() == b"HELLO\n"
-    assert "passthrough stops" in m.logtext()
+    before = counts(root).get("read", 0)
+    with open(root / "small", "rb") as r:               # alone again: passthrough
+        assert r.read() == b"HELLO\n"
+    assert counts(root).get("read", 0) == before
 
 
-def test_simfs_refuses_to_remount_a_passthrough_mount_writable(ro_mount, tmp_path):
-    private, root, m, data = ro_mount
-    from conftest import SIMFS
-    r = subprocess.run([SIMFS, "/dev/simfs", str(root), "-o", "remount,rw"],
-                       capture_output=True, text=True)
-    assert r.returncode == 2 and "passthrough" in r.stderr
-    assert "ro" in next(ln for ln in open("/proc/self/mountinfo")
-                        if ln.split()[4] == str(root)).split()[5].split(",")
+def write_through(path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def test_passthrough_on_a_writable_mount(backing, backing_quota):
+    qm = backing_quota(B=64 << 10, opts=("passthrough",))
+    root = qm.root
+    assert json.loads(os.getxattr(root, "trusted.simfs.options"))["passthrough"] is True
+    data = os.urandom(3 << 20)
+    write_through(root / "f", data)                     # written through the daemon
+    c0 = counts(root)
+    with open(root / "f", "rb") as a, open(root / "f", "rb") as b:
+        assert a.read() == data and b.read(4096) == data[:4096]
+        with mmap.mmap(a.fileno(), 0, prot=mmap.PROT_READ) as mm:   # read-only mmap
+            assert mm[-4096:] == data[-4096:]
+        # no writer beside a passthrough reader: its writes could not be charged
+        for flags in (os.O_WRONLY, os.O_RDWR | os.O_APPEND, os.O_WRONLY | os.O_TRUNC):
+            with pytest.raises(OSError) as e:
+                os.open(root / "f", flags)
+            assert e.value.errno == errno.ETXTBSY
+        # a truncate by name comes to the daemon and the reader sees it at once
+        os.truncate(root / "f", 1 << 20)
+        assert os.fstat(a.fileno()).st_size == 1 << 20
+        assert os.pread(a.fileno(), 8192, (1 << 20) - 4096) == data[(1 << 20) - 4096:1 << 20]
+    c1 = counts(root)
+    assert c1.get("read", 0) == c0.get("read", 0)       # no READ reached the daemon
+    data = data[:1 << 20]
+    # a writer alone: a caching open, as without passthrough; a reader beside
+    # it is one too and sees each write at once; a shared mmap works
+    fd = os.open(root / "f", os.O_RDWR)
+    try:
+        os.pwrite(fd, b"W" * 4096, 0)
+        with open(root / "f", "rb") as r:
+            assert r.read(4096) == b"W" * 4096
+            os.pwrite(fd, b"X" * 4096, 8192)
+            assert os.pread(r.fileno(), 4096, 8192) == b"X" * 4096
+        with mmap.mmap(fd, 1 << 20, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) as mm:
+            mm[4096:8192] = b"M" * 4096
+            mm.flush()
+        os.pwrite(fd, b"Z" * (8 << 10), 1 << 20)       # grows it through the quota
+    finally:
+        os.close(fd)
+    want = b"W" * 4096 + b"M" * 4096 + b"X" * 4096 + data[12288:] + b"Z" * (8 << 10)
+    assert (qm.private / "f").read_bytes() == want
+    c2 = counts(root)
+    assert c2["write"] - c1.get("write", 0) >= 4        # the mmap's page came as a WRITE
+    with open(root / "f", "rb") as r:                   # alone again: passthrough
+        assert r.read() == want
+    assert counts(root).get("read", 0) == c2.get("read", 0)
+    qm.assert_exact()
+    # the quota still holds for every writer: nothing past the hard limit
+    with pytest.raises(OSError) as e:
+        write_through(root / "big", b"\0" * (80 << 20))
+    assert e.value.errno == errno.EDQUOT
+    qm.assert_exact()
+    assert recount(qm.private).space <= (64 << 20) + (1 << 20)
+
+
+def test_one_page_cache_copy_on_a_writable_mount(mounter, area):
+    private, root = area
+    data = os.urandom(32 << 20)
+    (private / "big").write_bytes(data)
+    mounter(private, root, "passthrough")
+    drop_caches()
+    base = cached_kib()
+    with open(root / "big", "rb") as f:
+        while f.read(1 << 20):
+            pass
+    grown = cached_kib() - base
+    assert grown < 1.2 * (len(data) // 1024), (grown, len(data) // 1024)
