@@ -52,7 +52,7 @@ def test_pip_install_into_a_new_venv(fuse, tmp_path, area):
     src = tmp_path / "src"
     src.mkdir()
     for name in ("pyproject.toml", "README.md", "fusewire", "simfs", "vzquota", "man",
-                 "systemd"):
+                 "systemd", "logrotate"):
         p = REPO / name
         (shutil.copytree if p.is_dir() else shutil.copy)(p, src / name)
     venv = tmp_path / "venv"
@@ -71,8 +71,11 @@ def test_pip_install_into_a_new_venv(fuse, tmp_path, area):
     assert subprocess.run([str(vbin / "vzquota"), "-V"], capture_output=True,
                           text=True).stdout.startswith("Vzquota version")   # version() of the original
     assert subprocess.run([str(vbin / "simfs-service")], capture_output=True).returncode == 2
-    for page in ("simfs.8", "vzquota.8", "vzquota-metrics.8"):
+    for page in ("simfs.8", "vzquota.8", "vzquota-metrics.8", "vzdqcheck.8", "vzdqdump.8",
+                 "vzdqload.8"):
         assert (venv / "share/man/man8" / page).read_text() == (REPO / "man" / page).read_text()
+    assert (venv / "share/simfs-vzquota/logrotate/simfs").read_text() == \
+        (REPO / "logrotate/simfs").read_text()
     for unit in ("simfs@.service", "vzquota-metrics.service", "vzquota-metrics.timer"):
         assert (venv / "lib/systemd/system" / unit).read_text() == \
             (REPO / "systemd" / unit).read_text()

@@ -3,15 +3,20 @@
 #
 #   bash tools/setup.sh          what the demo and a host need:
 #     - system packages: fuse3 (mount -t fuse.simfs and fstab lines go through its
-#       mount helper), attr and acl (getfattr/setfacl), groff-base (man pages);
+#       mount helper), attr and acl (getfattr/setfacl), groff-base and man-db
+#       (man pages), logrotate (rotates /var/log/simfs.log); python3 and
+#       python3-venv when no Python >= 3.11 with venv is there;
 #     - the project installed like software (`pip install .`, dependencies from
 #       binary wheels only: nothing is compiled) in its own virtual environment
 #       /usr/local/lib/simfs-vzquota, with simfs, vzquota, simfs-service,
 #       mount.fuse.simfs, vzquota-metrics, vzdqcheck, vzdqdump and vzdqload
 #       linked into /usr/local/sbin (mount(8) runs fuse3's helper with a standard
 #       PATH, which then runs `simfs`), the man pages into
-#       /usr/local/share/man/man8 and the units into /usr/local/lib/systemd/system.
-#       Nothing there points into the checkout.
+#       /usr/local/share/man/man8, the units into /usr/local/lib/systemd/system
+#       and a copy of the logrotate file into /etc/logrotate.d/simfs.
+#       Nothing there points into the checkout.  SIMFS_PREFIX=DIR installs the
+#       environment elsewhere, SIMFS_DESTDIR=DIR puts those links and the copy
+#       under DIR (DIR/usr/local/sbin, DIR/etc/logrotate.d...).
 #   bash tools/setup.sh --test   also what the tests need:
 #     - e2fsprogs, xfsprogs, btrfs-progs (loop-image backings), busybox and wrk
 #       (tools/webbench), and libfuse3-dev, pkg-config, gcc (the pyfuse3 fallback
@@ -21,16 +26,27 @@
 #     - .venv in the checkout: the project (editable) with its test and pyfuse3
 #       extras (the pyfuse3 wheel is built once per Python ABI and kept in
 #       /var/cache/simfs-vzquota).
+#   bash tools/setup.sh --packages   prints every system package it may install
+#     (one a line; the README lists them all) and does nothing else.
 # Quick when everything is already there (the system install is redone only when
 # the checkout's sources differ from what is installed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+base_pkgs=(fuse3 attr acl groff-base man-db logrotate)
+test_pkgs=(e2fsprogs xfsprogs btrfs-progs wrk libfuse3-dev pkg-config gcc)
+nspawn_pkgs=(systemd-container debootstrap)     # installed without recommends
+python_pkgs=(python3 python3-venv)              # only when no Python >= 3.11 with venv
+
 test_env=""
 case "${1:-}" in
     --test) test_env=1 ;;
+    --packages)
+        printf '%s\n' "${base_pkgs[@]}" "${python_pkgs[@]}" "${test_pkgs[@]}" busybox \
+            "${nspawn_pkgs[@]}"
+        exit 0 ;;
     "") ;;
-    *) echo "usage: tools/setup.sh [--test]" >&2; exit 2 ;;
+    *) echo "usage: tools/setup.sh [--test|--packages]" >&2; exit 2 ;;
 esac
 
 if [ "$(id -u)" != 0 ]; then
@@ -48,8 +64,8 @@ apt_install() {
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
 }
 
-pkgs=(fuse3 attr acl groff-base)
-[ -z "$test_env" ] || pkgs+=(e2fsprogs xfsprogs btrfs-progs wrk libfuse3-dev pkg-config gcc)
+pkgs=("${base_pkgs[@]}")
+[ -z "$test_env" ] || pkgs+=("${test_pkgs[@]}")
 need=()
 for pkg in "${pkgs[@]}"; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
@@ -63,7 +79,7 @@ fi
 # libnss-mymachines to the host's nsswitch.conf)
 if [ -n "$test_env" ]; then
     need=()
-    for pkg in systemd-container debootstrap; do
+    for pkg in "${nspawn_pkgs[@]}"; do
         dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
     done
     [ ${#need[@]} -eq 0 ] || apt_install --no-install-recommends "${need[@]}"
@@ -79,7 +95,7 @@ for cand in python3.11 python3; do
     fi
 done
 if [ -z "$PY" ]; then
-    apt_install python3 python3-venv
+    apt_install "${python_pkgs[@]}"
     PY=$(command -v python3)
 fi
 
@@ -89,8 +105,9 @@ quiet_pip() { grep -v '^WARNING: Location' || true; }
 
 # The system install.  Several checkouts may run this at once: one at a time.
 SYS=${SIMFS_PREFIX:-/usr/local/lib/simfs-vzquota}
-stamp=$(cat pyproject.toml README.md $(find fusewire simfs vzquota man systemd -type f \
-        \( -name '*.py' -o -name '*.8' -o -name '*.service' -o -name '*.timer' \) | sort) \
+stamp=$(cat pyproject.toml README.md $(find fusewire simfs vzquota man systemd logrotate -type f \
+        \( -name '*.py' -o -name '*.8' -o -name '*.service' -o -name '*.timer' \
+        -o -path 'logrotate/*' \) | sort) \
         | sha256sum | cut -d' ' -f1)
 exec 9>"$SYS.lock"
 flock 9
@@ -102,7 +119,8 @@ if [ "$(cat "$SYS/.installed-from" 2>/dev/null)" != "$stamp" ]; then
     echo "setup: installing the project into $SYS (pip install ., binary wheels only)"
     build=$(mktemp -d)
     # Build from a copy, so that the checkout gets no build/ directory.
-    tar -cf - pyproject.toml README.md fusewire simfs vzquota man systemd | tar -xf - -C "$build"
+    tar -cf - pyproject.toml README.md fusewire simfs vzquota man systemd logrotate \
+        | tar -xf - -C "$build"
     "$SYS/bin/python" -m pip install -q --upgrade pip 2>&1 | quiet_pip
     # An older install may hold pyfuse3 (the binding before fusewire): not needed.
     "$SYS/bin/python" -m pip uninstall -q -y pyfuse3 >/dev/null 2>&1 || true
@@ -111,17 +129,27 @@ if [ "$(cat "$SYS/.installed-from" 2>/dev/null)" != "$stamp" ]; then
     "$SYS/bin/python" -c 'import fusewire, simfs.mount, vzquota'
     echo "$stamp" > "$SYS/.installed-from"
 fi
+DEST=${SIMFS_DESTDIR:-}
+mkdir -p "$DEST/usr/local/sbin" "$DEST/usr/local/share/man/man8" \
+    "$DEST/usr/local/lib/systemd/system" "$DEST/etc/logrotate.d"
 for tool in simfs vzquota simfs-service mount.fuse.simfs vzquota-metrics vzdqcheck vzdqdump vzdqload; do
-    ln -sfn "$SYS/bin/$tool" "/usr/local/sbin/$tool"
+    ln -sfn "$SYS/bin/$tool" "$DEST/usr/local/sbin/$tool"
 done
-mkdir -p /usr/local/share/man/man8 /usr/local/lib/systemd/system
+# every page: simfs, vzquota, vzquota-metrics, vzdqcheck, vzdqdump and vzdqload
+# (vzdqload.8 is `.so man8/vzdqdump.8`, found next to it)
 for page in "$SYS"/share/man/man8/*.8; do
-    ln -sfn "$page" "/usr/local/share/man/man8/$(basename "$page")"
+    ln -sfn "$page" "$DEST/usr/local/share/man/man8/$(basename "$page")"
 done
 for unit in "$SYS"/lib/systemd/system/*; do
-    ln -sfn "$unit" "/usr/local/lib/systemd/system/$(basename "$unit")"
+    ln -sfn "$unit" "$DEST/usr/local/lib/systemd/system/$(basename "$unit")"
 done
-if [ -d /run/systemd/system ] && command -v systemctl >/dev/null; then
+# logrotate reads only /etc/logrotate.d and wants its files root's and not
+# writable by others: a copy, not a link into the environment
+if ! cmp -s "$SYS/share/simfs-vzquota/logrotate/simfs" "$DEST/etc/logrotate.d/simfs"; then
+    echo "setup: installing $DEST/etc/logrotate.d/simfs (rotates /var/log/simfs.log)"
+    install -m 0644 "$SYS/share/simfs-vzquota/logrotate/simfs" "$DEST/etc/logrotate.d/simfs"
+fi
+if [ -z "$DEST" ] && [ -d /run/systemd/system ] && command -v systemctl >/dev/null; then
     systemctl daemon-reload || true
 fi
 exec 9>&-
