@@ -42,7 +42,7 @@ FUSE_VALUED = {"fsname", "subtype", "max_read"}
 IGNORED = {"defaults", "auto", "noauto", "user", "users", "nouser", "owner", "group",
            "nofail", "_netdev", "loop"}
 SIMFS_VALUED = {"quotaid", "quotafile", "log", "checkpoint", "runtime", "hook", "maxopen",
-                "fuse", "recounthold", "maxinodes"}
+                "fuse", "recounthold", "recountwait", "maxinodes"}
 # simfs's own flags: quota_off_ok lets a quota id whose quota is off be mounted
 # (unenforced, on purpose); without it such a mount is refused.  passthrough:
 # a writable mount serves read-only opens by FUSE passthrough too (a read-only
@@ -59,6 +59,7 @@ MAX_QUOTAID = 2**32 - 1
 MAX_UGID = 2**32 - 2
 MAX_CHECKPOINT = 86400.0
 MAX_RECOUNTHOLD = 60.0
+MAX_RECOUNTWAIT = 3600.0
 _DIGITS = re.compile(r"[0-9]+")                          # ASCII only (not str.isdigit)
 _DECIMAL = re.compile(r"[0-9]+(\.[0-9]*)?|\.[0-9]+")
 
@@ -132,6 +133,11 @@ def parse_options(words: list[str], private: str) -> tuple[set[str], dict[str, s
         if not _DECIMAL.fullmatch(c) or not 0 <= float(c) <= MAX_RECOUNTHOLD:
             raise UsageError(f"recounthold must be a number of seconds from 0 to "
                              f"{MAX_RECOUNTHOLD:g}, not {c!r}")
+    if "recountwait" in own:
+        c = own["recountwait"]
+        if not _DECIMAL.fullmatch(c) or not 0 <= float(c) <= MAX_RECOUNTWAIT:
+            raise UsageError(f"recountwait must be a number of seconds from 0 to "
+                             f"{MAX_RECOUNTWAIT:g}, not {c!r}")
     for key in ("quotafile", "log", "hook"):
         if key in own and not own[key]:
             raise UsageError(f"{key}= needs a file name")
@@ -153,6 +159,9 @@ def parser() -> argparse.ArgumentParser:
                "default 65536; one uid at most a quarter, the last sixteenth for "
                "root only), recounthold=SECS (how long a live recount may hold "
                "allocating calls, default 3, 0 never), "
+               "recountwait=SECS (how long a call that allocates may wait for the "
+               "first recount pass of a live vzquota on before it fails with EDQUOT, "
+               "default 10), "
                "maxinodes=N (inodes the daemon keeps before it asks the kernel to "
                "forget the least recently used, default 200000; needs FUSE 7.45), "
                "quota_off_ok (mount even though the quota is off: nothing enforced "
@@ -384,7 +393,7 @@ def remount(root: str, words: list[str]) -> int:
 def option_values(own: dict[str, str]) -> dict:
     """simfs's own ``-o`` values as the daemon runs them (defaults filled in),
     comparable between a mount and a remount."""
-    from vzquota.service import HOLD_MAX
+    from vzquota.service import HOLD_MAX, RECOUNT_WAIT
 
     from .inodes import MAX_INODES, MAX_OPEN
     return {"quotaid": int(own["quotaid"]) if "quotaid" in own else None,
@@ -393,6 +402,7 @@ def option_values(own: dict[str, str]) -> dict:
             "runtime": own.get("runtime", "uvloop"),
             "maxopen": int(own.get("maxopen", MAX_OPEN)),
             "recounthold": float(own.get("recounthold", HOLD_MAX)),
+            "recountwait": float(own.get("recountwait", RECOUNT_WAIT)),
             "maxinodes": int(own.get("maxinodes", MAX_INODES)),
             "quota_admin": int(own["quota_admin"]) if "quota_admin" in own else None,
             "fuse": own.get("fuse", "builtin"),
@@ -576,7 +586,8 @@ def build(args: argparse.Namespace, fuse_opts: set[str], own: dict[str, str]):
     m = Mount(os.path.abspath(args.private), os.path.abspath(args.root), fuse_opts,
               quotaid=v["quotaid"], quotafile=v["quotafile"], checkpoint=v["checkpoint"],
               runtime=v["runtime"], hook=v["hook"], max_open=v["maxopen"],
-              hold_max=v["recounthold"], max_inodes=v["maxinodes"],
+              hold_max=v["recounthold"], recount_wait=v["recountwait"],
+              max_inodes=v["maxinodes"],
               quota_admin=v["quota_admin"], fuse=v["fuse"],
               passthrough=v["passthrough"])
     m.option_values = v         # shown to a remount (ops.OPTIONS_XATTR)

@@ -43,7 +43,7 @@ from vzquota.inside import QuotaAdmin
 from vzquota.qfile import QuotaFile
 from vzquota.scan import ScanResult, scan
 from vzquota.engine import Growth
-from vzquota.service import HOLD_MAX, LiveQuota, holds, upper_bound
+from vzquota.service import HOLD_MAX, RECOUNT_WAIT, LiveQuota, holds, upper_bound
 
 from . import binding, events
 from .binding import BINDINGS
@@ -82,6 +82,7 @@ class Mount:
     runtime: str = RUNTIMES[0]
     max_open: int = MAX_OPEN
     hold_max: float = HOLD_MAX      # -o recounthold: see vzquota.service.holds
+    recount_wait: float = RECOUNT_WAIT  # -o recountwait: see recalc
     max_inodes: int = MAX_INODES        # -o maxinodes: the inode table's cap
     quota_admin: int | None = None      # -o quota_admin[=UID]: the container's root
     fuse: str = BINDINGS[0]
@@ -95,6 +96,7 @@ class Mount:
     _hooks_running: int = 0
     _sock: socket.socket | None = None
     _recalc_lock: anyio.Lock | None = None
+    _stale_gate: "Gate | None" = None     # of a stale recount waiting for the lock
 
     # ---- before mounting -------------------------------------------------------
 
@@ -438,19 +440,54 @@ class Mount:
         ``PassWatch``); otherwise it is repeated, up to RECALC_PASSES.  Passes
         may hold the requests that change names or allocations while they scan
         (``holds``; at most ``hold_max`` seconds): then nothing can disturb them.
+
+        While the figures in use are stale (``why`` "stale": the first pass
+        of a live `on`; they may be short), a pass holds those requests until
+        it ends, however long that takes, so that no allocation is ever
+        checked against a figure that may be short; one that would allocate
+        fails with EDQUOT once it has waited ``recount_wait`` seconds (the
+        others wait: they only free).  Such a pass is exact (nothing it holds
+        can disturb it); if it was not, its upper bound is applied (never
+        short: ``LiveQuota.finish_recalc``) and later passes are as a
+        ``recalc``'s.
+
         Returns 0 when exact, else the number of passes made
         (``LiveQuota.finish_recalc`` says what was applied then; ``_retries``
         tries again later)."""
-        live = self.live
         if self._recalc_lock is None:
             self._recalc_lock = anyio.Lock()
+        first = None
+        if why == "stale":
+            # held from now on, also while an earlier recount ends (its gates
+            # give way to this one: see _let_go)
+            first = self.ops.gate = self._stale_gate = Gate(self.recount_wait)
+        try:
+            return await self._recalc(why, first)
+        finally:
+            if self._stale_gate is first:
+                self._stale_gate = None
+            if first is not None and not first.opened:    # never used: end it
+                self._let_go(first)
+
+    async def _recalc(self, why: str | None, first: "Gate | None") -> int:
+        live = self.live
         async with self._recalc_lock:      # one recount at a time
             last = None
+            stale = why == "stale"          # the figures in use may be short
             for n in range(RECALC_PASSES):
-                if live.engine is None:
+                engine = live.engine
+                if engine is None:
                     return 0
-                gate = Gate() if holds(n, why, last, self.hold_max) else None
-                if gate is not None:
+                whole = stale               # hold the whole pass
+                if whole:
+                    gate, first = first or Gate(self.recount_wait), None
+                    if self._stale_gate is gate:
+                        self._stale_gate = None
+                elif holds(n, why, last, self.hold_max):
+                    gate = Gate()
+                else:
+                    gate = None
+                if gate is not None and self._stale_gate is None:
                     self.ops.gate = gate
                 watch = PassWatch(self.ops, live.engine)
                 self.ops.watch = watch
@@ -459,27 +496,31 @@ class Mount:
 
                 def scan() -> ScanResult | None:
                     try:
+                        _test_wait()
                         return self._scan(watch.skip)
                     except BaseException as e:     # raised below, not as a group
                         failed.append(e)
                         return None
                 try:
                     async with anyio.create_task_group() as tg:
-                        if gate is not None:
+                        if gate is not None and not whole:
                             tg.start_soon(self._let_go_after, gate, self.hold_max)
                         result = await anyio.to_thread.run_sync(scan)
                         tg.cancel_scope.cancel()
                     if failed:
                         raise failed[0]
                     last = time.monotonic() - began
-                    if live.engine is None:
+                    if live.engine is not engine:    # off (and maybe on again) meanwhile
                         return 0
                     # no await from here to the apply (the held requests go on
                     # only once this returns to the loop)
                     quiet = watch.complete(result)
                     self.ops.refresh()
-                    done = live.finish_recalc(result, quiet, n == RECALC_PASSES - 1, why,
-                                              None if quiet else watch.bound(result))
+                    bound = None if quiet else watch.bound(result)
+                    done = live.finish_recalc(result, quiet, n == RECALC_PASSES - 1,
+                                              "stale" if stale else "recalc", bound)
+                    if bound is not None:
+                        stale = False       # an upper bound is enforced now
                 finally:
                     self.ops.watch = None
                     watch.close()
@@ -495,9 +536,10 @@ class Mount:
         return RECALC_PASSES
 
     def _let_go(self, gate: "Gate") -> None:
-        """End a hold: the held requests go on, then the FORGETs kept meanwhile."""
+        """End a hold: the held requests go on, then the FORGETs kept meanwhile
+        (a stale recount waiting for this one to end keeps holding them)."""
         if self.ops.gate is gate:
-            self.ops.gate = None
+            self.ops.gate = self._stale_gate
         held = gate.open()
         deferred, self.ops.deferred = self.ops.deferred, []
         if deferred:
@@ -505,6 +547,10 @@ class Mount:
         if held:
             log.info("quota %d: %d requests held during a recount pass go on",
                      self.quotaid, held)
+        if gate.refused:
+            log.warning("quota %d: %d calls that allocate waited %g s for a recount "
+                        "pass and were refused (EDQUOT)", self.quotaid, gate.refused,
+                        gate.limit)
 
     async def _let_go_after(self, gate: "Gate", seconds: float) -> None:
         await anyio.sleep(seconds)
@@ -556,14 +602,21 @@ class Gate:
     runtime: under asyncio (the FUSE layer first runs a handler outside any
     task, where anyio cannot tell the loop) a plain future, under trio an
     anyio Event.  A held request the kernel interrupts is cancelled while it
-    waits (its future is then done, and skipped by ``open``)."""
+    waits (its future is then done, and skipped by ``open``).
 
-    def __init__(self):
+    ``limit``: a request that would allocate waits at most this many seconds
+    (``wait(limit)`` raises TimeoutError then; the request fails with
+    EDQUOT, counted in ``refused``); None: every request waits until
+    ``open``."""
+
+    def __init__(self, limit: float | None = None):
         self._waiters: list = []
         self._open = False
         self.cut = False          # opened before its pass ended (hold_max)
+        self.limit = limit
+        self.refused = 0
 
-    def wait(self):
+    def wait(self, limit: float | None = None):
         if self._open:
             return _nothing()
         try:
@@ -571,10 +624,16 @@ class Gate:
         except RuntimeError:          # trio
             ev = anyio.Event()
             self._waiters.append(ev)
-            return ev.wait()
+            return ev.wait() if limit is None else _timed(ev, limit)
         fut = loop.create_future()
         self._waiters.append(fut)
+        if limit is not None:
+            loop.call_later(limit, _expire, fut)
         return fut
+
+    @property
+    def opened(self) -> bool:
+        return self._open
 
     def open(self) -> int:
         """Let every held request go on; returns how many there were."""
@@ -587,6 +646,32 @@ class Gate:
             else:
                 w.set()
         return len(waiters)
+
+
+def _expire(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_exception(TimeoutError())
+
+
+async def _timed(ev: anyio.Event, limit: float) -> None:
+    with anyio.fail_after(limit):
+        await ev.wait()
+
+
+def _test_wait() -> None:
+    """For tests only: with SIMFS_TEST_SCAN_WAIT=PATH in the daemon's
+    environment (the host's root sets it, nothing inside a container can), a
+    live recount pass waits until PATH exists (at most 60 s) before it scans,
+    so that a test can act while a pass runs as long as a big tree's would;
+    it makes PATH.waiting first, so the test knows the pass has begun."""
+    path = os.environ.get("SIMFS_TEST_SCAN_WAIT")
+    if not path:
+        return
+    with open(path + ".waiting", "w"):
+        pass
+    deadline = time.monotonic() + 60
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 async def _nothing() -> None:

@@ -155,10 +155,32 @@ def _writeback_and_close(fd: int) -> None:
         os.close(fd)
 
 
-async def _held(gate, call: Callable, ops: "SimOperations", args: tuple):
+# Held requests that never allocate (they free, or change no usage): they wait
+# for the gate however long it holds; the others at most its ``limit``.
+FREEING = frozenset({"unlink", "rmdir", "removexattr", "release", "fsync", "open"})
+
+
+def may_allocate(op: str, args: tuple) -> bool:
+    if op in FREEING:
+        return False
+    if op == "setattr":             # (inode, attr, fields, fh, ctx)
+        f = args[2]
+        return bool(f.update_size or f.update_uid or f.update_gid)
+    return True
+
+
+async def _held(gate, call: Callable, ops: "SimOperations", args: tuple, op: str):
     """A request a live recount holds (``SimOperations.gate``): run once it
-    lets it go; the FUSE layer drives the coroutine a plain handler returns."""
-    await gate.wait()
+    lets it go; the FUSE layer drives the coroutine a plain handler returns.
+    One that would allocate and waits longer than the gate's ``limit`` fails
+    with EDQUOT (simfs/mount.py Mount.recalc: never checked against a figure
+    that may be short, never let through unchecked)."""
+    limit = getattr(gate, "limit", None)
+    try:
+        await gate.wait(limit if limit is not None and may_allocate(op, args) else None)
+    except TimeoutError:
+        gate.refused += 1
+        raise FUSEError(errno.EDQUOT) from None
     r = call(ops, *args)
     while hasattr(r, "__await__"):          # held again by a newer pass
         r = await r
@@ -207,7 +229,7 @@ def errno_boundary(fn: Callable) -> Callable:
     def plain(self: "SimOperations", *args):
         gate = self.gate
         if gate is not None and (op in HELD or op == "open" and args[1] & os.O_TRUNC):
-            return _held(gate, plain, self, args)    # a live recount holds it
+            return _held(gate, plain, self, args, op)    # a live recount holds it
         self.counts[op] += 1
         watch = self.watch
         if watch is None:

@@ -173,41 +173,182 @@ def test_recalc_under_steady_writes_converges(backing, backing_quota, mounter, w
     assert not settled(qm.private, qm.qid), diff(qm.private, qm.qid)
 
 
-@pytest.mark.parametrize("hold", ["0", "0.002"])
 @pytest.mark.parametrize("backing", params(only=("ext4",)), indirect=True)
-def test_an_inexact_on_is_made_exact_at_the_first_quiet_moment(backing, backing_quota,
-                                                               mounter, world_tmp, hold):
-    """Without holding (-o recounthold=0), or holding for less than a pass
-    takes, an `on` under steady writes cannot be exact: it says so (exit 3,
-    file dirty), and the mount recounts again by itself once the writers stop,
-    not only at the next mount."""
+def test_an_inexact_recalc_is_made_exact_at_the_first_quiet_moment(backing, backing_quota,
+                                                                   mounter, world_tmp):
+    """Without holding (-o recounthold=0) a `recalc` under steady writes cannot
+    be exact: it says so (exit 3) and leaves the mount's own figures, and the
+    mount recounts again by itself once the writers stop, not only at the next
+    mount."""
     qm = backing_quota(B=200000, I=100000)
     fill_tree(qm.root)
     qm.mount.umount()
-    m = mounter(qm.private, qm.root, "dev", "suid", f"quotaid={qm.qid}", f"recounthold={hold}")
-    vzquota("off", qm.qid)
-    (qm.root / "while-off").write_bytes(b"o" * (512 * K))        # uncounted
+    m = mounter(qm.private, qm.root, "dev", "suid", f"quotaid={qm.qid}", "recounthold=0")
+    (qm.private / "from-host").write_bytes(b"h" * (512 * K))      # not counted yet
     with Writers(qm.root, world_tmp):
-        r = vzquota("on", qm.qid, check=False)
+        r = vzquota("recalc", qm.qid, check=False)
         assert r.returncode == 3 and "not exact" in r.stderr, r
         assert "recounts again at quiet moments" in r.stderr
-        assert vzquota("show", qm.qid, check=False).returncode == 10      # dirty
     deadline = time.monotonic() + 20
     while "the recount is exact now" not in m.logtext():
         assert time.monotonic() < deadline, m.logtext()
         time.sleep(0.1)
     assert not settled(qm.private, qm.qid), diff(qm.private, qm.qid)
-    vzquota("stat", qm.qid)                          # saves the live figures
-    assert vzquota("show", qm.qid, check=False).returncode == 0       # clean again
-    if hold != "0":
-        assert "letting them go" in m.logtext()
+
+
+@pytest.mark.parametrize("backing", params(only=("ext4",)), indirect=True)
+def test_the_first_pass_of_on_holds_whatever_recounthold(backing, backing_quota, mounter,
+                                                         world_tmp):
+    """-o recounthold=0 (never hold a pass of `recalc`) does not open the
+    window of a live `on`: its first pass holds the calls that allocate or
+    change names until it ends, so it is exact under steady writes (it was
+    not: exit 3 and an upper bound)."""
+    qm = backing_quota(B=200000, I=100000)
+    fill_tree(qm.root)
+    qm.mount.umount()
+    m = mounter(qm.private, qm.root, "dev", "suid", f"quotaid={qm.qid}", "recounthold=0")
+    for i in range(3):
+        vzquota("off", qm.qid)
+        (qm.root / f"while-off-{i}").write_bytes(b"o" * (512 * K))        # uncounted
+        with Writers(qm.root, world_tmp):
+            r = vzquota("on", qm.qid, check=False)
+            assert r.returncode == 0, r
+        assert not settled(qm.private, qm.qid), (i, diff(qm.private, qm.qid))
+    assert "recounted (pass 1, allocations held" in m.logtext()
+
+
+def _user_py(code: str, *args: str) -> subprocess.Popen:
+    from conftest import USER_PYTHON
+    return subprocess.Popen([USER_PYTHON, "-c", code, *args], user=1000, group=1000,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _on(qid) -> subprocess.Popen:
+    from conftest import VZQUOTA
+    return subprocess.Popen([VZQUOTA, "on", str(qid)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _slow_scan_mount(qm, mounter, monkeypatch, go, *options):
+    """Remount ``qm`` with live recount passes that wait for the file ``go``
+    before they scan (SIMFS_TEST_SCAN_WAIT): a first pass as long as the
+    test wants, as a tree too big to scan within the hold would make it."""
+    qm.mount.umount()
+    monkeypatch.setenv("SIMFS_TEST_SCAN_WAIT", str(go))
+    try:
+        return mounter(qm.private, qm.root, "dev", "suid", f"quotaid={qm.qid}", *options)
+    finally:
+        monkeypatch.delenv("SIMFS_TEST_SCAN_WAIT")
+
+
+def _pass_began(go) -> None:
+    """Wait until a pass of the ``_slow_scan_mount`` waits for ``go``."""
+    mark = go.parent / (go.name + ".waiting")
+    deadline = time.monotonic() + 60
+    while not mark.exists():
+        assert time.monotonic() < deadline, "no recount pass began"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("backing", params(only=("ext4", "xfs")), indirect=True)
+def test_a_first_pass_longer_than_the_hold_enforces_nothing_short(backing, backing_quota,
+                                                                   mounter, world_tmp,
+                                                                   monkeypatch):
+    """The window left open by the hold (issue 21 item 2): a live `on` whose
+    first pass outlasts -o recounthold let the held calls go on against the
+    stored figures, short of what was written while the quota was off; a
+    uid-1000 fill during the pass then reached the hard limit by those
+    figures, and the tree ended 4 MiB over it.  Now the first pass holds until
+    it ends: the fill goes on afterwards, against exact figures."""
+    hard = 30000                                  # KiB
+    qm = backing_quota(B=hard, I=100000)
+    fill_tree(qm.root)
+    go = world_tmp / "go"
+    m = _slow_scan_mount(qm, mounter, monkeypatch, go, "recounthold=0.2")
+    vzquota("off", qm.qid)
+    (qm.root / "while-off").write_bytes(b"o" * (4096 * K))        # uncounted
+    sampler = Sampler(qm.qid)
+    with Writers(qm.root, world_tmp):
+        on = _on(qm.qid)
+        _pass_began(go)
+        time.sleep(0.5)                   # the pass has outlasted the hold (0.2 s)
+        sampler.start()
+        fill = _user_py(FILL, str(qm.root / "w"))
+        try:
+            fill.wait(timeout=3)          # (it finished here, past the limit)
+        except subprocess.TimeoutExpired:
+            pass
+        held = fill.poll() is None
+        go.touch()                        # the pass scans and ends
+        out, err = fill.communicate(timeout=300)
+        assert out.strip() == "EDQUOT", (out, err)
+        on_out, on_err = on.communicate(timeout=120)
+    sampler.stop()
+    assert not sampler.violations, sampler.violations
+    assert not settled(qm.private, qm.qid), diff(qm.private, qm.qid)
+    rc = recount(qm.private)
+    assert rc.space <= hard * K, (rc.space - hard * K, "bytes over the hard limit")
+    assert on.returncode == 0, on_err
+    assert held, "the fill was not held during the first pass"
+    assert "recounted (pass 1, allocations held" in m.logtext()
+
+
+@pytest.mark.parametrize("runtime", ["runtime=uvloop", "runtime=trio", "fuse=pyfuse3"])
+@pytest.mark.parametrize("backing", params(only=("ext4",)), indirect=True)
+def test_a_call_held_longer_than_recountwait_fails_with_edquot(backing, backing_quota,
+                                                               mounter, world_tmp,
+                                                               monkeypatch, runtime):
+    """-o recountwait bounds how long a call that allocates waits for the first
+    pass of a live `on`: then it fails with EDQUOT (never goes on unchecked);
+    an unlink (it only frees) waits for the pass and succeeds."""
+    qm = backing_quota(B=200000, I=100000)
+    fill_tree(qm.root, dirs=2)
+    for d in ("w", "u"):              # apart: a held unlink holds its directory's lock
+        (qm.root / d).mkdir()
+        os.chown(qm.root / d, 1000, 1000)
+    (qm.root / "u" / "old").write_bytes(b"x" * (64 * K))
+    os.chown(qm.root / "u" / "old", 1000, 1000)
+    go = world_tmp / "go"
+    m = _slow_scan_mount(qm, mounter, monkeypatch, go, "recountwait=0.5", runtime)
+    vzquota("off", qm.qid)
+    (qm.root / "while-off").write_bytes(b"o" * (512 * K))         # uncounted
+    on = _on(qm.qid)
+    _pass_began(go)
+    timed = textwrap.dedent("""
+        import errno, os, sys, time
+        t = time.monotonic()
+        try:
+            if sys.argv[2] == "write":
+                with open(sys.argv[1], "wb") as f:
+                    f.write(b"n" * 65536)
+            else:
+                os.unlink(sys.argv[1])
+            print("ok", time.monotonic() - t)
+        except OSError as e:
+            print(errno.errorcode[e.errno], time.monotonic() - t)
+    """)
+    write = _user_py(timed, str(qm.root / "w" / "new"), "write")
+    unlink = _user_py(timed, str(qm.root / "u" / "old"), "unlink")
+    w_out, _ = write.communicate(timeout=60)
+    time.sleep(1.0)
+    assert unlink.poll() is None, (unlink.communicate(), m.logtext())    # waits for the pass
+    go.touch()
+    u_out, _ = unlink.communicate(timeout=60)
+    on_out, on_err = on.communicate(timeout=60)
+    res, took = w_out.split()
+    assert res == "EDQUOT" and 0.4 < float(took) < 5, w_out
+    assert u_out.split()[0] == "ok" and float(u_out.split()[1]) > 1.0, u_out
+    assert on.returncode == 0, on_err
+    assert not (qm.root / "w" / "new").exists()
+    assert not settled(qm.private, qm.qid), diff(qm.private, qm.qid)
+    assert "waited 0.5 s for a recount pass and were refused (EDQUOT)" in m.logtext()
 
 
 def test_which_passes_hold():
     from vzquota.service import holds
     assert holds(0, "stale", None) and not holds(0, "recalc", None)
     assert holds(1, "recalc", 0.5) and not holds(1, "recalc", 10.0)
-    assert not holds(0, "stale", None, 0) and not holds(1, "recalc", 0.1, 0)
+    assert holds(0, "stale", None, 0) and not holds(1, "recalc", 0.1, 0)
 
 
 def test_recounthold_option():
@@ -217,30 +358,11 @@ def test_recounthold_option():
     for bad in ("-1", "61", "nan", "inf", "x", ""):
         with pytest.raises(UsageError):
             parse_options([f"recounthold={bad}"], "/p")
-
-
-@pytest.mark.parametrize("backing", params(only=("ext4",)), indirect=True)
-def test_an_inexact_on_is_never_short(backing, backing_quota, mounter, world_tmp):
-    """When an `on` under writes cannot be exact (here: nothing held), the
-    figure it applies is its last pass plus what was charged while that pass
-    ran (and files renamed or linked meanwhile): never short of the tree, at
-    either level (it was: the pass alone, without the files open at its end)."""
-    qm = backing_quota(B=200000, I=100000)
-    fill_tree(qm.root)
-    qm.mount.umount()
-    mounter(qm.private, qm.root, "dev", "suid", f"quotaid={qm.qid}", "recounthold=0")
-    for i in range(4):
-        vzquota("off", qm.qid)
-        (qm.root / f"while-off-{i}").write_bytes(b"o" * (512 * K))        # uncounted
-        with Writers(qm.root, world_tmp):
-            r = vzquota("on", qm.qid, check=False)
-            assert r.returncode in (0, 3), r
-        rc, lv = recount(qm.private), live(qm.qid)
-        assert lv.space >= rc.space and lv.inodes >= rc.inodes, (i, lv, rc)
-        for name, a, b in (("uid", lv.users, rc.users), ("gid", lv.groups, rc.groups)):
-            for k, (space, inodes) in b.items():
-                got = a.get(k, (0, 0))
-                assert got[0] >= space and got[1] >= inodes, (i, name, k, got, (space, inodes))
+    assert parse_options(["recountwait=0"], "/p")[1]["recountwait"] == "0"
+    assert parse_options(["recountwait=3600"], "/p")[1]["recountwait"] == "3600"
+    for bad in ("-1", "3601", "nan", "x", ""):
+        with pytest.raises(UsageError):
+            parse_options([f"recountwait={bad}"], "/p")
 
 
 def test_upper_bound_adds_what_was_charged():
@@ -259,3 +381,40 @@ def test_upper_bound_adds_what_was_charged():
     assert b.users == {0: [100, 1], 1000: [8192, 2]}
     assert b.groups == {0: [100, 1], 100: [8192, 2], 7: [4096, 1]}
     assert r.users == {0: [100, 1]}                # the pass itself is left as it was
+
+
+def test_what_an_inexact_pass_applies(tmp_path):
+    """finish_recalc: an exact pass is applied; one that was not is applied
+    only while the figures in use are stale (may be short), as its upper bound
+    at once, or, when it has none, as the pass itself at the last pass; a
+    ``recalc`` pass that was not exact leaves the mount's figures."""
+    from vzquota.engine import QuotaEngine
+    from vzquota.model import QuotaState
+    from vzquota.qfile import QuotaFile
+    from vzquota.scan import ScanResult
+    from vzquota.service import LiveQuota
+    qf = QuotaFile(5, str(tmp_path / "quota.5"))
+    st = QuotaState(qid=5)
+    st.level1.space.hard = st.level1.inodes.hard = 1 << 40
+    qf.save(st)
+    lq = LiveQuota(qf, str(tmp_path), scan=lambda: ScanResult(0, 0, {}, {}))
+    lq.engine = QuotaEngine(lq.state)
+    lq.engine.set_usage(100, 1, {0: [100, 1]}, {0: [100, 1]})
+
+    def usage():
+        return lq.state.level1.space.usage
+
+    passed = ScanResult(500, 5, {0: [500, 5]}, {0: [500, 5]})
+    bound = ScanResult(900, 9, {0: [900, 9]}, {0: [900, 9]})
+    assert not lq.finish_recalc(passed, False, False, "recalc", bound)
+    assert usage() == 100 and not lq.state.dirty
+    assert not lq.finish_recalc(passed, False, True, "recalc", bound)
+    assert usage() == 100 and lq.inexact == "recalc"
+    assert not lq.finish_recalc(passed, False, False, "stale", None)
+    assert usage() == 100
+    assert not lq.finish_recalc(passed, False, False, "stale", bound)      # at once
+    assert usage() == 900 and lq.state.dirty
+    assert not lq.finish_recalc(passed, False, True, "stale", None)
+    assert usage() == 500 and lq.inexact == "stale"
+    assert lq.finish_recalc(passed, True, False, "stale", None)
+    assert usage() == 500 and not lq.state.dirty and lq.inexact is None

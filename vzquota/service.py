@@ -47,25 +47,31 @@ MAX_PATH = 4096
 # A live recount may hold the calls that allocate or change names while one
 # pass scans, for at most this many seconds (``holds``).
 HOLD_MAX = 3.0
+# While the figures in use are stale (the first pass of a live `on`), a pass
+# holds those calls until it ends, however long it takes; a call that would
+# allocate fails with EDQUOT once it has waited this many seconds (simfs -o
+# recountwait), rather than going on unchecked.
+RECOUNT_WAIT = 10.0
 
 
 def holds(n: int, why: str | None, last: float | None,
           hold_max: float = HOLD_MAX) -> bool:
     """Whether pass ``n`` (0: the first) of a live recount holds the calls that
-    allocate or change names while it scans (the mount lets them go after
-    ``hold_max`` seconds at the latest; 0: never): a pass they cannot disturb
-    is exact.
+    allocate or change names while it scans, letting them go after
+    ``hold_max`` seconds at the latest (0: never): a pass they cannot
+    disturb is exact.  A pass after one that was not exact holds them when
+    that one (``last`` seconds) was short enough to be made again within
+    ``hold_max``.  A first pass asked for by ``recalc`` holds nothing: the
+    mount's own figures are enforced meanwhile, and it is exact if nothing
+    changed.
 
-    The first pass holds them when the figures in use are stale (``why`` is
-    "stale": quota was off, so enforcing those figures meanwhile would be
-    knowingly short); a later pass, when the one before it (``last`` seconds)
-    was short enough to be made again within ``hold_max``.  A first pass asked
-    for by ``recalc`` holds nothing: the mount's own figures are enforced
-    meanwhile, and it is exact if nothing changed."""
-    if hold_max <= 0:
+    (A pass made while the figures in use are stale, ``why`` "stale": quota
+    was off, so those figures may be short, holds them until it ends whatever
+    ``hold_max`` says: see ``simfs.mount.Mount.recalc`` and RECOUNT_WAIT.)"""
+    if n == 0 and why == "stale":
+        return True
+    if hold_max <= 0 or n == 0:
         return False
-    if n == 0:
-        return why == "stale"
     return last is not None and last <= hold_max
 
 
@@ -534,14 +540,14 @@ class LiveQuota:
     def finish_recalc(self, result: ScanResult, quiet: bool, last: bool,
                       why: str | None, bound: ScanResult | None = None) -> bool:
         """Apply a recount made while serving.  ``quiet``: nothing changed while
-        it ran, so it is exact; returns True when done.  A pass that was not
-        quiet is not applied (returns False: the mount tries again) unless it is
-        the ``last`` one and the figures in use are known to be stale (``why``
-        is "stale"): then the best figure there is, ``bound`` (the pass plus
-        what was charged while it ran: never short, see ``upper_bound``) or
-        the pass itself when there is none, is applied and the quota marked
-        dirty.  After a ``last`` pass that was not exact,
-        ``inexact`` says so (the mount keeps trying); an exact one clears it."""
+        it ran, so it is exact: applied, returns True.  A pass that was not
+        quiet is not applied (returns False: the mount tries again) unless the
+        figures in use are stale (``why`` is "stale": they may be short): then
+        ``bound`` (the pass plus what was charged while it ran: never short,
+        see ``upper_bound``) is applied at once, or, when there is none, the
+        pass itself at the ``last`` pass; the quota is marked dirty.  After a
+        ``last`` pass that was not exact, ``inexact`` says so (the mount keeps
+        trying); an exact one clears it."""
         if self.engine is None:
             self.inexact = None
             return True
@@ -549,7 +555,7 @@ class LiveQuota:
             self.inexact = None
         elif last:
             self.inexact = why or "recalc"
-        if not quiet and not (last and why == "stale"):
+        if not quiet and (why != "stale" or (bound is None and not last)):
             return False
         self._apply(self.engine, result if quiet or bound is None else bound)
         self.state.dirty = not quiet
