@@ -11,18 +11,19 @@ visits, so a child's collections do not dirty the shared pages), binds
 the daemon a standalone ``simfs`` would have forked: it takes the client's
 command line, working directory, environment and standard descriptors (passed
 over the socket with SCM_RIGHTS), runs the same start-up code
-(``cli.start_daemon``) and reports readiness over the connection the way the
+(``daemon.start_daemon``) and reports readiness over the connection the way the
 standalone daemon reports it over its pipe ("ok", or the message that the
 client prints).  From then on the child is on its own: its own FUSE session,
 control socket, quota file, signals and unmount.  A crash of one child takes
 down that mount only; a crash or stop of the service takes down no mount (new
 mounts fall back to standalone daemons until it is back).
 
-The client side (``delegate``) is what ``simfs PRIVATE ROOT`` tries first when
-not in the foreground and ``SIMFS_SERVICE`` is not ``0``: it imports nothing
-heavy, so a mount through the service costs the client a Python start and one
-round trip.  When nobody listens on the socket it returns None and ``simfs``
-forks its own daemon as before.
+The client side (``client.delegate``) is what ``simfs PRIVATE ROOT`` tries
+first when not in the foreground and ``SIMFS_SERVICE`` is not ``0``: it imports
+nothing heavy, so a mount through the service costs the client a Python start
+and one round trip.  When nobody listens on the socket it returns None and
+``simfs`` forks its own daemon as before.  Under systemd the service tells
+READY=1 once it listens (``simfs-mountd.service``, ``Type=notify``).
 
 Concurrency: the service is single-threaded: one select() loop that accepts,
 reads each request without blocking (at most MAX_PENDING at once; further
@@ -44,63 +45,12 @@ import os
 import socket
 import sys
 
-SOCKET_NAME = "simfs.sock"
+from .client import socket_path
+
 REQUEST_TIMEOUT = 10.0       # seconds a client has to send its whole request
 MAX_REQUEST = 1 << 20        # bytes of one request
 MAX_ARGS = 4096              # words of its command line
 MAX_PENDING = 32             # requests being read at once; more wait in the backlog
-
-
-def socket_path() -> str:
-    from vzquota.control import run_dir
-    return os.path.join(run_dir(), SOCKET_NAME)
-
-
-# ---- the client (runs in the short-lived ``simfs`` command) ------------------
-
-def delegate(argv: list[str]) -> int | None:
-    """Ask the service to mount; None when no service listens."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        try:
-            s.connect(socket_path())
-        except OSError as e:
-            if e.errno in (errno.ENOENT, errno.ECONNREFUSED, errno.ENOTDIR, errno.EACCES):
-                return None
-            raise
-        req = json.dumps({"argv": argv, "cwd": os.getcwd(),
-                          "env": dict(os.environ)}).encode()
-        fds = []
-        null = None
-        for fd in (0, 1, 2):
-            try:
-                os.fstat(fd)
-                fds.append(fd)
-            except OSError:
-                if null is None:
-                    null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
-                fds.append(null)
-        socket.send_fds(s, [req[:1]], fds)
-        s.sendall(req[1:])
-        s.shutdown(socket.SHUT_WR)
-        if null is not None:
-            os.close(null)
-        reply = b""
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            reply += chunk
-    except OSError as e:
-        print(f"simfs: the mount service failed: {e.strerror or e}", file=sys.stderr)
-        return 1
-    finally:
-        s.close()
-    msg = reply.decode(errors="replace")
-    if msg == "ok":
-        return 0
-    print(f"simfs: {msg or 'the mount daemon died during start-up'}", file=sys.stderr)
-    return 1
 
 
 # ---- the service --------------------------------------------------------------
@@ -122,11 +72,13 @@ def preload() -> None:
     import vzquota.scan  # noqa: F401
     import vzquota.service  # noqa: F401
 
-    from . import cli, mount, ops  # noqa: F401
+    from . import daemon, mount, ops, options  # noqa: F401
+    options.parser()             # argparse and its gettext look-ups, once
+    "x".encode().decode("unicode_escape")   # the codec mount points may need
     try:
         # set up before a child replaces its environment: setproctitle takes
         # over the memory of argv and environ, where the children's titles go,
-        # at its first use (cli.set_title)
+        # at its first use (daemon.set_title)
         import setproctitle
         setproctitle.setproctitle(setproctitle.getproctitle())
     except ImportError:
@@ -150,10 +102,10 @@ def serve(foreground_log: bool = True) -> int:
 
     from vzquota import control
 
-    from . import cli
+    from .daemon import notify, setup_logging
 
     log = logging.getLogger("simfs.service")
-    cli.setup_logging(False, None, daemon=False)
+    setup_logging(False, None, daemon=False)
     preload()
     control.ensure_run_dir()
     path = socket_path()
@@ -206,6 +158,7 @@ def serve(foreground_log: bool = True) -> int:
     gc.collect()
     gc.freeze()
     log.info("mount service ready on %s (pid %d)", path, os.getpid())
+    notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=listening on {path}")
     try:
         while not stop:
             now = time.monotonic()
@@ -393,7 +346,7 @@ def child(conn: socket.socket, req: dict, fds: list[int]) -> int:
     environment, become the client's daemon."""
     import signal
 
-    from . import cli
+    from .daemon import start_daemon
 
     for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, signal.SIG_DFL)
@@ -412,4 +365,4 @@ def child(conn: socket.socket, req: dict, fds: list[int]) -> int:
         except OSError:
             pass
         return 1
-    return cli.start_daemon(req["argv"], conn.detach())
+    return start_daemon(req["argv"], conn.detach())

@@ -334,7 +334,7 @@ class SimOperations:
         # FUSE requests answered, per operation (a dict increment per request;
         # read through COUNTS_XATTR by tools/bench.py)
         self.counts: collections.Counter[str] = collections.Counter()
-        # simfs's own -o values this mount runs with (OPTIONS_XATTR; set by simfs/cli.py)
+        # simfs's own -o values this mount runs with (OPTIONS_XATTR; set by simfs/daemon.py)
         self.mount_options: dict = {}
         # reads of read-only opens by the kernel itself (see _open_mode): set
         # by the mount (a read-only mount, or -o passthrough) when asked of
@@ -1817,7 +1817,7 @@ class SimOperations:
             # the inode table's size against its cap (tools/inodemem, tests)
             return json.dumps(self.inodes_report(), sort_keys=True).encode() + b"\n"
         if inode == ROOT and name == OPTIONS_XATTR:
-            # what a remount compares its options with (simfs/cli.py)
+            # what a remount compares its options with (simfs/options.py)
             return json.dumps(dict(self.mount_options, passthrough=self.passthrough),
                               sort_keys=True).encode() + b"\n"
         if inode == ROOT and name == ADMIN_XATTR:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
 
 from conftest import SIMFS, VZQUOTA, vzquota
@@ -142,7 +143,7 @@ def test_docs_are_for_root_and_link_nothing_outside():
 def test_background_daemon_never_logs_nowhere(fuse, area):
     """Without /dev/log the daemon logs to a file, and says so at start."""
     from conftest import is_mountpoint
-    from simfs.cli import FALLBACK_LOG
+    from simfs.daemon import FALLBACK_LOG
     private, root = area
     before = os.path.getsize(FALLBACK_LOG) if os.path.exists(FALLBACK_LOG) else 0
     r = subprocess.run([SIMFS, str(private), str(root)], capture_output=True, text=True,
@@ -154,9 +155,15 @@ def test_background_daemon_never_logs_nowhere(fuse, area):
         else:
             assert r.stderr == (f"simfs: no syslog (/dev/log): the daemon logs to "
                                 f"{FALLBACK_LOG}\n")
-            with open(FALLBACK_LOG) as f:
-                f.seek(before)
-                assert f"mounted {private} at {root}" in f.read()
+            # written just after the daemon said it is ready
+            deadline = time.monotonic() + 10
+            while True:
+                with open(FALLBACK_LOG) as f:
+                    f.seek(before)
+                    if f"mounted {private} at {root}" in f.read():
+                        break
+                assert time.monotonic() < deadline, "no 'mounted' line in the log"
+                time.sleep(0.02)
     finally:
         if is_mountpoint(str(root)):
             subprocess.run(["umount", str(root)], check=True)

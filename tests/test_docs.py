@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from simfs import cli as simfs_cli
+from simfs import options as simfs_options
 from vzquota import cli as vz_cli
 from vzquota.errors import EXIT_CODES
 
@@ -143,12 +143,12 @@ def test_vzquota_environment_is_documented(vzquota_8):
 
 def test_every_simfs_mount_option_is_documented(simfs_8):
     options = plain("\n".join(section(simfs_8, "OPTIONS")))
-    assert "quotaid" in simfs_cli.SIMFS_VALUED
-    for key in sorted(simfs_cli.SIMFS_VALUED | simfs_cli.FUSE_VALUED):
+    assert "quotaid" in simfs_options.SIMFS_VALUED
+    for key in sorted(simfs_options.SIMFS_VALUED | simfs_options.FUSE_VALUED):
         assert has_word(options, key + "="), key
-    for key in sorted(simfs_cli.SIMFS_OPTIONAL):       # a value is optional: key[=VALUE]
+    for key in sorted(simfs_options.SIMFS_OPTIONAL):       # a value is optional: key[=VALUE]
         assert re.search(r"(?<![\w.-])" + re.escape(key) + r" ?\[=", options), key
-    for flag in sorted(simfs_cli.FUSE_FLAGS | simfs_cli.IGNORED | {"debug"}):
+    for flag in sorted(simfs_options.FUSE_FLAGS | simfs_options.IGNORED | {"debug"}):
         assert has_word(options, flag), flag
     for opt in ("-f", "-d", "-V"):
         assert has_word(options, opt), opt

@@ -24,7 +24,7 @@ import pytest
 
 import backing as bk
 from conftest import SIMFS, USER_PYTHON, is_mountpoint, vzquota
-from simfs import cli as simfs_cli
+from simfs import options as simfs_options
 from vzquota import control
 
 K = 1024
@@ -504,11 +504,11 @@ def test_user_namespaced_container(mounter, area):
 # ---- the option -------------------------------------------------------------------------
 
 def test_quota_admin_option_parsing(area):
-    _, own = simfs_cli.parse_options(["quotaid=5", "quota_admin"], "/p")
+    _, own = simfs_options.parse_options(["quotaid=5", "quota_admin"], "/p")
     assert own["quota_admin"] == "0"
-    _, own = simfs_cli.parse_options(["quotaid=5", "quota_admin=100000"], "/p")
+    _, own = simfs_options.parse_options(["quotaid=5", "quota_admin=100000"], "/p")
     assert own["quota_admin"] == "100000"
-    _, own = simfs_cli.parse_options(["quotaid=5"], "/p")
+    _, own = simfs_options.parse_options(["quotaid=5"], "/p")
     assert "quota_admin" not in own
     private, root = area
     for opt in ("quota_admin=x", "quota_admin=-1", "quota_admin=4294967295",

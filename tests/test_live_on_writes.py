@@ -352,7 +352,7 @@ def test_which_passes_hold():
 
 
 def test_recounthold_option():
-    from simfs.cli import UsageError, parse_options
+    from simfs.options import UsageError, parse_options
     assert parse_options(["recounthold=0.5"], "/p")[1]["recounthold"] == "0.5"
     assert parse_options(["recounthold=0"], "/p")[1]["recounthold"] == "0"
     for bad in ("-1", "61", "nan", "inf", "x", ""):

@@ -22,26 +22,27 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
 
-from . import __version__, control, progress, report
+from . import report
+# what the commands share (vzdq's commands import it too)
+from .cmdline import (Out, Usage, between_mounts, globolize_path, kernel_stat,
+                      parse_global, parse_qid, quiet_on_closed_pipe, request,
+                      scan_path)
 from .engine import QuotaEngine
-from .errors import (EC_EXDEV, EC_LIVE, EC_NOQUOTAFILE, EC_NOTRUN, EC_QUOTADIRTY,
-                     EC_QUOTAFILE, EC_RUN, EC_SYSERR, EC_UGID_NOTRUN, EC_USAGE,
-                     CrossDevice, VzError)
+from .errors import (EC_NOQUOTAFILE, EC_NOTRUN, EC_QUOTADIRTY, EC_QUOTAFILE, EC_RUN,
+                     EC_SYSERR, EC_UGID_NOTRUN, EC_USAGE, VzError)
 from .format import format_ugid, format_usage
 from .gnugetopt import NO_ARG, REQUIRED, GetoptError, GetoptLong
 from .model import QuotaObject, QuotaState, default_ugid_graces
-from .qfile import QuotaFile, no_gc, state_from_dict, state_to_dict
-from .scan import scan
+from .qfile import QuotaFile, no_gc, state_from_dict
 from .service import apply_limits, apply_limits2
 from .units import c_strtol, kib, parse_blocks, parse_count, parse_time
 
 PROG = "vzquota"
-LOG_ERROR, LOG_WARNING, LOG_INFO = 1, 2, 3
+
 
 # src/main.c: cmd_usage (printed by usage() with program_name).
 USAGE = """\
@@ -173,34 +174,6 @@ LIMIT_OPTS = {"b": "bsoft", "B": "bhard", "i": "isoft", "I": "ihard", "e": "bgra
               "n": "igrace"}
 
 
-class Usage(Exception):
-    """Print ``text`` on stderr as is and exit 2 (the original's usage())."""
-
-    def __init__(self, text: str):
-        super().__init__(text)
-        self.text = text
-
-
-@dataclass
-class Out:
-    """The original's debug levels: -q errors only, default warnings, -v info."""
-
-    level: int = LOG_WARNING
-    batch: int = 0
-
-    def warn(self, msg: str) -> None:
-        if self.level >= LOG_WARNING:
-            sys.stderr.write(f"vzquota : (warning) {msg}")
-
-    def info(self, msg: str) -> None:
-        if self.level >= LOG_INFO:
-            sys.stdout.write(f"vzquota : (info) {msg}")
-
-    @staticmethod
-    def error(msg: str) -> None:
-        sys.stderr.write(f"vzquota : (error) {msg}\n")
-
-
 @dataclass
 class Opts:
     """One command line, after parse_options() of src/common.c."""
@@ -223,23 +196,6 @@ class Opts:
     def sid(self) -> int:
         """The id as the original's messages print it (``%d``)."""
         return self.qid - 2**32 if self.qid >= 2**31 else self.qid
-
-
-def parse_qid(text: str) -> int:
-    """A quota id as the original's str2uint reads it (strtol, ASCII digits, an
-    optional sign; a negative id names the same unsigned id, -1 = 4294967295).
-    Values outside what an unsigned or signed 32-bit id can spell are refused
-    (the original would silently act on another id)."""
-    value = c_strtol(text)
-    if not -2**31 <= value < 2**32:
-        raise ValueError("quota id out of range")
-    return value % 2**32
-
-
-def globolize_path(path: str) -> str:
-    """globolize_path() of the original: an absolute path as given, a relative
-    one after the current directory and a slash (not normalized)."""
-    return path if path.startswith("/") else os.path.join(os.getcwd(), path)
 
 
 def parse_command(cmd: str, args: list[str]) -> Opts:
@@ -340,32 +296,6 @@ def creatable(o: Opts, qf: QuotaFile) -> None:
                       "directory")
 
 
-def scan_path(path: str, out: Out, ugids: bool):
-    """scan() of src/quotacheck.c, with its messages."""
-    out.info(f"scan mount point begin '{path}'\n")
-    try:
-        os.stat(path)
-    except OSError as e:
-        raise VzError(EC_SYSERR, f"quota check : stat {path}: {e.strerror}") from None
-    if not os.path.isdir(path):
-        raise VzError(EC_SYSERR, f"quota check : path {path} is not dir")
-    shown = progress.counter(f"vzquota: counting {path}", quiet=out.level < LOG_WARNING)
-    try:
-        r = scan(path, per_id=ugids, progress=shown)
-    except CrossDevice:
-        shown.close()
-        raise VzError(EC_EXDEV, "quota check : crossing mount point") from None
-    except VzError:
-        shown.close()
-        raise
-    except OSError as e:
-        shown.close()
-        raise VzError(EC_SYSERR, f"quota check : {e.filename or path}: "
-                      f"{e.strerror}") from None
-    shown.close(r.inodes)
-    return r
-
-
 def rescan(st: QuotaState, path: str | None, out: Out) -> None:
     """calc_current_usage(): uid/gid objects are counted only with the 2nd level on."""
     if not path:
@@ -427,21 +357,6 @@ def set_from_line(st: QuotaState, limits: dict) -> None:
         st.dirty = True
     if "ugid_limit" in limits and not was_limit and st.ugid_limit and st.ugid_on:
         st.dirty = True
-
-
-def request(qid: int, cmd: str, **args) -> dict | None:
-    """One request to the live mount of ``qid`` (None: no mount carries it).
-    A mount that stops while it is asked (``umount`` returns before the daemon
-    has saved and gone: vzctl runs ``stat -f`` and ``off`` right after it)
-    takes the question into its socket's backlog and drops it when it exits;
-    once its socket is gone -- it is removed after the last save -- that is
-    no mount, not a failed one."""
-    try:
-        return control.request(qid, cmd, **args)
-    except VzError as e:
-        if e.code == EC_LIVE and not os.path.exists(control.socket_path(qid)):
-            return None
-        raise
 
 
 def live(o: Opts, cmd: str, **args) -> dict | None:
@@ -700,110 +615,6 @@ def print_state(st: QuotaState, now: int, o: Opts, out: Out, *, active: bool,
         sys.stdout.write(text)
 
 
-def between_mounts(st: QuotaState) -> bool:
-    """The quota is on and its last mount stopped cleanly (or none has run
-    yet): the state the original's kernel quota was in when it was on with
-    nothing mounted.  ``stat`` answers with the file's figures, ``off``
-    switches it off, ``on`` says it is running already."""
-    return st.on and not st.mounted
-
-
-def kernel_stat(qid: int, qf: QuotaFile, save: bool, read_file: bool = True,
-                off_message: str = "Quota accounting is off, try vzquota show id\n"
-                ) -> dict:
-    """What the original's kernel answered for ``stat``: the live mount's
-    figures, or between mounts the quota file's (``between_mounts``); else
-    exit 6, saying so when the quota's mount is dead (``dead_mount_error``)."""
-    answered = True             # a mount answered (its quota may be off)
-    try:
-        reply = request(qid, "stat", save=save)
-        answered = reply is not None
-    except VzError as e:
-        if e.code != EC_NOTRUN:
-            raise
-        reply = None
-    if reply is not None and reply.get("active", True):
-        return reply
-    st = None
-    if not answered:            # no mount: between mounts, or a dead one?
-        try:
-            st = qf.load()
-        except VzError:
-            if read_file:
-                raise
-    if st is not None and between_mounts(st):
-        return {"ok": True, "active": True, "ugid_active": st.ugid_on and st.ugid_limit > 0,
-                "dropped": False, "now": int(time.time()), "state": state_to_dict(st),
-                "between_mounts": True}
-    if not answered:
-        dead = dead_mount_error(qid, st)
-        if dead is not None:
-            raise dead
-    raise VzError(EC_NOTRUN, off_message)
-
-
-def _dead_simfs_mounts(timeout: float = 1.0) -> list[str]:
-    """Mount points of simfs mounts whose daemon is gone: a statfs of the
-    mount point (always a request to the daemon, where a stat may be served
-    from the kernel's cache) fails with ENOTCONN.  Each runs in a thread given
-    ``timeout`` seconds, so a live mount that hangs cannot hang the caller."""
-    import errno
-    import threading
-    found: list[str] = []
-    try:
-        with open("/proc/self/mountinfo") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return found
-    for line in lines:
-        fields = line.split()
-        try:
-            fstype = fields[fields.index("-", 6) + 1]
-        except (ValueError, IndexError):
-            continue
-        if fstype != "fuse.simfs":
-            continue
-        point = (fields[4].replace("\\040", " ").replace("\\011", "\t")
-                 .replace("\\012", "\n").replace("\\134", "\\"))
-        result: list[int] = []
-
-        def probe(path: str = point) -> None:
-            try:
-                os.statvfs(path)
-                result.append(0)
-            except OSError as e:
-                result.append(e.errno or -1)
-        t = threading.Thread(target=probe, daemon=True)
-        t.start()
-        t.join(timeout)
-        if result and result[0] == errno.ENOTCONN:
-            found.append(point)
-    return found
-
-
-def dead_mount_error(qid: int, st: QuotaState | None) -> VzError | None:
-    """When the mount that served ``qid`` died (its daemon killed: the control
-    socket is left behind, or the file says a mount was accounting it) and a
-    dead simfs mount ("Transport endpoint is not connected") is still in
-    place, an error naming it and how to clear it; else None."""
-    sock_left = os.path.exists(control.socket_path(qid))
-    if not sock_left and not (st is not None and st.mounted):
-        return None
-    dead = _dead_simfs_mounts()
-    if not dead:
-        return None
-    sid = qid - 2**32 if qid >= 2**31 else qid
-    if len(dead) == 1:
-        where, how = f" at {dead[0]}", f"umount -l {dead[0]}"
-    else:
-        where, how = "", ("umount -l ROOT (the dead simfs mounts: "
-                          + ", ".join(dead) + ")")
-    return VzError(EC_NOTRUN, f"The simfs mount of quota id {sid}{where} is dead: its "
-                   "daemon is gone and the mount answers \"Transport endpoint is not "
-                   f"connected\"; clear it with {how}, then mount it again (the "
-                   "quota is recounted)")
-
-
 def live_stat(o: Opts, qf: QuotaFile) -> dict:
     """The answer to ``stat`` (the file is read and checked first, unless -f):
     ``kernel_stat``; exit 6 when accounting is off."""
@@ -922,31 +733,6 @@ HANDLERS = {"init": cmd_init, "on": cmd_on, "off": cmd_off, "drop": cmd_drop,
             "list": cmd_list}
 
 
-def parse_global(argv: list[str], usage: str, out: Out) -> tuple[list[str], bool] | int:
-    """parse_global_options() of src/common.c: ``+hvqVb``, --help, --version.
-    Returns (the arguments after them, help asked) or an exit code."""
-    parser = GetoptLong(argv, "+hvqVb", {"help": (NO_ARG, "h"), "version": (NO_ARG, "V")})
-    helped = False
-    try:
-        for key, _ in parser:
-            if key == "h":
-                helped = True
-            elif key == "V":
-                sys.stdout.write(f"Vzquota version {__version__}\n")
-                return 0
-            elif key == "v":
-                out.level += 1
-            elif key == "b":
-                out.batch += 1
-            elif key == "q":
-                out.level = LOG_ERROR
-    except GetoptError as e:
-        raise Usage(e.text + usage) from None
-    if not parser.rest:
-        raise Usage(usage)
-    return parser.rest, helped
-
-
 def run(argv: list[str]) -> int:
     out = Out()
     try:
@@ -979,21 +765,6 @@ def run(argv: list[str]) -> int:
         out.error(e.message)
         return e.code
     except KeyboardInterrupt:
-        return EC_SYSERR
-
-
-def quiet_on_closed_pipe(fn, *args) -> int:
-    """Run ``fn``; a reader that went away (``| head -1``) ends the process the
-    way it ends the C original: killed by SIGPIPE, without a word."""
-    try:
-        rc = fn(*args)
-        sys.stdout.flush()
-        return rc
-    except BrokenPipeError:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGPIPE)
         return EC_SYSERR
 
 

@@ -25,14 +25,10 @@ import struct
 
 from .errors import EC_LIVE, EC_SYSERR, VzError
 from .qfile import open_safe_file
+from .rundir import run_dir
 
-DEFAULT_RUNDIR = "/run/vzquota"
 MAX_LINE = 1 << 24           # an answer (it carries the whole state)
 MAX_REQUEST = 64 * 1024      # a request; a longer one is refused unread
-
-
-def run_dir() -> str:
-    return os.environ.get("VZQUOTA_RUNDIR") or DEFAULT_RUNDIR
 
 
 def socket_path(qid: int) -> str:

@@ -31,8 +31,8 @@ import os
 import re
 import sys
 
-from .cli import (Out, Usage, globolize_path, kernel_stat, parse_global, parse_qid,
-                  quiet_on_closed_pipe, scan_path)
+from .cmdline import (Out, Usage, globolize_path, kernel_stat, parse_global, parse_qid,
+                      quiet_on_closed_pipe, scan_path)
 from .errors import EC_USAGE, VzError
 from .gnugetopt import NO_ARG, REQUIRED, GetoptError, GetoptLong
 from .model import GROUP, USER, QuotaObject, QuotaState
