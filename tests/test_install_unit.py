@@ -76,9 +76,16 @@ def test_pip_install_into_a_new_venv(fuse, tmp_path, area):
         assert (venv / "share/man/man8" / page).read_text() == (REPO / "man" / page).read_text()
     assert (venv / "share/simfs-vzquota/logrotate/simfs").read_text() == \
         (REPO / "logrotate/simfs").read_text()
-    for unit in ("simfs@.service", "vzquota-metrics.service", "vzquota-metrics.timer"):
+    for unit in ("simfs@.service", "simfs-mountd.service", "simfs.target",
+                 "vzquota-metrics.service", "vzquota-metrics.timer"):
         assert (venv / "lib/systemd/system" / unit).read_text() == \
             (REPO / "systemd" / unit).read_text()
+    gen = venv / "lib/systemd/system-generators/simfs-generator"
+    assert gen.read_text() == (REPO / "systemd/simfs-generator").read_text()
+    assert os.access(gen, os.X_OK)
+    for example in (REPO / "systemd/examples").iterdir():
+        assert (venv / "share/doc/simfs-vzquota/examples" / example.name).read_text() == \
+            example.read_text()
     # mount(8)'s helper calling convention, a real mount, a clean stop
     private, root = area
     (private / "f").write_text("hello")

@@ -75,6 +75,14 @@ def test_install_path_into_a_temp_prefix(tmp_path):
         assert out.returncode == 0, (page, out.stderr)
         assert name.upper() in out.stdout.split("\n", 1)[0].upper(), (page, out.stdout[:200])
         assert page in out.stdout, page
+    # the units and the generator: copies, not links into the environment
+    units = dest / "usr/local/lib/systemd/system"
+    for unit in ("simfs@.service", "simfs-mountd.service", "simfs.target",
+                 "vzquota-metrics.service", "vzquota-metrics.timer"):
+        assert stat.S_ISREG(os.lstat(units / unit).st_mode), unit
+        assert (units / unit).read_text() == (REPO / "systemd" / unit).read_text(), unit
+    gen = dest / "usr/local/lib/systemd/system-generators/simfs-generator"
+    assert stat.S_ISREG(os.lstat(gen).st_mode) and os.access(gen, os.X_OK)
     # the logrotate file: a root-owned copy (not a link into the environment)
     conf = dest / "etc/logrotate.d/simfs"
     st = os.lstat(conf)

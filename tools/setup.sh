@@ -12,10 +12,12 @@
 #       mount.fuse.simfs, vzquota-metrics, vzdqcheck, vzdqdump and vzdqload
 #       linked into /usr/local/sbin (mount(8) runs fuse3's helper with a standard
 #       PATH, which then runs `simfs`), the man pages into
-#       /usr/local/share/man/man8, the units into /usr/local/lib/systemd/system
-#       and a copy of the logrotate file into /etc/logrotate.d/simfs.
+#       /usr/local/share/man/man8, copies of the units into
+#       /usr/local/lib/systemd/system and of simfs-generator into
+#       /usr/local/lib/systemd/system-generators, and a copy of the logrotate
+#       file into /etc/logrotate.d/simfs.
 #       Nothing there points into the checkout.  SIMFS_PREFIX=DIR installs the
-#       environment elsewhere, SIMFS_DESTDIR=DIR puts those links and the copy
+#       environment elsewhere, SIMFS_DESTDIR=DIR puts those links and copies
 #       under DIR (DIR/usr/local/sbin, DIR/etc/logrotate.d...).
 #   bash tools/setup.sh --test   also what the tests need:
 #     - e2fsprogs, xfsprogs, btrfs-progs (loop-image backings), busybox and wrk
@@ -107,6 +109,7 @@ quiet_pip() { grep -v '^WARNING: Location' || true; }
 SYS=${SIMFS_PREFIX:-/usr/local/lib/simfs-vzquota}
 stamp=$(cat pyproject.toml README.md $(find fusewire simfs vzquota man systemd logrotate -type f \
         \( -name '*.py' -o -name '*.8' -o -name '*.service' -o -name '*.timer' \
+        -o -name '*.target' -o -name '*.conf' -o -name '*-generator' \
         -o -path 'logrotate/*' \) | sort) \
         | sha256sum | cut -d' ' -f1)
 exec 9>"$SYS.lock"
@@ -140,8 +143,19 @@ done
 for page in "$SYS"/share/man/man8/*.8; do
     ln -sfn "$page" "$DEST/usr/local/share/man/man8/$(basename "$page")"
 done
+# Copies, not links into the environment: systemctl takes a unit file that is a
+# symlink for a "linked" unit (enable/disable then act on the link), and a unit
+# must not change or vanish with the environment.
+mkdir -p "$DEST/usr/local/lib/systemd/system-generators"
 for unit in "$SYS"/lib/systemd/system/*; do
-    ln -sfn "$unit" "$DEST/usr/local/lib/systemd/system/$(basename "$unit")"
+    dest="$DEST/usr/local/lib/systemd/system/$(basename "$unit")"
+    rm -f "$dest"
+    cp "$unit" "$dest"
+done
+for gen in "$SYS"/lib/systemd/system-generators/*; do
+    dest="$DEST/usr/local/lib/systemd/system-generators/$(basename "$gen")"
+    rm -f "$dest"
+    install -m 0755 "$gen" "$dest"
 done
 # logrotate reads only /etc/logrotate.d and wants its files root's and not
 # writable by others: a copy, not a link into the environment
