@@ -21,8 +21,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
-
 from conftest import BIN, is_mountpoint, vzquota
 from vzquota import control
 
@@ -68,7 +66,9 @@ def command(name: str, key: str, qid: str = QID, mainpid: int | None = None) -> 
 def test_systemd_analyze_verify(tmp_path):
     """Every unit as systemd reads it (the installed commands must exist:
     tools/setup.sh puts them in /usr/local/sbin)."""
-    assert shutil.which("systemd-analyze"), "systemd-analyze (package systemd) is missing"
+    assert shutil.which("systemd-analyze"), ("systemd-analyze is missing (package systemd, "
+                                             "which tools/setup.sh --test installs with "
+                                             "systemd-container)")
     for f in UNITS.iterdir():
         if f.suffix in (".service", ".target", ".timer"):
             shutil.copy(f, tmp_path / f.name)
