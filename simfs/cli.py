@@ -30,7 +30,7 @@ def plain_mount(argv: list[str]) -> bool:
     while i < len(argv):
         a = argv[i]
         if a == "-o" and i + 1 < len(argv):
-            if "remount" in argv[i + 1].split(","):
+            if argv[i + 1].startswith("-") or "remount" in argv[i + 1].split(","):
                 return False
             i += 2
             continue

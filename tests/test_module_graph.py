@@ -144,3 +144,18 @@ def test_the_mount_command_path_imports_almost_nothing():
     assert r.returncode == 0, r.stderr
     new = set(r.stdout.split())
     assert new <= {"simfs", "simfs.cli", "simfs.client", "vzquota", "vzquota.rundir"}, new
+
+
+def test_only_a_plain_mount_takes_the_lean_path():
+    """What the lean path sends to the service unparsed: two paths and ``-o``
+    words; anything else (a flag, a remount, a value that looks like an
+    option, a third word) is parsed by the command itself, as before."""
+    from simfs.cli import plain_mount
+    for argv in (["p", "r"], ["p", "r", "-o", "dev,suid,quotaid=5"],
+                 ["-o", "ro", "p", "r", "-o", "quotaid=5"]):
+        assert plain_mount(argv), argv
+    for argv in (["p"], ["p", "r", "x"], ["p", "r", "-f"], ["p", "r", "-d"],
+                 ["--service"], ["-V"], ["p", "r", "-o"], ["p", "r", "-o", "-f"],
+                 ["p", "r", "-ofoo"], ["p", "r", "-o", "ro,remount"], ["p", ""],
+                 ["p", "r", "--help"]):
+        assert not plain_mount(argv), argv
