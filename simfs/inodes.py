@@ -15,7 +15,7 @@ lookups (``ls -l`` of a huge directory) can fill the daemon's descriptor table.
 The table itself is bounded too: its records are lean (``Inode``), kept in
 least-recently-looked-up order, and past ``max_inodes`` (``-o maxinodes``)
 ``on_full`` tells the operations, which ask the kernel to forget the oldest
-(``oldest``; ``SimOperations.prune``, FUSE_NOTIFY_PRUNE) and drop them at
+(``oldest``; ``simfs.prune.Pruner``, FUSE_NOTIFY_PRUNE) and drop them at
 their FORGET.
 
 Pinned descriptors are never evicted: the root's, those of inodes unlinked
@@ -30,7 +30,7 @@ root is 1 (FUSE's ROOT_ID) and a backing inode numbered 1 takes the
 root's number: a bijection, so numbers are stable across lookups and hard links
 share one inode.  An unlinked inode that is neither pinned nor open is dead:
 if the backing filesystem reuses its number, ``adopt`` notices, tells
-``on_reused`` (which settles the dead inode's quota) and starts the record anew.
+``on_reused`` (the ledger frees the dead inode's charge) and starts the record anew.
 
 Concurrency: used only from the event loop that serves the mount; no method
 awaits, so each call is atomic with respect to other requests.  The one
@@ -204,6 +204,7 @@ class Inode:
     pinned = _flag(1)         # its descriptor is never evicted
     unlinked = _flag(2)       # its last name is gone
     freed = _flag(4)          # and the quota has given back what it held
+    held = _flag(8)           # kept by the ledger after the kernel let go (InodeTable.hold)
     del _flag
 
     def __init__(self, ino: int, st: os.stat_result, handle: int | bytes | None):
@@ -222,7 +223,7 @@ class Inode:
         self.uid = share(st.st_uid)     # as last charged; the owner the quota charges
         self.gid = share(st.st_gid)
         self.mode = share(st.st_mode)
-        self._flags &= 1          # neither unlinked nor freed
+        self._flags &= 1          # neither unlinked, freed nor held
 
     @property
     def fd(self) -> int:
@@ -317,7 +318,7 @@ class InodeTable:
         self._head = b""          # the common header of file handles (pack)
         self._tail = 0            # and the length of what follows it
         # The cap: past it, the daemon asks the kernel to forget the least
-        # recently looked-up inodes it may (SimOperations.prune).  ``inodes``
+        # recently looked-up inodes it may (simfs.prune.Pruner).  ``inodes``
         # is kept in that order: a lookup of a known inode moves it to the end.
         self.max_inodes = max_inodes
         self.peak = 0             # most inodes held at once
@@ -335,6 +336,12 @@ class InodeTable:
         self.closer: Closer | None = None
         self.lru: OrderedDict[int, Inode] = OrderedDict()
         self.pinned = 0
+        # The ledger's say when an inode is about to leave (no lookup, open or
+        # hold left): ``on_leave`` may keep it (returns True, having held
+        # it); ``on_dropped`` hears that it left; ``on_reused`` that a dead
+        # inode's number came back for a new backing inode.
+        self.on_leave: Callable[[Inode], bool] | None = None
+        self.on_dropped: Callable[[Inode], None] | None = None
         self.on_reused: Callable[[Inode], None] | None = None
         self._warned_pins = False
         # open_by_handle_at wants an open (not O_PATH) descriptor of the filesystem
@@ -572,15 +579,47 @@ class InodeTable:
         return self.adopt(fd, st), st
 
     def forget(self, ino: int, n: int) -> Inode | None:
-        """Drop ``n`` kernel references; returns the inode if it is now unused."""
+        """Drop ``n`` kernel references; returns the inode if it left the table."""
         inode = self.inodes.get(ino)
         if inode is None or ino == ROOT:
             return None
         inode.lookups -= n
-        if inode.lookups <= 0 and inode.opens <= 0:
-            self.drop(inode)
-            return inode
-        return None
+        return self._let_go(inode)
+
+    def opened(self, inode: Inode) -> None:
+        """An open handle of ``inode`` was made."""
+        inode.opens += 1
+
+    def closed(self, inode: Inode) -> Inode | None:
+        """One of its open handles was released; returns the inode if it left."""
+        inode.opens -= 1
+        return self._let_go(inode)
+
+    def hold(self, inode: Inode) -> None:
+        """Keep ``inode`` in the table although the kernel let go (the ledger:
+        its charge is not complete yet)."""
+        inode.held = True
+
+    def unhold(self, inode: Inode) -> Inode | None:
+        """End ``hold``; returns the inode if it left the table."""
+        if not inode.held:
+            return None
+        inode.held = False
+        return self._let_go(inode)
+
+    def _let_go(self, inode: Inode) -> Inode | None:
+        """The one place where an inode leaves the table: when nothing refers
+        to it (no kernel lookup, no open handle, no hold) and ``on_leave``
+        does not keep it."""
+        if (inode.lookups > 0 or inode.opens > 0 or inode._flags & 8
+                or self.inodes.get(inode.ino) is not inode):
+            return None
+        if self.on_leave is not None and self.on_leave(inode):
+            return None
+        self.drop(inode)
+        if self.on_dropped is not None:
+            self.on_dropped(inode)
+        return inode
 
     def drop(self, inode: Inode) -> None:
         del self.inodes[inode.ino]

@@ -184,7 +184,7 @@ class Mount:
             self.ops.passthrough = True
         if self.live is not None:
             self.live.orphans = self._orphans
-            self.live.gaps = lambda: len(self.ops.gapped) + self.ops.lost_gaps
+            self.live.gaps = self.ops.ledger.gaps
             self.ops.quota = self.live.engine
             self.ops.admin = QuotaAdmin(self.live, self.quota_admin)
             self._listen()
@@ -248,7 +248,7 @@ class Mount:
         finally:
             if self.live is not None and clean:
                 try:
-                    self.ops.settle_all()
+                    self.ops.ledger.charge_followed()
                 except Exception:
                     log.exception("settling files at stop failed")
                 try:
@@ -266,18 +266,18 @@ class Mount:
 
     async def _sweeps(self) -> None:
         """Every SWEEP_EVERY seconds, charge what files closed with delayed
-        blocks hold once they are allocated (SimOperations.sweep)."""
+        blocks hold once they are allocated (Ledger.sweep)."""
         while True:
             await anyio.sleep(SWEEP_EVERY)
-            if self.ops.unsettled and self.ops.gate is None:    # not while held
+            if self.ops.ledger.followed and self.ops.gate is None:    # not while held
                 try:
-                    await self.ops.sweep()
+                    await self.ops.ledger.sweep()
                 except Exception:
                     log.exception("settling closed files failed")
 
     async def _prunes(self) -> None:
         """Every PRUNE_EVERY seconds, a prune pass if the inode table is over
-        its cap and none is scheduled (SimOperations.prune: normally a lookup
+        its cap and none is scheduled (simfs.prune.Pruner: normally a lookup
         past the cap schedules one at once; this catches the rest, e.g. under
         trio, or when the kernel kept what a pass asked for)."""
         table = self.ops.table
@@ -515,7 +515,7 @@ class Mount:
                     # no await from here to the apply (the held requests go on
                     # only once this returns to the loop)
                     quiet = watch.complete(result)
-                    self.ops.refresh()
+                    self.ops.ledger.refresh()
                     bound = None if quiet else watch.bound(result)
                     done = live.finish_recalc(result, quiet, n == RECALC_PASSES - 1,
                                               "stale" if stale else "recalc", bound)

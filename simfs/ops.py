@@ -1,93 +1,72 @@
 """The FUSE request handlers: translate each request into calls on the backing
-tree (``lower``, ``inodes``) and on the quota engine (``vzquota.engine``).
+tree (``lower``, ``inodes``), with the ledger's calls around each that may
+allocate.
 
-Role: translation only.  The quota engine decides; this module reserves before
-every allocating backing call, commits what the backing filesystem really
-allocated (``st_blocks`` after minus before), releases on failure, and frees on
-unlink/rmdir/truncate/rename-over.  An unlinked inode the kernel can still
-reach (an open handle, or a lookup reference through which /proc/PID/fd reopens
-it) stays charged, and every write to it is reserved as any other; it is freed
-exactly once, when it leaves the inode table (its FORGET or last release).
-Blocks the backing filesystem allocates late (ext4 extent blocks at writeback,
-XFS preallocation) are charged when they appear and when a file settles (near
-a limit before each write, at its last release, at FORGET), never past a hard
-limit: what a limit leaves over waits in ``gapped`` until space is freed, the
-inode kept in the table meanwhile (up to GAPS_HELD of them) even once the
-kernel let go of it. A file closed while ext4 still has blocks to allocate for
-it is followed (``unsettled``, kept in the table too) until they are, and
-charged then (``sweep``, run periodically by the mount). Every handler goes
-through ``errno_boundary``, the one place where ``OSError`` becomes its errno, a
-quota refusal becomes ``EDQUOT`` and anything unexpected is logged with its
-traceback and answered with ``EIO``.
+Role: translation only, as libfuse's passthrough_hp: resolve the request's
+numbers to records (``InodeTable``, ``handles``), make the backing system
+call, build the reply.  Each handler that may allocate calls the ledger
+(``simfs.ledger``) before the backing call (reserve: EDQUOT, or ENOSPC at the
+host's root reserve, from the call itself) and after it (commit what the
+backing filesystem really allocated, or release on failure); unlink, rmdir
+and rename-over tell it what lost its last name; release tells it of a last
+close.  Everything about charges (late allocations, gaps, the root reserve,
+directory growth) is the ledger's; who may set the quota from inside and
+what the caller sees of it (``user.vzquota``) are vzquota's.
+
+Invariants (each allocating handler is a plain function, so no await can be
+written inside it):
+1. reserve, then the backing call, then commit or release: no await between,
+   so no other request sees a charge half done;
+2. the table alone counts lookups, opens and holds, and decides when an inode
+   leaves it (the ledger charges it for good then);
+3. every handler goes through ``errno_boundary``, the one place where
+   ``OSError`` becomes its errno, a quota refusal ``EDQUOT`` and anything
+   unexpected ``EIO`` (logged with its traceback).
+
 It also counts the requests answered per operation (``counts``, shown to the
 host's root as the virtual ``trusted.simfs.requests`` attribute of the root).
 Missing names are answered as negative entries the kernel caches, and FLUSH
 with ENOSYS (the kernel then stops sending it): fewer round trips.
 
-Concurrency: the binding (simfs.binding) runs handlers on one event loop on one
-thread.  Handlers do
-their backing I/O inline (pread/pwrite are fast and offloading measured slower),
-except fsync and the part of a large read the page cache cannot serve at once,
-which go to a worker thread (reads touch no quota state).  No handler awaits
-between a reservation and its commit or release, so a charge is never seen half
-done; ``sweep`` awaits only a file's writeback, and reads its stat after it.
-The kernel write-back cache stays off so that ``EDQUOT`` is returned by write(2) itself.
+Concurrency: the binding (simfs.binding) runs handlers on one event loop on
+one thread.  Handlers do their backing I/O inline (pread/pwrite are fast and
+offloading measured slower), except fsync and the part of a large read the
+page cache cannot serve at once, which go to a worker thread (reads touch no
+quota state).  The kernel write-back cache stays off so that ``EDQUOT`` is
+returned by write(2) itself.
 """
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import errno
 import functools
 import inspect
-import itertools
 import json
 import logging
 import os
 import resource
 import stat
-import time
 from dataclasses import dataclass
 from typing import Callable
 
-import anyio
 
 import fusewire
 from fusewire import FUSEError, get_sup_groups, readdir_reply
 
-from vzquota.engine import INFINITE, QuotaEngine
+from vzquota.engine import QuotaEngine
 from vzquota.errors import QuotaExceeded
-from vzquota.inside import ADMIN_XATTR, refuse_without_quota
-from vzquota.model import GROUP, USER
+from vzquota.inside import ADMIN_XATTR, caller_view, refuse_without_quota
 
 from . import lower
+from .ledger import Ledger, in_thread
+from .privs import inherited_acl, keep_made_mode, kill_privs
+from .prune import Pruner
 from .inodes import MAX_INODES, MAX_OPEN, ROOT, Budget, Inode, InodeTable, OpenShares
 from .statfs import host_figures, quota_figures
 
 log = logging.getLogger(__name__)
 
-# Below this many bytes left to non-root users on the backing filesystem, its
-# f_bavail is read again before each allocation; above it, at most every HOST_TTL s.
-HOST_EDGE = 64 << 20
-HOST_TTL = 1.0
-# A write is answered without looking at the file when this much room is left
-# past it; closer to a limit the file is settled first (see write).
-SETTLE_ZONE = 1 << 20
-# More extents than this and an ext4 file needs blocks for its extent tree,
-# allocated at writeback.
-EXTENTS_IN_INODE = 4
-# The longest extent ext4 maps (an unwritten one: 32767 blocks; a written one 32768).
-EXTENT_MAX = 32767
-DIR_GROWTH = 4                  # blocks reserved for a directory taking a new name
-GAPS_HELD = 1024                # gapped inodes kept in the table after the kernel let go
-# Files closed while ext4 still had to allocate their delayed blocks, followed
-# until it has (see sweep): at most UNSETTLED_MAX at once (past it a last close
-# settles its file as a write near a limit does); SWEEP_MAX looked at per sweep; one
-# older than SETTLE_AGE seconds has its writeback done by the sweep.
-UNSETTLED_MAX = 4096
-SWEEP_MAX = 512
-SETTLE_AGE = 2.0
 QUOTA_XATTR = b"user.vzquota"   # read-only, virtual, on the root only
 COUNTS_XATTR = b"trusted.simfs.requests"   # read-only, virtual, root only: request counts
 OPTIONS_XATTR = b"trusted.simfs.options"   # read-only, virtual, root only: simfs's -o values
@@ -106,13 +85,6 @@ TIMEOUT = 60.0                  # entry/attr cache: every change comes through u
 # Reads of at least this many bytes that the backing page cache cannot serve at
 # once (RWF_NOWAIT) go to a worker thread.
 READ_NOWAIT = 32 << 10
-# Inodes asked of the kernel per prune pass at most (see prune): a pass is a
-# few milliseconds of the loop.  Passes are PRUNE_GAP seconds apart at least,
-# twice that after each pass after which no inode left the table (the kernel
-# uses them all), up to PRUNE_GAP_MAX.
-PRUNE_MAX = 2048
-PRUNE_GAP = 0.005
-PRUNE_GAP_MAX = 1.0
 
 
 # Handlers that may change names or allocations: ``SimOperations.mutations``
@@ -125,34 +97,6 @@ MUTATING = frozenset({"setattr", "mknod", "mkdir", "symlink", "create", "link", 
 # Handlers a live recount may hold while it scans (``SimOperations.gate``):
 # everything that may change names or allocations (open only with O_TRUNC).
 HELD = MUTATING | {"release", "fsync"}
-
-
-def in_thread(fn: Callable, *args):
-    """An awaitable running ``fn(*args)`` in a worker thread.  Under asyncio a
-    plain executor future: the request loop (fusewire's reader callback, or a
-    patched pyfuse3's) first runs a handler outside any task, where anyio
-    cannot tell which loop it is on."""
-    try:
-        loop = asyncio.get_running_loop()
-    except RuntimeError:          # trio
-        return anyio.to_thread.run_sync(fn, *args)
-    return loop.run_in_executor(None, fn, *args)
-
-
-def _writeback(fd: int) -> None:
-    """Write ``fd`` back and wait for it; a failure only leaves it unsettled."""
-    try:
-        lower.start_writeback(fd, wait=True)
-    except OSError:
-        pass
-
-
-def _writeback_and_close(fd: int) -> None:
-    """In a worker thread: ``_writeback`` of ``fd``, then close it."""
-    try:
-        _writeback(fd)
-    finally:
-        os.close(fd)
 
 
 # Held requests that never allocate (they free, or change no usage): they wait
@@ -256,7 +200,7 @@ class Handle:
     fd: int
     inode: Inode
     user: bool = False      # opened by a non-root caller: kept out of the root reserve
-    wrote: bool = False     # written through: settled at its last release
+    wrote: bool = False     # written through: its allocation forced at its last release
     trim: bool = False      # XFS file without exact allocation: trimmed after each write
     uid: int = 0            # who opened it (its share of the budget: OpenShares)
     backing: int = 0        # passthrough backing id (reads bypass the daemon), 0 if none
@@ -287,10 +231,10 @@ class SimOperations:
     # HANDLE_KILLPRIV_V2 (one request per write(2): the kernel stops asking for
     # security.capability before each write and tells the daemon, by a flag on
     # write/setattr/open, when set-user-ID/set-group-ID must go: see
-    # _kill_privs), POSIX_ACL (the kernel enforces ACLs; SETXATTR_EXT carries
+    # privs.kill_privs), POSIX_ACL (the kernel enforces ACLs; SETXATTR_EXT carries
     # its kill-sgid flag for an ACL change) and DONT_MASK (the kernel sends a
     # new node's mode unmasked with the umask beside it, so that a default ACL
-    # replaces the umask as on a local filesystem: see _acl_inherited)
+    # replaces the umask as on a local filesystem: see privs.inherited_acl)
     fuse_want = (fusewire.kernel.HANDLE_KILLPRIV_V2 | fusewire.kernel.POSIX_ACL
                  | fusewire.kernel.SETXATTR_EXT | fusewire.kernel.DONT_MASK)
     # the fusewire.Session serving the mount (set by simfs.binding; None under
@@ -301,33 +245,12 @@ class SimOperations:
                  max_inodes: int = MAX_INODES):
         limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         self.table = InodeTable(root_fd, Budget.plan(limit, max_open), max_inodes=max_inodes)
-        self.table.on_full = self._prune_soon
-        self._prune_next = 0.0    # no prune pass before (time.monotonic)
-        self._prune_gap = PRUNE_GAP
-        self._prune_dropped = -1  # table.dropped at the last pass
+        self.pruner = Pruner(self.table, lambda: self.channel, self._kept)
         self.shares = OpenShares(self.table.budget.files)
-        self.table.on_reused = self._reused
         self.bsize = os.fstatvfs(root_fd).f_bsize or 4096
-        # XFS: regular files get exact allocation (see _exact)
-        self.xfs = lower.fs_magic(root_fd) == lower.XFS_SUPER_MAGIC
-        # What a directory may grow by when it takes one more name (ext4's
-        # switch to an indexed directory adds 2 blocks); raised to the largest
-        # growth seen, so the reservation stays an upper bound.
-        self.dir_growth = DIR_GROWTH * self.bsize
-        # the backing filesystem's f_bavail in bytes, as last read, less what
-        # non-root callers allocated since (see _host_room)
-        self._host_avail = 0
-        self._host_next = 0.0
-        # inodes holding blocks the hard limits left uncharged (see _reconcile)
-        self.gapped: set[Inode] = set()
-        # those of them the kernel let go, kept in the table by one reference
-        # of ours (at most GAPS_HELD) until their gap is charged (see _hold)
-        self.held: set[Inode] = set()
-        self.lost_gaps = 0      # gapped inodes let go past GAPS_HELD
-        # written files whose allocation may still change (delayed blocks at
-        # their last close), oldest first, with the time they were closed
-        self.unsettled: collections.OrderedDict[Inode, float] = collections.OrderedDict()
-        self.quota: QuotaEngine | None = None
+        # the charges per inode (it hears from the table when one leaves)
+        self.ledger = Ledger(self.table, self.bsize,
+                             lower.fs_magic(root_fd) == lower.XFS_SUPER_MAGIC)
         self._nowait = True       # the backing filesystem takes RWF_NOWAIT reads
         self.handles: dict[int, Handle | DirHandle] = {}
         self._next_fh = 1
@@ -369,6 +292,15 @@ class SimOperations:
         counts = self.counts
         return sum(counts[op] for op in MUTATING)
 
+    @property
+    def quota(self) -> QuotaEngine | None:
+        """The mount's quota engine (None: quota off), held by the ledger."""
+        return self.ledger.quota
+
+    @quota.setter
+    def quota(self, engine: QuotaEngine | None) -> None:
+        self.ledger.quota = engine
+
     # ---- helpers -------------------------------------------------------------
 
     def _attrs(self, st: os.stat_result, ino: int | None = None) -> fusewire.EntryAttributes:
@@ -393,254 +325,6 @@ class SimOperations:
         self.shares.give(h.uid)
         return h
 
-    def _reconcile(self, inode: Inode, st: os.stat_result) -> None:
-        """Charge the difference between what the inode allocates now and what
-        was charged for it (a directory that grew, a truncate, blocks the
-        backing filesystem allocated late).  What was already allocated is
-        charged only as far as the hard limits allow: the rest waits in
-        ``gapped`` until room comes back (``_settle_gaps``)."""
-        inode.mode = st.st_mode
-        new = st.st_blocks * 512
-        q = self.quota
-        if q is None or inode.freed:
-            inode.space = new
-            return
-        delta = new - inode.space
-        if delta > 0:
-            delta = min(delta, q.room(inode.uid, inode.gid, soft=False))
-        if delta:
-            q.charge(inode.uid, inode.gid, delta)
-            inode.space += delta
-        if inode.space < new:
-            self.gapped.add(inode)
-        else:
-            self.gapped.discard(inode)
-
-    def _settle_gaps(self) -> None:
-        """Charge what the hard limits left uncharged, now that room came back."""
-        for inode in list(self.gapped):
-            if self.table.inodes.get(inode.ino) is inode and not inode.freed:
-                try:
-                    st = os.fstat(inode.fd)
-                except OSError:           # gone (ESTALE): nothing left to charge
-                    self.gapped.discard(inode)
-                    continue
-                self._reconcile(inode, st)
-            else:
-                self.gapped.discard(inode)
-        if self.held:
-            for inode in [i for i in self.held
-                          if i not in self.gapped and i not in self.unsettled]:
-                self._unhold(inode)
-
-    def _hold(self, inode: Inode) -> bool:
-        """The kernel let go of ``inode``: if it holds blocks a hard limit left
-        uncharged, keep it in the table (one reference of ours) so that they
-        are charged once room comes back and a later unlink frees only what
-        was charged; likewise while its allocation is unsettled (``sweep``).
-        True if it is kept."""
-        if inode in self.held:
-            return False
-        if inode in self.unsettled or (inode in self.gapped and len(self.held) < GAPS_HELD):
-            self.held.add(inode)
-            inode.lookups += 1
-            return True
-        return False
-
-    def _unhold(self, inode: Inode) -> None:
-        """Drop our reference to a held inode (its gap is charged, or it is
-        gone); it leaves the table if the kernel holds it no more."""
-        if inode in self.held:
-            self.held.discard(inode)
-            inode.lookups -= 1
-            if (inode.lookups <= 0 and inode.opens <= 0
-                    and self.table.inodes.get(inode.ino) is inode):
-                self.table.drop(inode)
-                self._dropped(inode)
-
-    def _trim(self, fd: int, st: os.stat_result) -> bool:
-        """Give back the blocks a file holds past its end (XFS's speculative
-        preallocation), keeping its times.  True if there were any.  Only on
-        XFS, and not in a file preallocated on purpose (fallocate with
-        KEEP_SIZE: XFS marks it so, and keeps those blocks itself)."""
-        if not self.xfs:
-            return False
-        end = -(-st.st_size // self.bsize) * self.bsize
-        try:
-            if lower.deliberate_prealloc(fd):
-                return False
-            if not lower.extents(fd, end):
-                return False
-            lower.punch(fd, end, st.st_blocks * 512 + self.bsize)
-            os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
-        except OSError:           # no FIEMAP (tmpfs) or no hole punching
-            return False
-        return True
-
-    def _exact(self, fd: int) -> bool:
-        """On XFS, make a regular file allocate exactly what each write needs,
-        inside the write (lower.exact_allocation): no speculative preallocation
-        to charge now and see vanish later.  False for a file that cannot (it
-        already maps extents): its writes are trimmed instead (Handle.trim)."""
-        try:
-            return lower.exact_allocation(fd, self.bsize)
-        except OSError as e:
-            log.warning("no exact allocation on XFS (%s): writes are trimmed", e)
-            return False
-
-    def _settle_file(self, fd: int, follow: bool) -> tuple[int, os.stat_result, bool]:
-        """Make the backing filesystem allocate (or free) now what it would at
-        writeback, and drop its preallocation past the end, so that what is
-        charged stays true after the inode leaves the table.  Returns how many
-        extents it maps, its stat, and whether that stat may still change
-        (delayed blocks left, for ``sweep`` to settle).
-
-        Its writeback is done and waited for when its extent map may change
-        size then: more extents than the inode holds (ext4 adds extent-tree
-        blocks at writeback, and frees one again when the completed I/O merges
-        extents), or fewer but blocks beyond its data (an extent-tree block a
-        truncate left, which the next writeback merges back into the inode).
-        Delayed blocks left otherwise: ext4 may still allocate them in more
-        pieces than the inode holds, and it takes them off its delayed count a
-        moment before it adds them to ``st_blocks``, so a stat read while
-        writeback allocates is short.  With ``follow`` such a file is returned
-        as unsettled (``sweep`` charges it once they are allocated); without
-        (a write near a limit, which must not wait for every block), a stat
-        that shows it was read short (below the data), or may hide it (a
-        block of extended attributes), is read again after the writeback."""
-        st = os.fstat(fd)
-        if self._trim(fd, st):
-            st = os.fstat(fd)
-        try:
-            n = lower.extents(fd, 0)
-            wait = n > EXTENTS_IN_INODE
-            delayed = False
-            if n and not wait:
-                data, delayed, _ = lower.mapping(fd, n, self.bsize)
-                st = os.fstat(fd)   # after the map: nothing delayed there, nothing in flight
-                have = st.st_blocks * 512
-                wait = have > data or (delayed and not follow and (
-                    have < data or bool(os.listxattr(fd))))
-            if wait:
-                lower.start_writeback(fd, wait=True)
-                st = os.fstat(fd)
-                delayed = False
-        except OSError:
-            return 0, os.fstat(fd), False
-        return n, st, delayed and follow
-
-    def _unsettled(self, inode: Inode) -> None:
-        """``inode`` was closed with delayed blocks: follow it until they are
-        allocated (``sweep``)."""
-        self.unsettled[inode] = time.monotonic()
-        self.unsettled.move_to_end(inode)
-
-    def _settled(self, inode: Inode) -> None:
-        if self.unsettled.pop(inode, None) is not None and inode not in self.gapped:
-            self._unhold(inode)
-
-    async def sweep(self) -> None:
-        """Charge what files closed with delayed blocks hold once the backing
-        filesystem has allocated them (no delayed or unwritten extent left: a
-        stat read then is exact, see ``_settle_file``); a file still unsettled
-        SETTLE_AGE seconds after its close has its writeback done here, in a
-        worker thread.  At most SWEEP_MAX files per call; run periodically
-        by the mount (simfs/mount.py)."""
-        now = time.monotonic()
-        for inode, since in list(itertools.islice(self.unsettled.items(), SWEEP_MAX)):
-            if inode.freed or self.table.inodes.get(inode.ino) is not inode:
-                self._settled(inode)
-                continue
-            try:
-                fd = lower.reopen(inode.fd, os.O_RDONLY | os.O_NOATIME)
-            except OSError:           # gone, or not ours to open: nothing to follow
-                self._settled(inode)
-                continue
-            try:
-                if not lower.settled(fd, self.bsize):
-                    if now - since < SETTLE_AGE:
-                        continue
-                    # the thread owns a duplicate: it stays valid (and is
-                    # closed) even if this sweep is cancelled meanwhile
-                    await in_thread(_writeback_and_close, os.dup(fd))
-                    if inode.freed or self.unsettled.get(inode) != since:
-                        continue      # gone, or closed again meanwhile
-                self._reconcile(inode, os.fstat(fd))
-                self._settled(inode)
-            except OSError as e:
-                log.warning("settling inode %d: %s", inode.ino, e)
-                self._settled(inode)
-            finally:
-                os.close(fd)
-
-    def settle_all(self) -> None:
-        """At a clean stop: write back the backing filesystem and charge what
-        every unsettled file holds then."""
-        if not self.unsettled:
-            return
-        fd = lower.reopen(self.table.root.fd, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            lower.syncfs(fd)
-        finally:
-            os.close(fd)
-        for inode in list(self.unsettled):
-            if not inode.freed and self.table.inodes.get(inode.ino) is inode:
-                try:
-                    self._reconcile(inode, os.fstat(inode.fd))
-                except OSError:
-                    pass
-            self._settled(inode)
-
-    def refresh(self) -> None:
-        """Re-read what every known inode allocates (after a recount: writes
-        made while quota was off were not followed)."""
-        for inode in list(self.table.inodes.values()):
-            try:
-                st = os.fstat(inode.fd)
-            except OSError:           # gone (ESTALE): nothing to re-read
-                continue
-            inode.space, inode.uid, inode.gid = st.st_blocks * 512, st.st_uid, st.st_gid
-        # the recount charged what they hold: no gap is left
-        self.gapped.clear()
-        self.lost_gaps = 0
-        for inode in list(self.held):
-            self._unhold(inode)
-
-    def _reconcile_dir(self, parent: Inode) -> None:
-        self._reconcile(parent, os.fstat(parent.fd))
-
-    def _host_room(self) -> int:
-        """Bytes non-root callers may still allocate on the backing filesystem:
-        its f_bavail (root writes for them, so without this they would eat the
-        blocks reserved for the host's root).  Read again at most every
-        HOST_TTL seconds while far from the edge, before every call near it."""
-        if self._host_avail < HOST_EDGE or time.monotonic() >= self._host_next:
-            sv = os.fstatvfs(self.table.root.fd)
-            self._host_avail = sv.f_bavail * sv.f_frsize
-            self._host_next = time.monotonic() + HOST_TTL
-        return self._host_avail
-
-    def _host_check(self, ctx, amount: int) -> None:
-        """ENOSPC for a non-root caller when ``amount`` bytes would not fit in
-        the backing filesystem's f_bavail."""
-        if ctx.uid != 0:
-            if amount > self._host_room():
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            self._host_avail -= amount
-
-    def _reserve_dir(self, parent: Inode, ctx):
-        """Before a call that adds a name to ``parent``: hold what the directory
-        may grow by, for its owner (QuotaExceeded when that does not fit)."""
-        self._host_check(ctx, self.dir_growth)
-        return self._reserve(parent.uid, parent.gid, self.dir_growth)
-
-    def _settle_dir(self, parent: Inode, res) -> None:
-        """After it: charge what the directory really grew by."""
-        self._release(res)
-        before = parent.space
-        self._reconcile_dir(parent)
-        self.dir_growth = max(self.dir_growth, parent.space - before)
-
     def _new_owner(self, parent: Inode, ctx) -> tuple[int, int]:
         """uid, gid of a new node: the caller's, or the setgid parent's group."""
         pst = os.fstat(parent.fd)
@@ -648,27 +332,15 @@ class SimOperations:
             return ctx.uid, pst.st_gid
         return ctx.uid, ctx.gid
 
-    def _reserve(self, uid: int, gid: int, space: int = 0, inodes: int = 0):
-        if self.quota is None:
-            return None
-        return self.quota.reserve(uid, gid, space, inodes)
-
-    def _release(self, res) -> None:
-        if res is not None and self.quota is not None:
-            self.quota.release(res)
-
     def _make_node(self, parent: Inode, name: bytes, ctx, space: int,
                    make: Callable[[int, int], None]) -> tuple[Inode, os.stat_result]:
-        """Reserve one inode (and ``space``), run ``make(uid, gid)`` which creates
-        ``name`` in ``parent``, give it to the caller, commit what it took."""
+        """Run ``make(uid, gid)``, which creates ``name`` in ``parent``, give the
+        node to the caller, and adopt it; the ledger reserves one inode (and
+        ``space``) before and charges what it took after."""
         self.table.need_room()
         uid, gid = self._new_owner(parent, ctx)
-        dres = self._reserve_dir(parent, ctx)
-        try:
-            res = self._reserve(uid, gid, space, 1)
-        except BaseException:
-            self._release(dres)
-            raise
+        led = self.ledger
+        held = led.before_node(parent, ctx.uid, uid, gid, space)
         try:
             make(uid, gid)
             try:
@@ -678,15 +350,11 @@ class SimOperations:
                 self._unmake(parent, name)
                 raise
         except BaseException:
-            self._release(res)
-            self._release(dres)
+            led.failed_node(held)
             raise
         st = os.fstat(fd)
         inode = self.table.adopt(fd, st)
-        if res is not None:
-            self.quota.commit(res, st.st_blocks * 512, 1)
-        inode.space, inode.uid, inode.gid = st.st_blocks * 512, st.st_uid, st.st_gid
-        self._settle_dir(parent, dres)
+        led.after_node(parent, inode, st, held)
         return inode, st
 
     @staticmethod
@@ -698,196 +366,36 @@ class SimOperations:
         except OSError:
             pass
 
-    def _gone(self, st: os.stat_result) -> None:
-        """A name whose inode (``st``, taken before) lost its last link.  An inode
-        the kernel still holds (a lookup reference, an open handle) can be
-        reopened through /proc/PID/fd: it stays charged until ``_dropped``."""
-        inode = self.table.find(st.st_ino)
-        if inode is None:
-            if self.quota is not None:
-                self.quota.free(st.st_uid, st.st_gid, st.st_blocks * 512, 1)
-                if self.gapped:
-                    self._settle_gaps()
-            return
-        inode.unlinked = True
-        self.table.keep(inode)        # alive while the kernel can reach it
-        self._unhold(inode)           # freed now if only we held it
-
-    def _dropped(self, inode: Inode | None) -> None:
-        """The kernel can no longer reach ``inode`` (left the table)."""
-        if inode is not None:
-            if inode in self.gapped and not inode.unlinked:
-                self.lost_gaps += 1   # no longer followed (GAPS_HELD reached)
-            self.gapped.discard(inode)
-            self.held.discard(inode)
-            self.unsettled.pop(inode, None)
-            if inode.unlinked:
-                self._free(inode)
-
-    def _reused(self, inode: Inode) -> None:
-        """The backing filesystem gave a dead inode's number to a new one: the
-        dead one is settled now (the table then starts its record anew)."""
-        self._free(inode)
-
-    def _free(self, inode: Inode) -> None:
-        """Give back what a gone inode held, once."""
-        if not inode.freed:
-            inode.freed = True
-            if self.quota is not None:
-                self.quota.free(inode.uid, inode.gid, inode.space, 1)
-                if self.gapped:
-                    self._settle_gaps()
-
     def _last_link(self, st: os.stat_result) -> bool:
         return stat.S_ISDIR(st.st_mode) or st.st_nlink <= 1
 
     # ---- the cap on inodes (InodeTable.max_inodes) ----------------------------
 
-    def _prunable(self, inode: Inode) -> bool:
-        """Whether the kernel may be asked to forget ``inode``: the table's own
-        test (not the root, looked up, no open handle, not pinned, not
-        unlinked) and no state of ours that needs it kept (held for a gap,
-        unsettled, gapped, a passthrough handle)."""
-        return (inode not in self.held and inode not in self.unsettled
-                and inode not in self.gapped and inode.ino not in self.pt_opens)
-
-    def _prune_soon(self) -> None:
-        """The table went past its cap (from inside a handler): prune from the
-        loop once this request is answered, never inside it."""
-        if self.channel is None or not getattr(self.channel, "can_prune", False):
-            # no PRUNE (pyfuse3, a kernel before 7.45): nothing to ask
-            log.warning("%d inodes held, past maxinodes=%d: the kernel cannot be asked "
-                        "to forget some (%s); the table holds what the kernel holds",
-                        len(self.table.inodes) - 1, self.table.max_inodes,
-                        "pyfuse3" if self.channel is None else
-                        f"FUSE 7.{getattr(self.channel, 'minor', 0)}, PRUNE needs 7.45")
-            return
-        try:
-            loop = asyncio.get_running_loop()
-            delay = self._prune_next - time.monotonic()
-            if delay > 0:
-                loop.call_later(delay, self.prune)
-            else:
-                loop.call_soon(self.prune)
-        except RuntimeError:      # trio: no timer here; a later lookup asks again
-            if self._prune_next > time.monotonic():
-                self.table.full = False
-                return
-            try:
-                import trio
-                trio.lowlevel.current_trio_token().run_sync_soon(self.prune)
-            except Exception:
-                self.table.full = False   # the mount's periodic check does it (Mount._prunes)
+    def _kept(self, inode: Inode) -> bool:
+        """Whether the kernel must not be asked to forget ``inode`` (beyond
+        the table's own test): the ledger follows it, or a passthrough handle
+        has it."""
+        return self.ledger.busy(inode) or inode.ino in self.pt_opens
 
     def prune(self) -> int:
-        """Ask the kernel to forget the least recently looked-up inodes we may
-        let go of (``_prunable``), down to 1/16 below the cap, PRUNE_MAX at
-        most per pass.  The kernel drops those it does not use and sends
-        their FORGETs, which take them out of the table as any FORGET does
-        (charged for good on the way: ``forget``); a later lookup of the same
-        name adopts the same backing inode again (by its file handle, its
-        number).  Returns how many were asked.  Run from the loop only."""
-        table = self.table
-        table.full = False
-        channel = self.channel
-        if channel is None or not getattr(channel, "can_prune", False):
-            return 0
-        n = table.over()
-        if n <= 0:
-            return 0
-        # back off while the kernel lets nothing go (it uses every inode asked)
-        if table.dropped == self._prune_dropped:
-            self._prune_gap = min(self._prune_gap * 2, PRUNE_GAP_MAX)
-        else:
-            self._prune_gap = PRUNE_GAP
-        self._prune_dropped = table.dropped
-        self._prune_next = time.monotonic() + self._prune_gap
-        ids = table.oldest(min(n, PRUNE_MAX), self._prunable)
-        if not ids:
-            return 0
-        try:
-            sent = channel.prune(ids)
-        except OSError as e:
-            if e.errno not in (errno.ENODEV, errno.ECONNABORTED, errno.EBADF):  # unmounted
-                log.warning("asking the kernel to forget %d inodes failed: %s", len(ids), e)
-            return 0
-        table.pruned += sent
-        log.debug("prune: %d inodes over, %d asked, next pass in %.3f s at the earliest",
-                  n, sent, self._prune_gap)
-        return sent
+        """A prune pass now (``Pruner.prune``); how many inodes were asked."""
+        return self.pruner.prune()
 
     def inodes_report(self) -> dict:
         t = self.table
         return {"inodes": len(t.inodes) - 1, "peak": t.peak, "max": t.max_inodes,
-                "pruned": t.pruned, "held": len(self.held),
-                "unsettled": len(self.unsettled), "descriptors": t.open_fds()}
-
-    @staticmethod
-    def _kill_privs(node: Inode, st: os.stat_result, caller: tuple[int, int, int] | None,
-                    acl: bool = False, file_gid: int | None = None) -> None:
-        """What a local filesystem does when a write, truncate or chown by
-        someone without CAP_FSETID reaches a file (the kernel's kill flag
-        says so: HANDLE_KILLPRIV_V2): set-user-ID goes, and set-group-ID when
-        the file is group-executable or the caller (uid, gid, pid) is not in
-        its group (``file_gid``: the group it had before a chown); an access
-        ACL set by someone neither in the file's group nor CAP_FSETID drops
-        set-group-ID (``acl``: the kernel's flag already says so).  The daemon
-        runs as root (CAP_FSETID), so the backing filesystem keeps them: they
-        are cleared here, by a chmod of the backing inode (``st``: its stat
-        now).  ``security.capability`` needs nothing: the backing filesystem
-        drops it at every write, truncate and chown, root's too, as it does
-        locally."""
-        mode = st.st_mode
-        if acl:
-            kill = mode & stat.S_ISGID
-        elif stat.S_ISDIR(mode):          # (the kernel never asks: a directory keeps them)
-            return
-        else:
-            kill = mode & stat.S_ISUID
-            if mode & stat.S_ISGID:
-                if mode & stat.S_IXGRP:
-                    kill |= stat.S_ISGID
-                elif caller is not None and caller[0] != 0:
-                    # not group-executable (a locking mark): only a caller
-                    # outside the file's group loses it (rare: /proc read here)
-                    gid = st.st_gid if file_gid is None else file_gid
-                    if caller[1] != gid and gid not in get_sup_groups(caller[2]):
-                        kill |= stat.S_ISGID
-        if kill and not stat.S_ISLNK(mode):
-            os.chmod(lower.proc_path(node.fd), stat.S_IMODE(mode) & ~kill)
-            node.mode = mode & ~kill
-
-    def _acl_inherited(self, parent: Inode) -> bytes | None:
-        """The default ACL of ``parent`` when ACLs are enforced, else None.  A
-        node created there gets it from the backing filesystem (as its access
-        ACL, and a directory as its default ACL too) with its mode masked by
-        it instead of by the umask, as on a local filesystem: the daemon then
-        creates with the caller's mode unmasked (the kernel sends it so:
-        DONT_MASK) and keeps the mode the backing filesystem gave it."""
-        if not self.acl:
-            return None
-        try:
-            return os.getxattr(lower.proc_path(parent.fd), ACL_DEFAULT)
-        except OSError:               # ENODATA: none; EOPNOTSUPP: no ACLs on the backing
-            return None
+                "pruned": t.pruned, "held": len(self.ledger.held),
+                "unsettled": len(self.ledger.followed), "descriptors": t.open_fds()}
 
     def _acl_cost(self, acl: bytes | None, directory: bool) -> int:
         """What inheriting default ACL ``acl`` may allocate: its blocks as an
         access ACL, and again as the default ACL of a directory."""
         if acl is None:
             return 0
-        return self._xattr_cost(acl) * (2 if directory else 1)
+        return self.ledger.xattr_cost(acl) * (2 if directory else 1)
 
-    @staticmethod
-    def _made_mode(inode: Inode, st: os.stat_result, made: list[int]) -> os.stat_result:
-        """A node created under a default ACL keeps the mode the backing
-        filesystem gave it (``made``), which giving it to its owner may have
-        changed (a chown drops set-group-ID); the chmod sets the ACL's mask
-        from the same group bits, so the ACL stays as it was inherited."""
-        if made and stat.S_IMODE(st.st_mode) != stat.S_IMODE(made[0]):
-            os.chmod(lower.proc_path(inode.fd), stat.S_IMODE(made[0]))
-            st = os.fstat(inode.fd)
-        return st
+    def _acl_inherited(self, parent: Inode) -> bytes | None:
+        return inherited_acl(parent, self.acl)
 
     # ---- lookup and attributes ---------------------------------------------
 
@@ -920,14 +428,7 @@ class SimOperations:
     def forget_now(self, inode_list) -> None:
         for ino, n in inode_list:
             try:
-                node = self.table.inodes.get(ino)
-                if (node is not None and ino != ROOT and not node.unlinked
-                        and node.lookups <= n and node.opens <= 0):
-                    # leaving the table: charge what it holds now, for good
-                    # (or keep it, if a hard limit left some of it uncharged)
-                    self._reconcile(node, os.fstat(node.fd))
-                    self._hold(node)
-                self._dropped(self.table.forget(ino, n))
+                self.table.forget(ino, n)   # the ledger charges one that leaves
             except Exception:
                 log.exception("forget of inode %d failed", ino)
 
@@ -946,15 +447,12 @@ class SimOperations:
             file_gid = st.st_gid
             uid = attr.st_uid if fields.update_uid else st.st_uid
             gid = attr.st_gid if fields.update_gid else st.st_gid
-            if self.quota is not None and not node.freed:
-                self.quota.transfer(node.uid, node.gid, uid, gid, node.space, 1)
+            self.ledger.before_chown(node, uid, gid)
             try:
                 lower.fchown_path(node.fd, uid if fields.update_uid else -1,
                                   gid if fields.update_gid else -1)
             except BaseException:
-                if self.quota is not None and not node.freed:
-                    self.quota.transfer(uid, gid, node.uid, node.gid, node.space, 1,
-                                        force=True)
+                self.ledger.failed_chown(node, uid, gid)
                 raise
             node.uid, node.gid = uid, gid
         if fields.update_mode:
@@ -972,18 +470,16 @@ class SimOperations:
                     os.close(fd)
         if getattr(fields, "kill_suidgid", False) and not fields.update_mode:
             # a truncate by someone without CAP_FSETID, or a chown
-            self._kill_privs(node, os.fstat(node.fd), (ctx.uid, ctx.gid, ctx.pid),
+            kill_privs(node, os.fstat(node.fd), (ctx.uid, ctx.gid, ctx.pid),
                              file_gid=file_gid)
         if fields.update_atime or fields.update_mtime:
             lower.utimens_path(
                 node.fd,
                 attr.st_atime_ns if fields.update_atime else None,
                 attr.st_mtime_ns if fields.update_mtime else None)
-        st = os.fstat(node.fd)
         if fields.update_size:
-            self._reconcile(node, st)
-            if self.gapped:
-                self._settle_gaps()
+            self.ledger.changed(node)
+        st = os.fstat(node.fd)
         return self._attrs(st, node.ino)
 
     @errno_boundary
@@ -1005,7 +501,7 @@ class SimOperations:
             if acl is not None:
                 made.append(os.stat(name, dir_fd=parent.fd, follow_symlinks=False).st_mode)
         inode, st = self._make_node(parent, name, ctx, self._acl_cost(acl, False), make)
-        return self._attrs(self._made_mode(inode, st, made), inode.ino)
+        return self._attrs(keep_made_mode(inode, st, made), inode.ino)
 
     @errno_boundary
     def mkdir(self, parent_inode, name, mode, ctx):
@@ -1021,7 +517,7 @@ class SimOperations:
         inode, st = self._make_node(parent, name, ctx,
                                     self.bsize + self._acl_cost(acl, True), make)
         if made:
-            return self._attrs(self._made_mode(inode, st, made), inode.ino)
+            return self._attrs(keep_made_mode(inode, st, made), inode.ino)
         # a new directory under a setgid one inherits the bit (parent's mode is cached)
         want = perm | (stat.S_ISGID if parent.mode & stat.S_ISGID else 0)
         if stat.S_IMODE(st.st_mode) != want:
@@ -1059,7 +555,7 @@ class SimOperations:
         try:
             inode, st = self._make_node(parent, name, ctx, self._acl_cost(acl, False), make)
             if made:
-                st = self._made_mode(inode, st, made)
+                st = keep_made_mode(inode, st, made)
             elif stat.S_IMODE(st.st_mode) != perm:
                 os.chmod(lower.proc_path(inode.fd), perm)
                 st = os.fstat(inode.fd)
@@ -1070,8 +566,7 @@ class SimOperations:
         inode.opens += 1
         h = Handle(fds[0], inode, ctx.uid != 0, uid=ctx.uid, gid=ctx.gid, pid=ctx.pid)
         fh = self._new_fh(h)
-        if self.xfs:
-            h.trim = not self._exact(fds[0])
+        self.ledger.opened(h)
         fi = self._file_info(fh, flags)
         if not fi.direct_io:
             self._cached(h)
@@ -1089,7 +584,8 @@ class SimOperations:
         acl = self._acl_inherited(parent)
         perm = stat.S_IMODE(mode) if acl is not None else stat.S_IMODE(mode) & ~ctx.umask
         uid, gid = self._new_owner(parent, ctx)
-        res = self._reserve(uid, gid, self._acl_cost(acl, False), 1)
+        led = self.ledger
+        held = led.before_node(None, ctx.uid, uid, gid, self._acl_cost(acl, False))
         try:
             dfd = lower.reopen(parent.fd, os.O_RDONLY | os.O_DIRECTORY)
             try:
@@ -1109,20 +605,17 @@ class SimOperations:
                 os.close(fd)
                 raise
         except BaseException:
-            self._release(res)
+            led.failed_node(held)
             raise
         st = os.fstat(pfd)
         inode = self.table.adopt(pfd, st)
-        if res is not None:
-            self.quota.commit(res, st.st_blocks * 512, 1)
-        inode.space, inode.uid, inode.gid = st.st_blocks * 512, st.st_uid, st.st_gid
+        led.after_node(None, inode, st, held)
         inode.unlinked = True         # no name: freed when the kernel lets go of it
         self.table.keep(inode)
         inode.opens += 1
         h = Handle(fd, inode, ctx.uid != 0, uid=ctx.uid, gid=ctx.gid, pid=ctx.pid)
         fh = self._new_fh(h)
-        if self.xfs:
-            h.trim = not self._exact(fd)
+        led.opened(h)
         fi = self._file_info(fh, flags)
         if not fi.direct_io:
             self._cached(h)
@@ -1132,16 +625,16 @@ class SimOperations:
     def link(self, inode, new_parent_inode, new_name, ctx):
         node = self.table.get(inode)
         parent = self.table.get(new_parent_inode)
-        dres = self._reserve_dir(parent, ctx)
+        res = self.ledger.before_name(parent, ctx.uid)
         try:
             lower.link_path(node.fd, parent.fd, new_name)
         except BaseException:
-            self._release(dres)
+            self.ledger.release(res)
             raise
         st = os.fstat(node.fd)
         node.lookups += 1
         node.unlinked = False         # an O_TMPFILE file (or one unlinked while open) named again
-        self._settle_dir(parent, dres)
+        self.ledger.after_name(parent, res)
         return self._attrs(st, node.ino)
 
     # ---- removing and renaming --------------------------------------------
@@ -1152,16 +645,16 @@ class SimOperations:
         st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
         os.unlink(name, dir_fd=parent.fd)
         if self._last_link(st):
-            self._gone(st)
-        self._reconcile_dir(parent)
+            self.ledger.unlinked(st)
+        self.ledger.dir_changed(parent)
 
     @errno_boundary
     def rmdir(self, parent_inode, name, ctx):
         parent = self.table.get(parent_inode)
         st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
         os.rmdir(name, dir_fd=parent.fd)
-        self._gone(st)
-        self._reconcile_dir(parent)
+        self.ledger.unlinked(st)
+        self.ledger.dir_changed(parent)
 
     @errno_boundary
     def rename(self, parent_inode_old, name_old, parent_inode_new, name_new,
@@ -1179,25 +672,26 @@ class SimOperations:
                     victim = None     # two links of one inode: rename does nothing
             except FileNotFoundError:
                 pass
-        dres = self._reserve_dir(new, ctx) if adds else None
+        led = self.ledger
+        dres = led.before_name(new, ctx.uid) if adds else None
         wres = None
         try:
             if flags & lower.RENAME_WHITEOUT:
                 # the whiteout left at the old name is a new inode of the caller's
                 owner = self._new_owner(old, ctx)
-                wres = self._reserve(*owner, 0, 1)
+                wres = led.reserve(*owner, 0, 1)
             lower.renameat2(old.fd, name_old, new.fd, name_new, flags)
         except BaseException:
-            self._release(wres)
-            self._release(dres)
+            led.release(wres)
+            led.release(dres)
             raise
         if flags & lower.RENAME_WHITEOUT:
             self._whiteout(old, name_old, owner, wres)
         if victim is not None and self._last_link(victim):
-            self._gone(victim)
-        self._settle_dir(new, dres)
+            led.unlinked(victim)
+        led.after_name(new, dres)
         if new is not old:
-            self._reconcile_dir(old)
+            led.dir_changed(old)
 
     def _whiteout(self, parent: Inode, name: bytes, owner: tuple[int, int], res) -> None:
         """Give the whiteout a rename left at ``name`` (made by the backing
@@ -1205,7 +699,7 @@ class SimOperations:
         try:
             fd = lower.open_path(name, parent.fd)
         except OSError as e:
-            self._release(res)
+            self.ledger.release(res)
             log.warning("whiteout %r not found after the rename: %s", name, e)
             return
         try:
@@ -1216,9 +710,7 @@ class SimOperations:
             st = os.fstat(fd)
         finally:
             os.close(fd)
-        self._release(res)
-        if self.quota is not None:
-            self.quota.charge(st.st_uid, st.st_gid, st.st_blocks * 512, 1)
+        self.ledger.made(st, res)
 
     # ---- files ---------------------------------------------------------------
 
@@ -1242,13 +734,12 @@ class SimOperations:
         node.opens += 1
         h = Handle(fd, node, ctx.uid != 0, uid=ctx.uid, gid=ctx.gid, pid=ctx.pid)
         fh = self._new_fh(h)
-        if self.xfs and flags & os.O_ACCMODE != os.O_RDONLY and stat.S_ISREG(node.mode):
-            h.trim = not self._exact(fd)
+        if flags & os.O_ACCMODE != os.O_RDONLY and stat.S_ISREG(node.mode):
+            self.ledger.opened(h)
         if flags & os.O_TRUNC:
-            st = os.fstat(fd)
-            self._reconcile(node, st)
+            self.ledger.changed(node, fd)
             if getattr(ctx, "kill_suidgid", False):   # by someone without CAP_FSETID
-                self._kill_privs(node, st, (ctx.uid, ctx.gid, ctx.pid))
+                kill_privs(node, os.fstat(fd), (ctx.uid, ctx.gid, ctx.pid))
         fi = self._file_info(fh, flags)
         if pt:
             fi.backing_id = self._backing_for(node, h)
@@ -1354,165 +845,37 @@ class SimOperations:
     @errno_boundary
     def write(self, fh, off, buf, kill_suidgid: bool = False):
         h = self.handles[fh]
-        q = self.quota
-        node = h.inode
-        n = len(buf)
-        want = lower.span(off, n, self.bsize)
-        host = self._host_room() if h.user else INFINITE
-        if q is None:
-            if want > host:
-                n, want = self._fit(h.fd, off, n, host, errno.ENOSPC)
-            written = os.pwrite(h.fd, buf if n == len(buf) else buf[:n], off)
-            if h.user:
-                self._host_avail -= want
-            if kill_suidgid:              # a writer without CAP_FSETID
-                self._kill_privs(node, os.fstat(h.fd), (h.uid, h.gid, h.pid))
-            return written
-        uid, gid = node.uid, node.gid
-        res = None
-        tree = False
-        if want <= host:
-            try:
-                # far from every limit: held with SETTLE_ZONE to spare, for
-                # blocks the backing filesystem may allocate late (all released
-                # at the commit)
-                res = q.reserve(uid, gid, want + SETTLE_ZONE)
-            except QuotaExceeded:
-                pass
-        if res is None:
-            # Slow path, near a limit: first settle this file (its
-            # preallocation past the end given back, its late blocks allocated
-            # and charged), then only the blocks not yet allocated cost
-            # anything; write the longest prefix that fits (a short write), or
-            # refuse.
-            extents, st, _ = self._settle_file(h.fd, follow=False)
-            self._reconcile(node, st)
-            room = q.room(uid, gid)
-            tree = extents >= EXTENTS_IN_INODE
-            if tree:
-                # a new extent may need a block of the extent tree: reserved
-                # too, and allocated before the commit (writeback below)
-                room = max(0, room - self.bsize)
-            try:
-                n, want = self._fit(h.fd, off, n, min(room, host),
-                                    errno.ENOSPC if host < room else errno.EDQUOT)
-            except OSError as e:
-                if e.errno != errno.EDQUOT:
-                    raise
-                # a refusal the caller sees, reported with its request size
-                raise q.exceeded(uid, gid, want, request=len(buf)) from None
-            res = q.reserve(uid, gid, want + (self.bsize if tree else 0), request=len(buf))
-        h.wrote = True
+        led = self.ledger
+        n, res, tree = led.before_write(h, off, len(buf))
         try:
             written = os.pwrite(h.fd, buf if n == len(buf) else buf[:n], off)
-            if tree:
-                _writeback(h.fd)
-            st = os.fstat(h.fd)
-            if h.trim and self._trim(h.fd, st):
-                st = os.fstat(h.fd)
         except BaseException:
-            q.release(res)
+            led.failed_write(h, res)
             raise
-        delta = st.st_blocks * 512 - node.space
-        if h.user:
-            self._host_avail -= max(0, delta)
-        if delta <= res.space:
-            q.commit(res, delta)
-            node.space += delta
-        else:
-            # more than the data (preallocation, a gap left before): charged
-            # up to the hard limits, never over them
-            q.release(res)
-            self._reconcile(node, st)
+        st = led.after_write(h, res, tree)
         if kill_suidgid:                  # a writer without CAP_FSETID
-            self._kill_privs(node, st, (h.uid, h.gid, h.pid))
+            kill_privs(h.inode, st or os.fstat(h.fd), (h.uid, h.gid, h.pid))
         return written
-
-    def _fit(self, fd: int, off: int, n: int, room: float, err: int) -> tuple[int, int]:
-        """The longest prefix of a write of ``n`` bytes at ``off`` whose new
-        blocks fit in ``room``, and what they cost; ``err`` when none does."""
-        need = lower.unallocated(fd, off, off + n, self.bsize)
-        cost = sum(e - s for s, e in need)
-        if cost > room:
-            n = lower.fit_prefix(need, off, n, int(room), self.bsize)
-            if n <= 0:
-                raise OSError(err, os.strerror(err))
-            cost = sum(e - s for s, e in lower.unallocated(fd, off, off + n, self.bsize))
-        return n, cost
-
-    def _map_blocks(self, fd: int, holes: list[tuple[int, int]], splits: int) -> int:
-        """What a call filling ``holes`` of ``fd`` and splitting ``splits``
-        of its extents (a punch or a zero range splits at each end) may
-        allocate for the file's extent map: a block once it maps more extents
-        than its inode holds (ext4's extent tree, XFS's extent btree), one
-        more per 300 extents.  Nothing where there is no FIEMAP (tmpfs has no
-        such blocks)."""
-        try:
-            n = lower.extents(fd, 0)
-        except OSError:
-            return 0
-        most = EXTENT_MAX * self.bsize
-        n += splits + sum(-(-(e - s) // most) for s, e in holes)
-        return 0 if n <= EXTENTS_IN_INODE else self.bsize * (1 + n // 300)
 
     @errno_boundary
     def fallocate(self, fh, mode, off, length):
-        """fallocate(2) with its modes, at both quota levels.  The blocks of
-        the range no extent maps yet (plus what the extent map may grow by)
-        are reserved before the call: EDQUOT (or ENOSPC at the host's root
-        reserve, for a non-root caller) before anything is allocated.  What
-        the file really gained or lost (st_blocks after minus before) is
-        committed after: a punch or a collapse credits.  A mode the backing
-        filesystem lacks fails with its own EOPNOTSUPP, charging nothing."""
+        """fallocate(2) with its modes, at both quota levels: the ledger
+        reserves the blocks the range may take before the call (EDQUOT, or
+        ENOSPC at the host's root reserve, before anything is allocated) and
+        commits what the file really gained or lost after (a punch or a
+        collapse credits).  A mode the backing filesystem lacks fails with
+        its own EOPNOTSUPP, charging nothing."""
         h = self.handles[fh]
-        node = h.inode
-        q = self.quota
         if off < 0 or length <= 0:
             raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
-        self._reconcile(node, os.fstat(h.fd))     # late blocks first: the commit is this call's
-        if mode & (lower.FALLOC_FL_PUNCH_HOLE | lower.FALLOC_FL_COLLAPSE_RANGE
-                   | lower.FALLOC_FL_INSERT_RANGE):
-            new = []                              # no data block allocated
-        else:                                     # 0, KEEP_SIZE, ZERO_RANGE, UNSHARE
-            new = lower.unallocated(h.fd, off, off + length, self.bsize)
-        splits = 2 if mode & (lower.FALLOC_FL_PUNCH_HOLE | lower.FALLOC_FL_ZERO_RANGE
-                              | lower.FALLOC_FL_COLLAPSE_RANGE
-                              | lower.FALLOC_FL_INSERT_RANGE) else 0
-        need = sum(e - s for s, e in new) + self._map_blocks(h.fd, new, splits)
-        if h.user:
-            if need > self._host_room():
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        try:
-            res = self._reserve(node.uid, node.gid, need)
-        except QuotaExceeded:
-            if not mode & (lower.FALLOC_FL_PUNCH_HOLE | lower.FALLOC_FL_COLLAPSE_RANGE):
-                raise
-            # a call that frees is never refused (as ext4 lets a punch take an
-            # extent block past a quota): a block its extent map may take
-            # anyway is charged after, up to the hard limits
-            res = None
-        h.wrote = True
+        led = self.ledger
+        res = led.before_fallocate(h, mode, off, length)
         try:
             lower.fallocate(h.fd, mode, off, length)
-            st = os.fstat(h.fd)
         except BaseException:
-            self._release(res)
-            # a backing failure part way (ENOSPC) may leave blocks allocated
-            self._reconcile(node, os.fstat(h.fd))
+            led.failed_write(h, res)
             raise
-        delta = st.st_blocks * 512 - node.space
-        if h.user:
-            self._host_avail -= max(0, delta)
-        if res is not None and delta <= res.space:
-            q.commit(res, delta)
-            node.space += delta
-        else:
-            # more than reserved (an extent map that grew more): charged up
-            # to the hard limits, never over them (the rest waits in gapped)
-            self._release(res)
-            self._reconcile(node, st)
-        if delta < 0 and self.gapped:
-            self._settle_gaps()
+        led.after_write(h, res)
 
     @errno_boundary
     def lseek(self, fh, off, whence):
@@ -1528,65 +891,24 @@ class SimOperations:
         filesystem (a reflink where it can, else an in-kernel copy), charged
         as a write of what the destination really gains (st_blocks after
         minus before; shared extents count as the backing filesystem counts
-        them).  Reserved before like a write: far from every limit the
-        range's span, near one the blocks the destination range does not
-        map yet; a short copy when only a prefix fits, EDQUOT when nothing
+        them): a short copy when only a prefix fits, EDQUOT when nothing
         does."""
         if flags:
             raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
         src = self.handles[fh_in]
         h = self.handles[fh_out]
-        node = h.inode
-        q = self.quota
         # nothing is copied past the end of the source
         n = max(0, min(length, os.fstat(src.fd).st_size - off_in))
         if n == 0:
             return os.copy_file_range(src.fd, h.fd, 0, off_in, off_out)
-        want = lower.span(off_out, n, self.bsize)
-        host = self._host_room() if h.user else INFINITE
-        res = None
-        tree = False
-        if q is not None:
-            try:
-                if want <= host:
-                    res = q.reserve(node.uid, node.gid, want + SETTLE_ZONE)
-            except QuotaExceeded:
-                pass
-            if res is None:
-                # near a limit: settle the file, then only what it does not map
-                # yet costs anything (as write's slow path)
-                extents, st, _ = self._settle_file(h.fd, follow=False)
-                self._reconcile(node, st)
-                room = q.room(node.uid, node.gid)
-                tree = extents >= EXTENTS_IN_INODE
-                if tree:
-                    room = max(0, room - self.bsize)
-                n, want = self._fit(h.fd, off_out, n, min(room, host),
-                                    errno.ENOSPC if host < room else errno.EDQUOT)
-                res = q.reserve(node.uid, node.gid, want + (self.bsize if tree else 0))
-        elif want > host:
-            n, want = self._fit(h.fd, off_out, n, host, errno.ENOSPC)
-        h.wrote = True
+        led = self.ledger
+        n, res, tree = led.before_write(h, off_out, n)
         try:
             copied = os.copy_file_range(src.fd, h.fd, n, off_in, off_out)
-            if tree:
-                _writeback(h.fd)
-            st = os.fstat(h.fd)
-            if h.trim and self._trim(h.fd, st):
-                st = os.fstat(h.fd)
         except BaseException:
-            self._release(res)
-            self._reconcile(node, os.fstat(h.fd))
+            led.failed_write(h, res)
             raise
-        delta = st.st_blocks * 512 - node.space
-        if h.user:
-            self._host_avail -= max(0, delta)
-        if res is not None and delta <= res.space:
-            q.commit(res, delta)
-            node.space += delta
-        else:
-            self._release(res)
-            self._reconcile(node, st)
+        led.after_write(h, res, tree)
         return copied
 
     @errno_boundary
@@ -1602,18 +924,7 @@ class SimOperations:
         node = h.inode
         try:
             if node.opens == 1:
-                pending = False
-                if h.wrote:
-                    # inline, as the writeback it starts always was (awaited,
-                    # an unmount could abort the request before its reply)
-                    _, st, pending = self._settle_file(
-                        h.fd, follow=self.quota is not None
-                        and len(self.unsettled) < UNSETTLED_MAX)
-                else:
-                    st = os.fstat(h.fd)
-                self._reconcile(node, st)
-                if pending:
-                    self._unsettled(node)
+                self.ledger.closing(h)
         finally:
             if h.backing:
                 left = self.pt_opens.pop(node.ino) - 1
@@ -1630,16 +941,13 @@ class SimOperations:
                 if left:
                     self.cached_opens[node.ino] = left
             os.close(h.fd)
-            node.opens -= 1
-        if node.opens == 0 and node.lookups <= 0 and not self._hold(node):
-            self.table.drop(node)
-            self._dropped(node)
+            self.table.closed(node)
 
     @errno_boundary
     async def fsync(self, fh, datasync):
         h = self.handles[fh]
         await in_thread(os.fdatasync if datasync else os.fsync, h.fd)
-        self._reconcile(h.inode, os.fstat(h.fd))
+        self.ledger.changed(h.inode, h.fd)
 
     # ---- directories ---------------------------------------------------------
 
@@ -1779,8 +1087,10 @@ class SimOperations:
             raise OSError(errno.EPERM, "read-only virtual attribute")
         self._no_acl(name)
         node = self.table.get(inode)
-        self._host_check(ctx, self._xattr_cost(value))
-        res = self._reserve(node.uid, node.gid, self._xattr_cost(value))
+        led = self.ledger
+        cost = led.xattr_cost(value)
+        led.host_check(ctx.uid, cost)
+        res = led.reserve(node.uid, node.gid, cost)
         # XATTR_CREATE / XATTR_REPLACE as the caller asked (the fusewire
         # context; pyfuse3 checks them itself).  An access ACL
         # (set through the kernel's ACL code, with neither flag) also sets the
@@ -1789,22 +1099,12 @@ class SimOperations:
         flags = getattr(ctx, "flags", 0) & (os.XATTR_CREATE | os.XATTR_REPLACE)
         try:
             os.setxattr(self._xattr_path(node), name, value, flags)
-        except BaseException:
-            self._release(res)
-            raise
-        self._release(res)
-        st = os.fstat(node.fd)
-        self._reconcile(node, st)
+        finally:
+            led.release(res)
+        led.changed(node)
         if getattr(ctx, "kill_suidgid", False) and name == ACL_ACCESS:
             # set by someone neither in the file's group nor CAP_FSETID
-            self._kill_privs(node, st, None, acl=True)
-
-    def _xattr_cost(self, value: bytes) -> int:
-        """Upper bound of what one setxattr allocates: a block for the
-        attributes (ext4's xattr block, an XFS attr leaf), plus the value's own
-        blocks when it is too big to sit in that block (XFS remote values)."""
-        b = self.bsize
-        return b + (-(-len(value) // b) * b if len(value) > b // 2 else 0)
+            kill_privs(node, os.fstat(node.fd), None, acl=True)
 
     @errno_boundary
     def getxattr(self, inode, name, ctx):
@@ -1846,37 +1146,11 @@ class SimOperations:
         self._no_acl(name)
         node = self.table.get(inode)
         os.removexattr(self._xattr_path(node), name)
-        self._reconcile(node, os.fstat(node.fd))
+        self.ledger.changed(node)
 
     def quota_report(self, ctx) -> bytes:
-        """The caller's own view of the quota, as JSON: the container's 1st level,
-        and the 2nd-level objects of the caller's uid and gids (root sees all)."""
-        q = self.quota
-        if q is None:
+        """The caller's own view of the quota (QUOTA_XATTR), as JSON."""
+        if self.quota is None:
             raise OSError(errno.ENODATA, "quota is off")
-        st = q.state
-
-        def obj(o, graces=None) -> dict:
-            return {"blocks": {"usage": -(-o.space.usage // 1024), "soft": o.space.soft // 1024,
-                               "hard": o.space.hard // 1024, "deadline": o.space.deadline},
-                    "inodes": {"usage": o.inodes.usage, "soft": o.inodes.soft,
-                               "hard": o.inodes.hard, "deadline": o.inodes.deadline}}
-        out = {"quotaid": st.qid, "now": q.now(), "container": obj(st.level1),
-               "grace": {"blocks": st.grace1.space, "inodes": st.grace1.inodes},
-               "ugid": {"active": q.ugid_active}}
-        admin = self.admin
-        if admin is not None:
-            out["admin"] = admin.describe(ctx.uid)
-        if q.ugid_active:
-            if ctx.uid == 0 or (admin is not None and admin.allows(ctx.uid)):
-                uids, gids = set(st.users), set(st.groups)
-            else:
-                uids = {ctx.uid}
-                gids = {ctx.gid} | set(get_sup_groups(ctx.pid))
-            for kind, ids in ((USER, uids), (GROUP, gids)):
-                table = st.table(kind)
-                g = st.grace2(kind)
-                out[kind + "s"] = {str(i): obj(table[i]) for i in sorted(ids) if i in table}
-                out[kind + "_grace"] = {"blocks": g.space, "inodes": g.inodes}
-        return json.dumps(out, sort_keys=True).encode() + b"\n"
-
+        return caller_view(self.quota, self.admin, ctx.uid, ctx.gid,
+                           lambda: get_sup_groups(ctx.pid))

@@ -74,7 +74,7 @@ def test_prune_asks_for_the_oldest_prunable_down_below_the_cap(ops, area):
     ops.lookup(ROOT, b"f000", Ctx())
     fi = ops.open(inos[1], os.O_RDONLY, Ctx())
     ops.unlink(ROOT, b"f002", Ctx())
-    ops.unsettled[ops.table.get(inos[3])] = time.monotonic()
+    ops.ledger.followed[ops.table.get(inos[3])] = time.monotonic()
     assert len(ops.table.inodes) - 1 == 100 and ops.table.peak == 100
     asked = ops.prune()
     # down to 64 - 64 // 16 = 60: 40 of them, the oldest that may go

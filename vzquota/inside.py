@@ -20,6 +20,9 @@ The value written is one JSON object, the keys of a ``setlimit2`` request:
 "ihard": N}`` or ``{"kind": ..., "bgrace": S, "igrace": S}`` (``"cmd":
 "setlimit2"`` may be given too).  Limits of 0 clear.
 
+It also makes what any caller reads of the quota from inside
+(``caller_view``: the virtual ``user.vzquota`` attribute of the root).
+
 Pure Python, no FUSE: simfs/ops.py only passes the caller and the value here.
 
 Concurrency: called on the mount's event loop, as control requests are, so
@@ -76,6 +79,38 @@ class _LogBudget:
 
 
 _budget_without_quota = _LogBudget(time.monotonic)
+
+
+def caller_view(q, admin: "QuotaAdmin | None", uid: int, gid: int,
+                groups: Callable[[], set[int]]) -> bytes:
+    """The caller's own view of quota engine ``q``, as JSON: the container's
+    1st level, and the 2nd-level objects of the caller's uid and gids
+    (``groups()``: its supplementary ones, read only when needed; root and
+    the quota administrator see all)."""
+    st = q.state
+
+    def obj(o) -> dict:
+        return {"blocks": {"usage": -(-o.space.usage // 1024), "soft": o.space.soft // 1024,
+                           "hard": o.space.hard // 1024, "deadline": o.space.deadline},
+                "inodes": {"usage": o.inodes.usage, "soft": o.inodes.soft,
+                           "hard": o.inodes.hard, "deadline": o.inodes.deadline}}
+    out = {"quotaid": st.qid, "now": q.now(), "container": obj(st.level1),
+           "grace": {"blocks": st.grace1.space, "inodes": st.grace1.inodes},
+           "ugid": {"active": q.ugid_active}}
+    if admin is not None:
+        out["admin"] = admin.describe(uid)
+    if q.ugid_active:
+        if uid == 0 or (admin is not None and admin.allows(uid)):
+            uids, gids = set(st.users), set(st.groups)
+        else:
+            uids = {uid}
+            gids = {gid} | set(groups())
+        for kind, ids in ((USER, uids), (GROUP, gids)):
+            table = st.table(kind)
+            g = st.grace2(kind)
+            out[kind + "s"] = {str(i): obj(table[i]) for i in sorted(ids) if i in table}
+            out[kind + "_grace"] = {"blocks": g.space, "inodes": g.inodes}
+    return json.dumps(out, sort_keys=True).encode() + b"\n"
 
 
 def refuse_without_quota(uid: int, pid: int) -> None:

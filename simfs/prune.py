@@ -1,0 +1,112 @@
+"""The cap on the inode table (``-o maxinodes``): past it, ask the kernel to
+forget the least recently looked-up inodes (FUSE_NOTIFY_PRUNE, 7.45).
+
+Role: policy only.  The table (``InodeTable``) keeps its records in
+least-recently-looked-up order and says when it went past its cap
+(``on_full``); the pruner picks the oldest ones nothing else needs
+(``keep``: the ledger's and the passthrough's), asks the kernel through the
+session (``channel().prune``) from the loop, never inside a request, and
+backs off while the kernel lets nothing go.  The FORGETs that follow take
+the inodes out of the table as any FORGET does.
+
+Concurrency: the event loop only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import time
+from typing import Callable
+
+log = logging.getLogger(__name__)
+
+# Inodes asked of the kernel per prune pass at most (see prune): a pass is a
+# few milliseconds of the loop.  Passes are PRUNE_GAP seconds apart at least,
+# twice that after each pass after which no inode left the table (the kernel
+# uses them all), up to PRUNE_GAP_MAX.
+PRUNE_MAX = 2048
+PRUNE_GAP = 0.005
+PRUNE_GAP_MAX = 1.0
+
+
+class Pruner:
+    """Prune passes over ``table``; ``channel()`` is the session serving the
+    mount (None: pyfuse3, or not mounted), ``keep(inode)`` whether an inode
+    must stay (the kernel is not asked to forget it)."""
+
+    def __init__(self, table, channel: Callable[[], object], keep: Callable[[object], bool]):
+        self.table = table
+        self.channel = channel
+        self.keep = keep
+        self._next = 0.0          # no pass before (time.monotonic)
+        self._gap = PRUNE_GAP
+        self._dropped = -1        # table.dropped at the last pass
+        table.on_full = self.soon
+
+    def soon(self) -> None:
+        """The table went past its cap (from inside a handler): prune from the
+        loop once this request is answered, never inside it."""
+        channel = self.channel()
+        if channel is None or not getattr(channel, "can_prune", False):
+            # no PRUNE (pyfuse3, a kernel before 7.45): nothing to ask
+            log.warning("%d inodes held, past maxinodes=%d: the kernel cannot be asked "
+                        "to forget some (%s); the table holds what the kernel holds",
+                        len(self.table.inodes) - 1, self.table.max_inodes,
+                        "pyfuse3" if channel is None else
+                        f"FUSE 7.{getattr(channel, 'minor', 0)}, PRUNE needs 7.45")
+            return
+        try:
+            loop = asyncio.get_running_loop()
+            delay = self._next - time.monotonic()
+            if delay > 0:
+                loop.call_later(delay, self.prune)
+            else:
+                loop.call_soon(self.prune)
+        except RuntimeError:      # trio: no timer here; a later lookup asks again
+            if self._next > time.monotonic():
+                self.table.full = False
+                return
+            try:
+                import trio
+                trio.lowlevel.current_trio_token().run_sync_soon(self.prune)
+            except Exception:
+                self.table.full = False   # the mount's periodic check does it (Mount._prunes)
+
+    def prune(self) -> int:
+        """Ask the kernel to forget the least recently looked-up inodes we may
+        let go of (not ``keep``), down to 1/16 below the cap, PRUNE_MAX at
+        most per pass.  The kernel drops those it does not use and sends
+        their FORGETs, which take them out of the table as any FORGET does
+        (charged for good on the way: ``forget``); a later lookup of the same
+        name adopts the same backing inode again (by its file handle, its
+        number).  Returns how many were asked.  Run from the loop only."""
+        table = self.table
+        table.full = False
+        channel = self.channel()
+        if channel is None or not getattr(channel, "can_prune", False):
+            return 0
+        n = table.over()
+        if n <= 0:
+            return 0
+        # back off while the kernel lets nothing go (it uses every inode asked)
+        if table.dropped == self._dropped:
+            self._gap = min(self._gap * 2, PRUNE_GAP_MAX)
+        else:
+            self._gap = PRUNE_GAP
+        self._dropped = table.dropped
+        self._next = time.monotonic() + self._gap
+        ids = table.oldest(min(n, PRUNE_MAX), lambda i: not self.keep(i))
+        if not ids:
+            return 0
+        try:
+            sent = channel.prune(ids)
+        except OSError as e:
+            if e.errno not in (errno.ENODEV, errno.ECONNABORTED, errno.EBADF):  # unmounted
+                log.warning("asking the kernel to forget %d inodes failed: %s", len(ids), e)
+            return 0
+        table.pruned += sent
+        log.debug("prune: %d inodes over, %d asked, next pass in %.3f s at the earliest",
+                  n, sent, self._gap)
+        return sent
