@@ -30,7 +30,16 @@ root is 1 (FUSE's ROOT_ID) and a backing inode numbered 1 takes the
 root's number: a bijection, so numbers are stable across lookups and hard links
 share one inode.  An unlinked inode that is neither pinned nor open is dead:
 if the backing filesystem reuses its number, ``adopt`` notices, tells
-``on_reused`` (the ledger frees the dead inode's charge) and starts the record anew.
+``on_reused`` (the ledger frees the dead inode's charge) and starts the record anew,
+as a new *generation* of the number (returned in every entry: the kernel then
+drops what it holds of the old inode); a record whose descriptor was evicted
+is checked the same way at its next lookup (another file handle behind the
+same number: removed and made anew behind the mount).
+
+Counts: the kernel's lookups (``adopt``, ``ref``, ``forget``), the open
+handles (``opened``, ``closed``) and the ledger's hold (``hold``, ``unhold``)
+change only through the table's methods, and ``_let_go`` alone decides that an
+inode leaves (nothing refers to it and ``on_leave`` does not keep it).
 
 Concurrency: used only from the event loop that serves the mount; no method
 awaits, so each call is atomic with respect to other requests.  The one
@@ -207,6 +216,13 @@ class Inode:
     held = _flag(8)           # kept by the ledger after the kernel let go (InodeTable.hold)
     del _flag
 
+    @property
+    def generation(self) -> int:
+        """FUSE's generation of this number: bumped each time the backing
+        filesystem reuses it for a new inode (``InodeTable.adopt``); the
+        bits of ``_flags`` above the four flags."""
+        return self._flags >> 4
+
     def __init__(self, ino: int, st: os.stat_result, handle: int | bytes | None):
         self.ino = ino
         self._fd = -1             # O_PATH|O_NOFOLLOW descriptor while it has one
@@ -223,7 +239,8 @@ class Inode:
         self.uid = share(st.st_uid)     # as last charged; the owner the quota charges
         self.gid = share(st.st_gid)
         self.mode = share(st.st_mode)
-        self._flags &= 1          # neither unlinked, freed nor held
+        self._flags &= ~14        # neither unlinked, freed nor held (pinned and the
+                                  # generation kept)
 
     @property
     def fd(self) -> int:
@@ -493,15 +510,32 @@ class InodeTable:
         ino = self.fuse_ino(st.st_ino)
         inode = self.inodes.get(ino)
         if inode is not None and self.stale(inode):
-            # the backing filesystem reused a dead inode's number
+            # the backing filesystem reused a dead inode's number: a new
+            # generation of it (the kernel then drops what it still holds of
+            # the old one instead of taking one for the other)
             if self.on_reused is not None:
                 self.on_reused(inode)
             inode.reset(st)
+            inode._flags += 16
             if inode.handle is not None:
                 try:
                     inode.handle = self._handle_of(fd, st)
                 except OSError:
                     inode.handle = None
+        elif inode is not None and inode._fd < 0 and inode.handle is not None:
+            # No descriptor of ours kept the backing inode alive: its number
+            # may have been reused behind the mount (removed from the host's
+            # side, made anew).  Another file handle is another inode: a new
+            # generation (its charge stays with the record, as the next
+            # reconcile corrects it; a recount makes it exact).
+            try:
+                handle = self._handle_of(fd, st)
+            except OSError:
+                handle = inode.handle
+            if handle != inode.handle:
+                inode.handle = handle
+                inode.mode = self.share(st.st_mode)
+                inode._flags += 16
         if inode is None:
             handle = None
             if self.file_handles:
@@ -531,6 +565,12 @@ class InodeTable:
             self.pinned += 1
         inode.lookups += 1
         return inode
+
+    def ref(self, inode: Inode) -> None:
+        """Count one more kernel reference to a known ``inode`` (a readdirplus
+        entry, a hard link made through the mount)."""
+        inode.lookups += 1
+        self.recent(inode)
 
     def recent(self, inode: Inode) -> None:
         """``inode`` was looked up again: the last to be pruned (see max_inodes)."""
@@ -567,7 +607,7 @@ class InodeTable:
         """Resolve one name in ``parent`` and count a kernel reference to it."""
         if name == b"." or (name == b".." and parent.ino == ROOT):
             st = os.fstat(parent.fd)
-            parent.lookups += 1
+            self.ref(parent)
             return parent, st
         fd = open_path(name, parent.fd)
         try:

@@ -303,9 +303,15 @@ class SimOperations:
 
     # ---- helpers -------------------------------------------------------------
 
-    def _attrs(self, st: os.stat_result, ino: int | None = None) -> fusewire.EntryAttributes:
+    def _attrs(self, st: os.stat_result, ino: int | None = None,
+               generation: int = 0) -> fusewire.EntryAttributes:
         return fusewire.EntryAttributes.from_stat(
-            st, self.table.fuse_ino(st.st_ino) if ino is None else ino, TIMEOUT)
+            st, self.table.fuse_ino(st.st_ino) if ino is None else ino, TIMEOUT, generation)
+
+    def _entry(self, inode: Inode, st: os.stat_result) -> fusewire.EntryAttributes:
+        """An entry reply: the inode's number and generation (a number the
+        backing filesystem reused is a new generation), with ``st``."""
+        return fusewire.EntryAttributes.from_stat(st, inode.ino, TIMEOUT, inode._flags >> 4)
 
     def _room_for_a_handle(self, uid: int) -> None:
         """Every open file and directory holds one descriptor: refuse one more
@@ -406,7 +412,7 @@ class SimOperations:
             fd = lower.open_path(b"..", parent.fd)
             st = os.fstat(fd)
             inode = self.table.adopt(fd, st)
-            return self._attrs(st, inode.ino)
+            return self._entry(inode, st)
         try:
             inode, st = self.table.lookup(parent, name)
         except FileNotFoundError:
@@ -416,7 +422,7 @@ class SimOperations:
             a.st_ino = 0
             a.entry_timeout = TIMEOUT
             return a
-        return self._attrs(st, inode.ino)
+        return self._entry(inode, st)
 
     def forget(self, inode_list):
         self.counts["forget"] += 1
@@ -501,7 +507,7 @@ class SimOperations:
             if acl is not None:
                 made.append(os.stat(name, dir_fd=parent.fd, follow_symlinks=False).st_mode)
         inode, st = self._make_node(parent, name, ctx, self._acl_cost(acl, False), make)
-        return self._attrs(keep_made_mode(inode, st, made), inode.ino)
+        return self._entry(inode, keep_made_mode(inode, st, made))
 
     @errno_boundary
     def mkdir(self, parent_inode, name, mode, ctx):
@@ -517,13 +523,13 @@ class SimOperations:
         inode, st = self._make_node(parent, name, ctx,
                                     self.bsize + self._acl_cost(acl, True), make)
         if made:
-            return self._attrs(keep_made_mode(inode, st, made), inode.ino)
+            return self._entry(inode, keep_made_mode(inode, st, made))
         # a new directory under a setgid one inherits the bit (parent's mode is cached)
         want = perm | (stat.S_ISGID if parent.mode & stat.S_ISGID else 0)
         if stat.S_IMODE(st.st_mode) != want:
             os.chmod(lower.proc_path(inode.fd), want)
             st = os.fstat(inode.fd)
-        return self._attrs(st, inode.ino)
+        return self._entry(inode, st)
 
     @errno_boundary
     def symlink(self, parent_inode, name, target, ctx):
@@ -532,7 +538,7 @@ class SimOperations:
         inode, st = self._make_node(
             parent, name, ctx, space,
             lambda uid, gid: os.symlink(target, name, dir_fd=parent.fd))
-        return self._attrs(st, inode.ino)
+        return self._entry(inode, st)
 
     @errno_boundary
     def create(self, parent_inode, name, mode, flags, ctx):
@@ -563,14 +569,14 @@ class SimOperations:
             for fd in fds:
                 os.close(fd)
             raise
-        inode.opens += 1
+        self.table.opened(inode)
         h = Handle(fds[0], inode, ctx.uid != 0, uid=ctx.uid, gid=ctx.gid, pid=ctx.pid)
         fh = self._new_fh(h)
         self.ledger.opened(h)
         fi = self._file_info(fh, flags)
         if not fi.direct_io:
             self._cached(h)
-        return fi, self._attrs(st, inode.ino)
+        return fi, self._entry(inode, st)
 
     @errno_boundary
     def tmpfile(self, parent_inode, mode, flags, ctx):
@@ -612,14 +618,14 @@ class SimOperations:
         led.after_node(None, inode, st, held)
         inode.unlinked = True         # no name: freed when the kernel lets go of it
         self.table.keep(inode)
-        inode.opens += 1
+        self.table.opened(inode)
         h = Handle(fd, inode, ctx.uid != 0, uid=ctx.uid, gid=ctx.gid, pid=ctx.pid)
         fh = self._new_fh(h)
         led.opened(h)
         fi = self._file_info(fh, flags)
         if not fi.direct_io:
             self._cached(h)
-        return fi, self._attrs(st, inode.ino)
+        return fi, self._entry(inode, st)
 
     @errno_boundary
     def link(self, inode, new_parent_inode, new_name, ctx):
@@ -632,10 +638,10 @@ class SimOperations:
             self.ledger.release(res)
             raise
         st = os.fstat(node.fd)
-        node.lookups += 1
+        self.table.ref(node)
         node.unlinked = False         # an O_TMPFILE file (or one unlinked while open) named again
         self.ledger.after_name(parent, res)
-        return self._attrs(st, node.ino)
+        return self._entry(node, st)
 
     # ---- removing and renaming --------------------------------------------
 
@@ -731,7 +737,7 @@ class SimOperations:
         fl = flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_DIRECT | os.O_NOFOLLOW)
         self._room_for_a_handle(ctx.uid)
         fd = lower.reopen(node.fd, fl)
-        node.opens += 1
+        self.table.opened(node)
         h = Handle(fd, node, ctx.uid != 0, uid=ctx.uid, gid=ctx.gid, pid=ctx.pid)
         fh = self._new_fh(h)
         if flags & os.O_ACCMODE != os.O_RDONLY and stat.S_ISREG(node.mode):
@@ -1003,6 +1009,10 @@ class SimOperations:
                         raise OSError(errno.ENFILE, "inode descriptor budget exhausted")
                     fd = lower.open_path(name, h.fd)
                     st = os.fstat(fd)
+                    # adopt takes a stale record anew, as a new generation
+                    gen = 0 if inode is None else (inode._flags >> 4) + 1
+                else:
+                    gen = inode._flags >> 4
             except FileNotFoundError:
                 h.pos += reclen             # gone since getdents saw it
                 continue
@@ -1011,7 +1021,7 @@ class SimOperations:
                     os.close(fd)
                 h.pos += reclen
                 continue
-            if not readdir_reply(token, name, self._attrs(st), d_off):
+            if not readdir_reply(token, name, self._attrs(st, None, gen), d_off):
                 if fd >= 0:
                     os.close(fd)
                 return
@@ -1021,8 +1031,7 @@ class SimOperations:
             if fd >= 0:
                 table.adopt(fd, st)
             else:
-                inode.lookups += 1
-                table.recent(inode)
+                table.ref(inode)
 
     @errno_boundary
     def releasedir(self, fh):

@@ -784,3 +784,38 @@ async def test_failed_create_leaves_nothing_behind(ops, backing, monkeypatch):
     monkeypatch.setattr(os, "chown", real_chown)
     assert list(backing.iterdir()) == []
     assert not ops.handles
+
+
+def test_counts_change_only_through_the_inode_table():
+    """Item 2 of issue 20: lookups, opens and holds change only through the
+    table's methods (``node.lookups += 1`` was written in ops.py), so that the
+    table alone decides when an inode leaves."""
+    import ast
+    import simfs
+    counts = {"lookups", "opens", "held", "_flags"}
+    where = []
+    for path in sorted(Path(simfs.__file__).parent.glob("*.py")):
+        if path.name == "inodes.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = (node.targets if isinstance(node, ast.Assign) else
+                       [node.target] if isinstance(node, ast.AugAssign) else [])
+            for t in targets:
+                for e in ast.walk(t):
+                    if isinstance(e, ast.Attribute) and e.attr in counts:
+                        where.append(f"{path.name}:{node.lineno} {e.attr}")
+    assert where == []
+
+
+async def test_the_table_lets_an_inode_go_when_nothing_refers_to_it(ops, backing):
+    (backing / "f").write_bytes(b"x")
+    a = await lookup(ops, b"f")
+    node = ops.table.get(a.st_ino)
+    fh = ops.open(a.st_ino, os.O_RDONLY, ROOT_CTX).fh
+    ops.forget([(a.st_ino, 1)])
+    assert ops.table.inodes.get(a.st_ino) is node          # still open
+    ops.table.hold(node)
+    ops.release(fh)
+    assert ops.table.inodes.get(a.st_ino) is node          # still held
+    ops.table.unhold(node)
+    assert a.st_ino not in ops.table.inodes
