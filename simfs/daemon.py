@@ -180,13 +180,12 @@ def quota_is_on(qid: int, quotafile: str | None) -> None:
 
 
 def build(args, fuse_opts: set[str], own: dict[str, str]):
+    from .config import Config
     from .mount import Mount
     v = option_values(own)
     m = Mount(os.path.abspath(args.private), os.path.abspath(args.root), fuse_opts,
-              quotaid=v["quotaid"], quotafile=v["quotafile"], checkpoint=v["checkpoint"],
-              runtime=v["runtime"], hook=v["hook"], max_open=v["maxopen"],
-              hold_max=v["recounthold"], recount_wait=v["recountwait"],
-              max_inodes=v["maxinodes"],
+              quotaid=v["quotaid"], quotafile=v["quotafile"], runtime=v["runtime"],
+              hook=v["hook"], config=Config.from_options(v),
               quota_admin=v["quota_admin"], fuse=v["fuse"],
               passthrough=v["passthrough"])
     m.option_values = v         # shown to a remount (ops.OPTIONS_XATTR)

@@ -1,6 +1,6 @@
 """Events at the quota limits: one log line per crossing, and the admin's hook.
 
-Role: every ``INTERVAL`` seconds, ``Watcher.poll`` compares each counter of
+Role: every ``events_every`` seconds (``simfs.config.Config``), ``Watcher.poll`` compares each counter of
 the live quota (the 1st level and every uid/gid at the 2nd) with what it saw
 last time, and drains the refusals the engine queued (``engine.events``):
 
@@ -18,11 +18,11 @@ queues them at the errno boundary, with the caller's request size), never a
 reservation the caller recovered from.
 
 Each event is logged once (refusals of the same counter at most once per
-``REFUSAL_EVERY`` seconds, with the number folded in), and, when the mount
+``refusal_every`` seconds, with the number folded in), and, when the mount
 has ``hook=CMD``, CMD runs with the figures in its environment (``hook_env``).
 Hooks run as separate processes started by the event loop (anyio; never
 blocking a request),
-at most ``HOOKS_MAX`` at once; an event that finds them all busy is logged as
+at most ``hooks_max`` at once; an event that finds them all busy is logged as
 not hooked, never silently lost.  ``check_hook`` is what the mount checks of
 CMD before it starts.
 
@@ -45,11 +45,9 @@ import stat
 import time
 from dataclasses import dataclass, field
 
-log = logging.getLogger(__name__)
+from .config import DEFAULT
 
-INTERVAL = 1.0
-REFUSAL_EVERY = 60.0
-HOOKS_MAX = 4
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -130,6 +128,7 @@ class Watcher:
     totals: dict = field(default_factory=dict)
     _engine: object = None
     _counted: dict = field(default_factory=dict)      # _engine.refusals already in totals
+    refusal_every: float = DEFAULT.refusal_every      # seconds between lines of one counter
 
     def count(self, key: tuple, n: int = 1) -> None:
         self.totals[key] = self.totals.get(key, 0) + n
@@ -211,7 +210,7 @@ class Watcher:
             ev = Event(r["event"], self.qid, r["level"], r["type"], r["ugid"], r["resource"],
                        r["usage"], r["soft"], r["hard"], r["deadline"], r["request"])
             logged, pending = self.last_refusal.get(key, (None, None))
-            if logged is not None and now - logged < REFUSAL_EVERY:
+            if logged is not None and now - logged < self.refusal_every:
                 if pending is None:
                     pending = ev
                 else:
@@ -221,7 +220,7 @@ class Watcher:
             self.last_refusal[key] = (now, None)
             out.append(ev)
         for key, (logged, pending) in list(self.last_refusal.items()):
-            if now - logged >= REFUSAL_EVERY:
+            if now - logged >= self.refusal_every:
                 if pending is not None:
                     self.last_refusal[key] = (now, None)
                     out.append(pending)

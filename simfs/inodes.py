@@ -61,22 +61,12 @@ from dataclasses import dataclass
 from typing import Callable
 
 from . import lower
+from .config import DEFAULT, Config
 from .lower import open_path
 
 log = logging.getLogger(__name__)
 
 ROOT = 1
-RESERVE_FDS = 160      # the daemon's own: control socket and clients, quota file,
-                       # checkpoints, fsync threads, one transient fd per request
-CACHED_FDS = 4096      # LRU of O_PATH descriptors of inodes with a file handle
-PINNED_FDS = 4096      # descriptors that may not be evicted (see the docstring)
-MAX_OPEN = 65536       # default budget of open files and directories (-o maxopen)
-ROOT_RESERVE = 16      # 1/16 of the open-file budget only uid 0 may use (OpenShares)
-USER_SHARE = 4         # one uid may hold at most 1/4 of the rest
-MAX_INODES = 200_000   # inodes kept before the kernel is asked to forget some (-o maxinodes)
-PRUNE_SLACK = 16       # a prune goes down to 1/16 below the cap (not one at a time)
-SHARED_MAX = 4096      # distinct int values Inode records share (InodeTable.share)
-SHARED_SPACE = 1 << 20 # allocations below this are shared values too
 
 
 @dataclass(frozen=True)
@@ -87,12 +77,13 @@ class Budget:
     files: int       # handles of open files and directories (one fd each)
 
     @classmethod
-    def plan(cls, limit: int, max_open: int = MAX_OPEN) -> "Budget":
-        """Shares for an RLIMIT_NOFILE of ``limit``, keeping RESERVE_FDS."""
-        avail = max(limit - RESERVE_FDS, 64)
-        cached = max(16, min(CACHED_FDS, avail // 4))
-        pinned = max(16, min(PINNED_FDS, avail // 4))
-        files = max(16, min(max_open, avail - cached - pinned))
+    def plan(cls, limit: int, config: Config = DEFAULT) -> "Budget":
+        """Shares for an RLIMIT_NOFILE of ``limit``, keeping ``config.reserve_fds``
+        (cached_fds, pinned_fds and max_open at most)."""
+        avail = max(limit - config.reserve_fds, 64)
+        cached = max(16, min(config.cached_fds, avail // 4))
+        pinned = max(16, min(config.pinned_fds, avail // 4))
+        files = max(16, min(config.max_open, avail - cached - pinned))
         return cls(cached, pinned, files)
 
 
@@ -100,9 +91,9 @@ class OpenShares:
     """The open-file budget (``Budget.files``) shared out by uid, so that one
     user cannot lock the others out.
 
-    The last ``reserve`` handles (1/ROOT_RESERVE of the budget) are the
-    container's root's (uid 0) alone; of the rest, the *pool*, one uid may hold
-    at most ``share`` (1/USER_SHARE of it), root included (root may hold its
+    The last ``reserve`` handles (1/``config.root_reserve`` of the budget) are
+    the container's root's (uid 0) alone; of the rest, the *pool*, one uid may
+    hold at most ``share`` (1/``config.user_share`` of it), root included (root may hold its
     share plus the reserve).  So while one user holds all it may, the pool
     still has room for three times as much for everyone else, and root keeps
     the reserve whatever the others hold.
@@ -117,11 +108,11 @@ class OpenShares:
 
     EVENTS_MAX = 64
 
-    def __init__(self, files: int):
+    def __init__(self, files: int, config: Config = DEFAULT):
         self.files = files
-        self.reserve = max(1, files // ROOT_RESERVE)
+        self.reserve = max(1, files // config.root_reserve)
         self.pool = files - self.reserve
-        self.share = max(1, self.pool // USER_SHARE)
+        self.share = max(1, self.pool // config.user_share)
         self.held: dict[int, int] = {}       # uid -> handles held
         self.total = 0
         self.streaks: dict[object, int] = {}  # uid or "pool" -> refusals so far
@@ -235,7 +226,7 @@ class Inode:
     def reset(self, st: os.stat_result) -> None:
         share = self.table.share
         space = st.st_blocks * 512
-        self.space = share(space) if space < SHARED_SPACE else space   # allocated bytes,
+        self.space = share(space) if space < self.table.shared_space else space  # bytes,
         self.uid = share(st.st_uid)     # as last charged; the owner the quota charges
         self.gid = share(st.st_gid)
         self.mode = share(st.st_mode)
@@ -265,10 +256,10 @@ class Closer:
     the loop.  The thread only ever closes descriptors the table gave up; the
     queue holds no more of them than the table held."""
 
-    IDLE = 1.0      # seconds without work before the thread ends (a process
-                    # without threads may fork: see vzquota.scan)
-
-    def __init__(self):
+    def __init__(self, idle: float = DEFAULT.closer_idle):
+        # seconds without work before the thread ends (a process without
+        # threads may fork: see vzquota.scan)
+        self.idle = idle
         self._q: queue.SimpleQueue[int] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -284,7 +275,7 @@ class Closer:
     def _run(self) -> None:
         while True:
             try:
-                fd = self._q.get(timeout=self.IDLE)
+                fd = self._q.get(timeout=self.idle)
             except queue.Empty:
                 with self._lock:
                     if self._q.empty():
@@ -328,7 +319,7 @@ def no_handles_message(failed: tuple[str, int] | None, pinned: int) -> tuple[int
 
 class InodeTable:
     def __init__(self, root_fd: int, budget: Budget | None = None,
-                 file_handles: bool = True, max_inodes: int = MAX_INODES):
+                 file_handles: bool = True, config: Config = DEFAULT):
         # Inode records of this table know it through their class
         self.Inode = type("Inode", (Inode,), {"__slots__": (), "table": self})
         self._shared: dict[int, int] = {}
@@ -337,7 +328,10 @@ class InodeTable:
         # The cap: past it, the daemon asks the kernel to forget the least
         # recently looked-up inodes it may (simfs.prune.Pruner).  ``inodes``
         # is kept in that order: a lookup of a known inode moves it to the end.
-        self.max_inodes = max_inodes
+        self.max_inodes = config.max_inodes
+        self.prune_slack = config.prune_slack
+        self.shared_max = config.shared_max
+        self.shared_space = config.shared_space
         self.peak = 0             # most inodes held at once
         self.pruned = 0           # inodes the kernel was asked to forget
         self.dropped = 0          # inodes that left the table
@@ -346,7 +340,8 @@ class InodeTable:
         st = os.fstat(root_fd)
         self.dev = st.st_dev
         self.root_ino = st.st_ino
-        self.budget = budget or Budget.plan(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+        self.budget = budget or Budget.plan(resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+                                            config)
         self.inodes: dict[int, Inode] = {}
         # the daemon sets one (Mount.prepare); without it (unit tests, tools)
         # every descriptor is closed inline
@@ -389,13 +384,13 @@ class InodeTable:
             return False
 
     def share(self, v: int) -> int:
-        """One int object for each value (up to SHARED_MAX of them): a record's
+        """One int object for each value (up to ``shared_max`` of them): a record's
         uid, gid and mode cost a pointer, not an int each."""
         shared = self._shared
         got = shared.get(v)
         if got is not None:
             return got
-        if len(shared) < SHARED_MAX:
+        if len(shared) < self.shared_max:
             shared[v] = v
         return v
 
@@ -580,11 +575,11 @@ class InodeTable:
 
     def over(self) -> int:
         """How many inodes a prune should have the kernel forget now: down to
-        1/PRUNE_SLACK below the cap once past it (the root is not counted)."""
+        1/``prune_slack`` below the cap once past it (the root is not counted)."""
         n = len(self.inodes) - 1
         if n <= self.max_inodes:
             return 0
-        return n - (self.max_inodes - self.max_inodes // PRUNE_SLACK)
+        return n - (self.max_inodes - self.max_inodes // self.prune_slack)
 
     def oldest(self, n: int, prunable: Callable[[Inode], bool]) -> list[int]:
         """Up to ``n`` numbers of the least recently looked-up inodes for which

@@ -17,7 +17,7 @@ filesystems do behind a write:
 
 - *Late allocations.*  ext4 allocates a file's blocks (and its extent-tree
   blocks) at writeback, XFS preallocates past the end.  A write far from
-  every limit is reserved with ``SLACK`` to spare and committed with what
+  every limit is reserved with ``write_slack`` to spare and committed with what
   ``st_blocks`` really grew by; near a limit the file's allocation is first
   forced (``_force_allocation``: trim, writeback when its extent map may
   change) so that only the blocks not yet allocated cost anything.  A file
@@ -27,7 +27,7 @@ filesystems do behind a write:
   limits allow (``_reconcile``); the rest waits in ``gapped`` and is charged
   when room comes back (``_charge_gaps``).  An inode the kernel let go of
   while gapped or followed is *held* in the table (``held``, a reference of
-  the ledger's, at most GAPS_HELD) until its charge is complete; past that
+  the ledger's, at most ``gaps_held``) until its charge is complete; past that
   bound it is counted in ``lost_gaps``.
 - *XFS.*  A regular file opened for writing gets exact allocation
   (``opened``); one that cannot has its preallocation past the end trimmed
@@ -68,31 +68,15 @@ from vzquota.engine import INFINITE, QuotaEngine
 from vzquota.errors import QuotaExceeded
 
 from . import lower
+from .config import DEFAULT, Config
 
 log = logging.getLogger(__name__)
 
-# Below this many bytes left to non-root users on the backing filesystem, its
-# f_bavail is read again before each allocation; above it, at most every HOST_TTL s.
-HOST_EDGE = 64 << 20
-HOST_TTL = 1.0
-# A write is answered without looking at the file when this much room is left
-# past it; closer to a limit the file's allocation is forced first (before_write).
-SLACK = 1 << 20
 # More extents than this and an ext4 file needs blocks for its extent tree,
 # allocated at writeback.
 EXTENTS_IN_INODE = 4
 # The longest extent ext4 maps (an unwritten one: 32767 blocks; a written one 32768).
 EXTENT_MAX = 32767
-DIR_GROWTH = 4                  # blocks reserved for a directory taking a new name
-GAPS_HELD = 1024                # gapped inodes kept in the table after the kernel let go
-# Files closed while ext4 still had to allocate their delayed blocks, followed
-# until it has (see sweep): at most FOLLOW_MAX at once (past it a last close
-# forces its file's allocation as a write near a limit does); SWEEP_MAX looked
-# at per sweep; one older than WRITEBACK_AGE seconds has its writeback done by
-# the sweep.
-FOLLOW_MAX = 4096
-SWEEP_MAX = 512
-WRITEBACK_AGE = 2.0
 
 
 def in_thread(fn: Callable, *args):
@@ -148,8 +132,11 @@ class Backing:
 class Ledger:
     """Charges per inode of one mount's table.  See the module docstring."""
 
-    def __init__(self, table, bsize: int, xfs: bool = False, backing: Backing | None = None):
+    def __init__(self, table, bsize: int, xfs: bool = False, backing: Backing | None = None,
+                 config: Config = DEFAULT):
         self.table = table
+        self.config = config
+        self.slack = config.write_slack
         self.fs = backing or Backing()
         self.bsize = bsize
         self.xfs = xfs                # regular files get exact allocation (opened)
@@ -157,7 +144,7 @@ class Ledger:
         # What a directory may grow by when it takes one more name (ext4's
         # switch to an indexed directory adds 2 blocks); raised to the largest
         # growth seen, so the reservation stays an upper bound.
-        self.dir_growth = DIR_GROWTH * bsize
+        self.dir_growth = config.dir_growth * bsize
         # the backing filesystem's f_bavail in bytes, as last read, less what
         # non-root callers allocated since (see _host_room)
         self._host_avail = 0
@@ -165,9 +152,9 @@ class Ledger:
         # inodes holding blocks the hard limits left uncharged (see _reconcile)
         self.gapped: set = set()
         # those of them (and followed ones) the kernel let go, kept in the
-        # table by a hold of ours (at most GAPS_HELD gapped) until charged
+        # table by a hold of ours (at most config.gaps_held gapped) until charged
         self.held: set = set()
-        self.lost_gaps = 0      # gapped inodes let go past GAPS_HELD
+        self.lost_gaps = 0      # gapped inodes let go past config.gaps_held
         # written files whose allocation may still change (delayed blocks at
         # their last close), oldest first, with the time they were closed
         self.followed: collections.OrderedDict = collections.OrderedDict()
@@ -203,11 +190,12 @@ class Ledger:
         """Bytes non-root callers may still allocate on the backing filesystem:
         its f_bavail (root writes for them, so without this they would eat the
         blocks reserved for the host's root).  Read again at most every
-        HOST_TTL seconds while far from the edge, before every call near it."""
-        if self._host_avail < HOST_EDGE or time.monotonic() >= self._host_next:
+        ``host_ttl`` seconds while far from the edge (``host_edge``), before
+        every call near it."""
+        if self._host_avail < self.config.host_edge or time.monotonic() >= self._host_next:
             sv = self.fs.fstatvfs(self.table.root.fd)
             self._host_avail = sv.f_bavail * sv.f_frsize
-            self._host_next = time.monotonic() + HOST_TTL
+            self._host_next = time.monotonic() + self.config.host_ttl
         return self._host_avail
 
     def host_check(self, uid: int, amount: int) -> None:
@@ -275,14 +263,15 @@ class Ledger:
         """The table is about to let ``inode`` go (no lookup, open or hold
         left): charge what it holds now, for good; keep it (True: held by
         the ledger) while its charge is short (a hard limit left a gap, up to
-        GAPS_HELD such inodes) or its allocation is still followed."""
+        ``gaps_held`` such inodes) or its allocation is still followed."""
         if inode.unlinked or inode in self.held:
             return False
         try:
             self._reconcile(inode, self.fs.fstat(inode.fd))
         except OSError:
             return False
-        if inode in self.followed or (inode in self.gapped and len(self.held) < GAPS_HELD):
+        if inode in self.followed or (inode in self.gapped
+                                      and len(self.held) < self.config.gaps_held):
             self.held.add(inode)
             self.table.hold(inode)
             return True
@@ -298,7 +287,7 @@ class Ledger:
     def dropped(self, inode) -> None:
         """``inode`` left the table: the kernel can no longer reach it."""
         if inode in self.gapped and not inode.unlinked:
-            self.lost_gaps += 1       # no longer followed (GAPS_HELD reached)
+            self.lost_gaps += 1       # no longer followed (gaps_held reached)
         self.gapped.discard(inode)
         self.held.discard(inode)
         self.followed.pop(inode, None)
@@ -436,10 +425,10 @@ class Ledger:
         uid, gid = node.uid, node.gid
         if want <= host:
             try:
-                # far from every limit: held with SLACK to spare, for blocks
-                # the backing filesystem may allocate late (all released at
-                # the commit)
-                return n, q.reserve(uid, gid, want + SLACK), False
+                # far from every limit: held with write_slack to spare, for
+                # blocks the backing filesystem may allocate late (all
+                # released at the commit)
+                return n, q.reserve(uid, gid, want + self.slack), False
             except QuotaExceeded:
                 pass
         # Near a limit: first force this file's allocation (its preallocation
@@ -633,14 +622,15 @@ class Ledger:
         """The last open handle of ``h.inode`` is being closed: charge what the
         file holds now, its late allocations forced first if it was written
         through; a file whose delayed blocks are not allocated yet is
-        followed (``sweep``), up to FOLLOW_MAX files at once."""
+        followed (``sweep``), up to ``follow_max`` files at once."""
         node = h.inode
         pending = False
         if h.wrote:
             # inline, as the writeback it starts always was (awaited, an
             # unmount could abort the request before its reply)
             _, st, pending = self._force_allocation(
-                h.fd, follow=self.quota is not None and len(self.followed) < FOLLOW_MAX)
+                h.fd, follow=self.quota is not None
+                and len(self.followed) < self.config.follow_max)
         else:
             st = self.fs.fstat(h.fd)
         self._reconcile(node, st)
@@ -656,12 +646,13 @@ class Ledger:
         """Charge what files closed with delayed blocks hold once the backing
         filesystem has allocated them (no delayed or unwritten extent left: a
         stat read then is exact, see ``_force_allocation``); a file still
-        followed WRITEBACK_AGE seconds after its close has its writeback done
-        here, in a worker thread.  At most SWEEP_MAX files per call; run
+        followed ``writeback_age`` seconds after its close has its writeback
+        done here, in a worker thread.  At most ``sweep_max`` files per call; run
         periodically by the mount (simfs/mount.py)."""
         fs = self.fs
         now = time.monotonic()
-        for inode, since in list(itertools.islice(self.followed.items(), SWEEP_MAX)):
+        cfg = self.config
+        for inode, since in list(itertools.islice(self.followed.items(), cfg.sweep_max)):
             if inode.freed or self.table.inodes.get(inode.ino) is not inode:
                 self._unfollow(inode)
                 continue
@@ -672,7 +663,7 @@ class Ledger:
                 continue
             try:
                 if not fs.nothing_delayed(fd, self.bsize):
-                    if now - since < WRITEBACK_AGE:
+                    if now - since < cfg.writeback_age:
                         continue
                     # the thread owns a duplicate: it stays valid (and is
                     # closed) even if this sweep is cancelled meanwhile

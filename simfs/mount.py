@@ -43,22 +43,17 @@ from vzquota.inside import QuotaAdmin
 from vzquota.qfile import QuotaFile
 from vzquota.scan import ScanResult, scan
 from vzquota.engine import Growth
-from vzquota.service import HOLD_MAX, RECOUNT_WAIT, LiveQuota, holds, upper_bound
+from vzquota.service import LiveQuota, holds, upper_bound
 
 from . import binding, events
 from .binding import BINDINGS
-from .inodes import MAX_INODES, MAX_OPEN, ROOT, Closer
+from .config import DEFAULT, Config
+from .inodes import ROOT, Closer
 from .lower import RENAME_EXCHANGE
 from .ops import SimOperations
 
 log = logging.getLogger(__name__)
 
-RECALC_PASSES = 5
-RETRY_QUIET = 1.0      # a live recount that was not exact is made again once no
-RETRY_FIRST = 10.0     # name or allocation changed for RETRY_QUIET s, or else
-RETRY_MAX = 300.0      # after RETRY_FIRST s, doubling up to RETRY_MAX
-SWEEP_EVERY = 1.0      # seconds between sweeps of files closed with delayed blocks
-PRUNE_EVERY = 1.0      # seconds between checks of the inode table against its cap
 RUNTIMES = ("uvloop", "asyncio", "trio")      # the first is the default
 
 
@@ -78,12 +73,9 @@ class Mount:
     fuse_options: set[str]
     quotaid: int | None = None
     quotafile: str | None = None
-    checkpoint: float = 30.0
     runtime: str = RUNTIMES[0]
-    max_open: int = MAX_OPEN
-    hold_max: float = HOLD_MAX      # -o recounthold: see vzquota.service.holds
-    recount_wait: float = RECOUNT_WAIT  # -o recountwait: see recalc
-    max_inodes: int = MAX_INODES        # -o maxinodes: the inode table's cap
+    config: Config = DEFAULT        # every tunable (-o maxopen, maxinodes, checkpoint,
+                                    # recounthold, recountwait, the rest at their defaults)
     quota_admin: int | None = None      # -o quota_admin[=UID]: the container's root
     fuse: str = BINDINGS[0]
     passthrough: bool = False           # -o passthrough: also on a writable mount
@@ -176,8 +168,8 @@ class Mount:
                     self._shown = None
             except VzError as e:
                 raise MountError(e.message) from None
-        self.ops = SimOperations(root_fd, self.max_open, self.max_inodes)
-        self.ops.table.closer = Closer()
+        self.ops = SimOperations(root_fd, self.config)
+        self.ops.table.closer = Closer(self.config.closer_idle)
         if ("ro" in self.fuse_options or self.passthrough) and self.fuse == "builtin":
             # read-only opens may bypass the daemon (ops.SimOperations._open_mode)
             self.ops.fuse_want |= fusewire.kernel.PASSTHROUGH
@@ -265,10 +257,10 @@ class Mount:
             self.ops.table.close_all()
 
     async def _sweeps(self) -> None:
-        """Every SWEEP_EVERY seconds, charge what files closed with delayed
+        """Every ``sweep_every`` seconds, charge what files closed with delayed
         blocks hold once they are allocated (Ledger.sweep)."""
         while True:
-            await anyio.sleep(SWEEP_EVERY)
+            await anyio.sleep(self.config.sweep_every)
             if self.ops.ledger.followed and self.ops.gate is None:    # not while held
                 try:
                     await self.ops.ledger.sweep()
@@ -276,13 +268,13 @@ class Mount:
                     log.exception("settling closed files failed")
 
     async def _prunes(self) -> None:
-        """Every PRUNE_EVERY seconds, a prune pass if the inode table is over
+        """Every ``prune_every`` seconds, a prune pass if the inode table is over
         its cap and none is scheduled (simfs.prune.Pruner: normally a lookup
         past the cap schedules one at once; this catches the rest, e.g. under
         trio, or when the kernel kept what a pass asked for)."""
         table = self.ops.table
         while True:
-            await anyio.sleep(PRUNE_EVERY)
+            await anyio.sleep(self.config.prune_every)
             if table.over() > 0 and not table.full:
                 try:
                     self.ops.prune()
@@ -297,11 +289,12 @@ class Mount:
 
     async def _events(self, tg) -> None:
         """Report limit events: a log line each, and the hook (see events.py)."""
-        watcher = events.Watcher(self.quotaid)
+        cfg = self.config
+        watcher = events.Watcher(self.quotaid, refusal_every=cfg.refusal_every)
         self.live.event_totals = watcher.totals      # the "events" control request
         dropped = 0
         while True:
-            await anyio.sleep(events.INTERVAL)
+            await anyio.sleep(cfg.events_every)
             live = self.live
             engine = live.engine if live is not None else None
             for ev in watcher.poll(engine):
@@ -321,7 +314,7 @@ class Mount:
 
     def _hook(self, tg, ev) -> None:
         if self.hook:
-            if self._hooks_running >= events.HOOKS_MAX:
+            if self._hooks_running >= self.config.hooks_max:
                 log.warning("quota %d: hook %s not run for this event: %d hooks "
                             "still running", self.quotaid, self.hook, self._hooks_running)
             else:
@@ -344,7 +337,7 @@ class Mount:
 
     async def _checkpoints(self) -> None:
         while True:
-            await anyio.sleep(self.checkpoint)
+            await anyio.sleep(self.config.checkpoint)
             try:
                 if self.live is not None:
                     self.live.checkpoint()
@@ -437,9 +430,9 @@ class Mount:
 
     async def recalc(self, why: str | None = None) -> int:
         """Recount while serving.  A pass is applied only if it is exact (see
-        ``PassWatch``); otherwise it is repeated, up to RECALC_PASSES.  Passes
+        ``PassWatch``); otherwise it is repeated, up to ``recount_passes``.  Passes
         may hold the requests that change names or allocations while they scan
-        (``holds``; at most ``hold_max`` seconds): then nothing can disturb them.
+        (``holds``; at most ``recount_hold`` seconds): then nothing can disturb them.
 
         While the figures in use are stale (``why`` "stale": the first pass
         of a live `on`; they may be short), a pass holds those requests until
@@ -460,7 +453,7 @@ class Mount:
         if why == "stale":
             # held from now on, also while an earlier recount ends (its gates
             # give way to this one: see _let_go)
-            first = self.ops.gate = self._stale_gate = Gate(self.recount_wait)
+            first = self.ops.gate = self._stale_gate = Gate(self.config.recount_wait)
         try:
             return await self._recalc(why, first)
         finally:
@@ -474,16 +467,17 @@ class Mount:
         async with self._recalc_lock:      # one recount at a time
             last = None
             stale = why == "stale"          # the figures in use may be short
-            for n in range(RECALC_PASSES):
+            cfg = self.config
+            for n in range(cfg.recount_passes):
                 engine = live.engine
                 if engine is None:
                     return 0
                 whole = stale               # hold the whole pass
                 if whole:
-                    gate, first = first or Gate(self.recount_wait), None
+                    gate, first = first or Gate(cfg.recount_wait), None
                     if self._stale_gate is gate:
                         self._stale_gate = None
-                elif holds(n, why, last, self.hold_max):
+                elif holds(n, why, last, cfg.recount_hold):
                     gate = Gate()
                 else:
                     gate = None
@@ -504,7 +498,7 @@ class Mount:
                 try:
                     async with anyio.create_task_group() as tg:
                         if gate is not None and not whole:
-                            tg.start_soon(self._let_go_after, gate, self.hold_max)
+                            tg.start_soon(self._let_go_after, gate, cfg.recount_hold)
                         result = await anyio.to_thread.run_sync(scan)
                         tg.cancel_scope.cancel()
                     if failed:
@@ -517,7 +511,7 @@ class Mount:
                     quiet = watch.complete(result)
                     self.ops.ledger.refresh()
                     bound = None if quiet else watch.bound(result)
-                    done = live.finish_recalc(result, quiet, n == RECALC_PASSES - 1,
+                    done = live.finish_recalc(result, quiet, n == cfg.recount_passes - 1,
                                               "stale" if stale else "recalc", bound)
                     if bound is not None:
                         stale = False       # an upper bound is enforced now
@@ -532,8 +526,8 @@ class Mount:
                              else "", last)
                     return 0
         log.warning("quota %d: usage kept changing during %d recount passes",
-                    self.quotaid, RECALC_PASSES)
-        return RECALC_PASSES
+                    self.quotaid, self.config.recount_passes)
+        return self.config.recount_passes
 
     def _let_go(self, gate: "Gate") -> None:
         """End a hold: the held requests go on, then the FORGETs kept meanwhile
@@ -562,18 +556,19 @@ class Mount:
     async def _retries(self) -> None:
         """Make a live recount that could not be exact again (``live.inexact``):
         at the first quiet moment (no request that changes names or allocations
-        for RETRY_QUIET s), or else after RETRY_FIRST s, then less and less
-        often (up to RETRY_MAX)."""
+        for ``retry_quiet`` s), or else after ``retry_first`` s, then less and
+        less often (up to ``retry_max``)."""
         seen = self.ops.mutations
-        backoff = RETRY_FIRST
+        cfg = self.config
+        backoff = cfg.retry_first
         next_try = None
         while True:
-            await anyio.sleep(RETRY_QUIET)
+            await anyio.sleep(cfg.retry_quiet)
             live = self.live
             now_seen = self.ops.mutations
             quiet, seen = now_seen == seen, now_seen
             if live is None or live.engine is None or live.inexact is None:
-                backoff, next_try = RETRY_FIRST, None
+                backoff, next_try = cfg.retry_first, None
                 continue
             now = time.monotonic()
             if next_try is None:
@@ -589,11 +584,11 @@ class Mount:
                 log.exception("quota %d: recounting again failed", self.quotaid)
                 passes = 1
             if passes:
-                backoff = min(RETRY_MAX, backoff * 2)
+                backoff = min(cfg.retry_max, backoff * 2)
                 next_try = time.monotonic() + backoff
             else:
                 log.info("quota %d: the recount is exact now", self.quotaid)
-                backoff, next_try = RETRY_FIRST, None
+                backoff, next_try = cfg.retry_first, None
             seen = self.ops.mutations
 
 
@@ -612,7 +607,7 @@ class Gate:
     def __init__(self, limit: float | None = None):
         self._waiters: list = []
         self._open = False
-        self.cut = False          # opened before its pass ended (hold_max)
+        self.cut = False          # opened before its pass ended (recount_hold)
         self.limit = limit
         self.refused = 0
 

@@ -62,7 +62,8 @@ from . import lower
 from .ledger import Ledger, in_thread
 from .privs import inherited_acl, keep_made_mode, kill_privs
 from .prune import Pruner
-from .inodes import MAX_INODES, MAX_OPEN, ROOT, Budget, Inode, InodeTable, OpenShares
+from .config import DEFAULT, Config
+from .inodes import ROOT, Budget, Inode, InodeTable, OpenShares
 from .statfs import host_figures, quota_figures
 
 log = logging.getLogger(__name__)
@@ -81,10 +82,6 @@ VIRTUAL_XATTRS = (QUOTA_XATTR, COUNTS_XATTR, OPTIONS_XATTR, INODES_XATTR)
 ACL_ACCESS = b"system.posix_acl_access"
 ACL_DEFAULT = b"system.posix_acl_default"
 ACL_XATTRS = frozenset((ACL_ACCESS, ACL_DEFAULT))
-TIMEOUT = 60.0                  # entry/attr cache: every change comes through us
-# Reads of at least this many bytes that the backing page cache cannot serve at
-# once (RWF_NOWAIT) go to a worker thread.
-READ_NOWAIT = 32 << 10
 
 
 # Handlers that may change names or allocations: ``SimOperations.mutations``
@@ -241,16 +238,20 @@ class SimOperations:
     # pyfuse3 and in unit tests): passthrough backing ids, notifications
     channel = None
 
-    def __init__(self, root_fd: int, max_open: int = MAX_OPEN,
-                 max_inodes: int = MAX_INODES):
+    def __init__(self, root_fd: int, config: Config = DEFAULT):
+        self.config = config
+        # entry and attribute cache time (every change comes through us), and
+        # the size from which a read the page cache cannot serve goes to a thread
+        self.timeout = config.entry_timeout
+        self.read_nowait = config.read_nowait
         limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        self.table = InodeTable(root_fd, Budget.plan(limit, max_open), max_inodes=max_inodes)
-        self.pruner = Pruner(self.table, lambda: self.channel, self._kept)
-        self.shares = OpenShares(self.table.budget.files)
+        self.table = InodeTable(root_fd, Budget.plan(limit, config), config=config)
+        self.pruner = Pruner(self.table, lambda: self.channel, self._kept, config)
+        self.shares = OpenShares(self.table.budget.files, config)
         self.bsize = os.fstatvfs(root_fd).f_bsize or 4096
         # the charges per inode (it hears from the table when one leaves)
         self.ledger = Ledger(self.table, self.bsize,
-                             lower.fs_magic(root_fd) == lower.XFS_SUPER_MAGIC)
+                             lower.fs_magic(root_fd) == lower.XFS_SUPER_MAGIC, config=config)
         self._nowait = True       # the backing filesystem takes RWF_NOWAIT reads
         self.handles: dict[int, Handle | DirHandle] = {}
         self._next_fh = 1
@@ -306,12 +307,14 @@ class SimOperations:
     def _attrs(self, st: os.stat_result, ino: int | None = None,
                generation: int = 0) -> fusewire.EntryAttributes:
         return fusewire.EntryAttributes.from_stat(
-            st, self.table.fuse_ino(st.st_ino) if ino is None else ino, TIMEOUT, generation)
+            st, self.table.fuse_ino(st.st_ino) if ino is None else ino, self.timeout,
+            generation)
 
     def _entry(self, inode: Inode, st: os.stat_result) -> fusewire.EntryAttributes:
         """An entry reply: the inode's number and generation (a number the
         backing filesystem reused is a new generation), with ``st``."""
-        return fusewire.EntryAttributes.from_stat(st, inode.ino, TIMEOUT, inode._flags >> 4)
+        return fusewire.EntryAttributes.from_stat(st, inode.ino, self.timeout,
+                                                  inode._flags >> 4)
 
     def _room_for_a_handle(self, uid: int) -> None:
         """Every open file and directory holds one descriptor: refuse one more
@@ -416,11 +419,11 @@ class SimOperations:
         try:
             inode, st = self.table.lookup(parent, name)
         except FileNotFoundError:
-            # A negative entry the kernel caches for TIMEOUT: a name created
+            # A negative entry the kernel caches as long: a name created
             # through the mount replaces it at once.
             a = fusewire.EntryAttributes()
             a.st_ino = 0
-            a.entry_timeout = TIMEOUT
+            a.entry_timeout = self.timeout
             return a
         return self._entry(inode, st)
 
@@ -817,12 +820,12 @@ class SimOperations:
     @errno_boundary
     def read(self, fh, off, size):
         """What the backing page cache holds is answered here, at once; a read
-        of READ_NOWAIT bytes or more that must wait for the disk returns an
+        of ``read_nowait`` bytes or more that must wait for the disk returns an
         awaitable instead (the rest is read in a worker thread), which the
         request loop awaits, so a cold read does not stop the loop and
         readahead's requests reach the disk together."""
         fd = self.handles[fh].fd
-        if size < READ_NOWAIT or not self._nowait:
+        if size < self.read_nowait or not self._nowait:
             return os.pread(fd, size, off)
         buf = bytearray(size)
         try:

@@ -211,17 +211,15 @@ def _build_parser():
 def option_values(own: dict[str, str]) -> dict:
     """simfs's own ``-o`` values as the daemon runs them (defaults filled in),
     comparable between a mount and a remount."""
-    from vzquota.service import HOLD_MAX, RECOUNT_WAIT
-
-    from .inodes import MAX_INODES, MAX_OPEN
+    from .config import DEFAULT as D
     return {"quotaid": int(own["quotaid"]) if "quotaid" in own else None,
             "quotafile": own.get("quotafile"), "log": own.get("log"),
-            "hook": own.get("hook"), "checkpoint": float(own.get("checkpoint", 30)),
+            "hook": own.get("hook"), "checkpoint": float(own.get("checkpoint", D.checkpoint)),
             "runtime": own.get("runtime", "uvloop"),
-            "maxopen": int(own.get("maxopen", MAX_OPEN)),
-            "recounthold": float(own.get("recounthold", HOLD_MAX)),
-            "recountwait": float(own.get("recountwait", RECOUNT_WAIT)),
-            "maxinodes": int(own.get("maxinodes", MAX_INODES)),
+            "maxopen": int(own.get("maxopen", D.max_open)),
+            "recounthold": float(own.get("recounthold", D.recount_hold)),
+            "recountwait": float(own.get("recountwait", D.recount_wait)),
+            "maxinodes": int(own.get("maxinodes", D.max_inodes)),
             "quota_admin": int(own["quota_admin"]) if "quota_admin" in own else None,
             "fuse": own.get("fuse", "builtin"),
             "passthrough": "passthrough" in own}

@@ -20,28 +20,28 @@ import logging
 import time
 from typing import Callable
 
+from .config import DEFAULT, Config
+
 log = logging.getLogger(__name__)
 
-# Inodes asked of the kernel per prune pass at most (see prune): a pass is a
-# few milliseconds of the loop.  Passes are PRUNE_GAP seconds apart at least,
-# twice that after each pass after which no inode left the table (the kernel
-# uses them all), up to PRUNE_GAP_MAX.
-PRUNE_MAX = 2048
-PRUNE_GAP = 0.005
-PRUNE_GAP_MAX = 1.0
 
 
 class Pruner:
     """Prune passes over ``table``; ``channel()`` is the session serving the
     mount (None: pyfuse3, or not mounted), ``keep(inode)`` whether an inode
-    must stay (the kernel is not asked to forget it)."""
+    must stay (the kernel is not asked to forget it).  A pass asks for
+    ``config.prune_max`` inodes at most; passes are ``prune_gap`` seconds
+    apart at least, twice that after each pass after which no inode left the
+    table (the kernel uses them all), up to ``prune_gap_max``."""
 
-    def __init__(self, table, channel: Callable[[], object], keep: Callable[[object], bool]):
+    def __init__(self, table, channel: Callable[[], object], keep: Callable[[object], bool],
+                 config: Config = DEFAULT):
         self.table = table
+        self.config = config
         self.channel = channel
         self.keep = keep
         self._next = 0.0          # no pass before (time.monotonic)
-        self._gap = PRUNE_GAP
+        self._gap = self.config.prune_gap
         self._dropped = -1        # table.dropped at the last pass
         table.on_full = self.soon
 
@@ -76,7 +76,7 @@ class Pruner:
 
     def prune(self) -> int:
         """Ask the kernel to forget the least recently looked-up inodes we may
-        let go of (not ``keep``), down to 1/16 below the cap, PRUNE_MAX at
+        let go of (not ``keep``), down to 1/16 below the cap, ``prune_max`` at
         most per pass.  The kernel drops those it does not use and sends
         their FORGETs, which take them out of the table as any FORGET does
         (charged for good on the way: ``forget``); a later lookup of the same
@@ -92,12 +92,12 @@ class Pruner:
             return 0
         # back off while the kernel lets nothing go (it uses every inode asked)
         if table.dropped == self._dropped:
-            self._gap = min(self._gap * 2, PRUNE_GAP_MAX)
+            self._gap = min(self._gap * 2, self.config.prune_gap_max)
         else:
-            self._gap = PRUNE_GAP
+            self._gap = self.config.prune_gap
         self._dropped = table.dropped
         self._next = time.monotonic() + self._gap
-        ids = table.oldest(min(n, PRUNE_MAX), lambda i: not self.keep(i))
+        ids = table.oldest(min(n, self.config.prune_max), lambda i: not self.keep(i))
         if not ids:
             return 0
         try:

@@ -459,8 +459,8 @@ def attack_big_dir(env: Env, entries: int = 100_000, handles: int = 300) -> str:
     assert rss1 - rss0 < 128 * K, \
         f"{handles} opendir handles took the daemon from {rss0 // K} to {rss1 // K} MiB"
     # bounded by the daemon's LRU of O_PATH descriptors, not by the entries
-    from simfs.inodes import CACHED_FDS
-    bound = CACHED_FDS + 128
+    from simfs.config import DEFAULT
+    bound = DEFAULT.cached_fds + 128
     assert entries > bound and nfds < bound, \
         f"after ls -l of {entries} entries the daemon holds {nfds} fds (bound {bound})"
     return f"{entries} entries: rss {rss0 // K}->{rss1 // K} MiB with {handles} handles, " \

@@ -171,7 +171,8 @@ def test_ls_l_of_a_huge_directory_keeps_the_daemon_s_descriptors_bounded(mounted
     per entry in the daemon, which then answered EMFILE to everything.  Now only
     an LRU of them stays open, and every inode is still reachable (each file is
     opened and read again after the LRU has turned over)."""
-    from simfs.inodes import CACHED_FDS
+    from simfs.config import DEFAULT
+    CACHED_FDS = DEFAULT.cached_fds
     private, root, m = mounted
     n = CACHED_FDS + 2000
     big_dir(private, n)
@@ -239,7 +240,8 @@ def test_an_unlinked_file_held_by_the_container_stays_reachable_after_the_lru_tu
     """A file unlinked while held by an O_PATH descriptor can still be reopened
     through /proc (as on a local filesystem), even after enough other lookups
     to evict every cached descriptor."""
-    from simfs.inodes import CACHED_FDS
+    from simfs.config import DEFAULT
+    CACHED_FDS = DEFAULT.cached_fds
     private, root, m = mounted
     big_dir(private, CACHED_FDS + 500)
     code = textwrap.dedent("""

@@ -221,3 +221,25 @@ def test_vzquota_8_lists_its_differences_from_the_original():
         assert words in text, words
     imp = plain(roff[roff.index(".B import\nMake the quota file"):])
     assert "per-object status flags" in imp.split(".SH")[0]
+
+
+def test_simfs8_resources_lists_every_tunable_of_the_config_field_for_field():
+    """Issue 20 item 3: one configuration object for every tunable, and
+    simfs(8)'s RESOURCES section matches it: each field, in order, with its
+    default and, where a mount option sets it, that option."""
+    import dataclasses
+    import re
+
+    from simfs.config import Config
+    text = (Path(__file__).parent.parent / "man" / "simfs.8").read_text()
+    section = text[text.index(".SH RESOURCES"):text.index(".SH PASSTHROUGH READS")]
+    listed = re.findall(r'^\.BR (\w+) " \(" (\S+) \)\n(.*?)(?=^\.TP|\Z)', section, re.M | re.S)
+    fields = dataclasses.fields(Config)
+    assert [name for name, _, _ in listed] == [f.name for f in fields]
+    for (name, default, doc), f in zip(listed, fields):
+        d = f.default
+        assert default == (str(d) if isinstance(d, int) else f"{d:g}"), name
+        opt = f.metadata["option"]
+        assert (opt is not None) == ("the mount option" in doc), name
+        if opt is not None:
+            assert f".BR {opt} ." in doc, name

@@ -22,6 +22,7 @@ import pytest
 
 import backing as bk
 from conftest import py_as, vzquota
+from simfs.config import Config
 from simfs.inodes import ROOT, InodeTable
 from simfs.ops import SimOperations
 
@@ -60,7 +61,7 @@ def area(world_tmp):
 @pytest.fixture
 def ops(area):
     fd = os.open(area, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    o = SimOperations(fd, max_inodes=64)
+    o = SimOperations(fd, Config(max_inodes=64))
     yield o
     o.table.close_all()
     os.close(fd)

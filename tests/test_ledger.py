@@ -21,7 +21,7 @@ from vzquota.engine import QuotaEngine
 from vzquota.errors import QuotaExceeded
 from vzquota.model import QuotaState
 
-from simfs import ledger as ledger_mod
+from simfs.config import DEFAULT, Config
 from simfs.ledger import Ledger
 
 B = 4096
@@ -234,7 +234,7 @@ def test_a_write_far_from_every_limit_commits_what_the_backing_allocated(led, fs
     h = handle(inode)
     n, res, tree = led.before_write(h, 0, 10000)
     assert n == 10000 and not tree
-    assert reserved(led) == 3 * B + ledger_mod.SLACK       # the span, with slack
+    assert reserved(led) == 3 * B + DEFAULT.write_slack     # the span, with slack
     fs.files[h.fd].write(0, 10000)
     st = led.after_write(h, res, tree)
     assert st.st_blocks * 512 == 3 * B
@@ -296,8 +296,8 @@ def test_a_gapped_inode_is_held_after_the_kernel_lets_go_until_its_charge_comple
     assert not led.held and not led.gapped and usage(led) == 3 * B
 
 
-def test_past_the_bound_a_gapped_inode_is_let_go_and_counted_lost(led, fs, monkeypatch):
-    monkeypatch.setattr(ledger_mod, "GAPS_HELD", 0)
+def test_past_the_bound_a_gapped_inode_is_let_go_and_counted_lost(led, fs):
+    led.config = Config(gaps_held=0)
     inode = new_file(led, 10)
     led.quota.state.level1.space.hard = usage(led)
     fs.files[inode.fd].write(0, B)
@@ -345,7 +345,7 @@ def test_a_non_root_caller_stays_out_of_the_hosts_root_reserve(led, fs):
     assert n == 3 * B                          # a short write, up to the edge
     led.release(res)
     fs.avail = 0
-    led._host_next = 0                         # (read again at most every HOST_TTL s)
+    led._host_next = 0                         # (read again at most every host_ttl s)
     with pytest.raises(OSError) as e:
         led.before_write(handle(inode, user=True), 0, 4 * B)
     assert e.value.errno == errno.ENOSPC
@@ -367,7 +367,7 @@ def test_a_directory_taking_a_name_is_charged_its_growth_and_the_guess_grows(led
     d = led.table.add(FakeFile(20, 1000, 1000, data=B, directory=True))
     led.quota.charge(1000, 1000, B, 1)
     res = led.before_name(d, 1000)
-    assert reserved(led) == ledger_mod.DIR_GROWTH * B
+    assert reserved(led) == DEFAULT.dir_growth * B
     fs.files[d.fd].data += 6 * B               # grew more than guessed
     led.after_name(d, res)
     assert reserved(led) == 0 and usage(led) == 7 * B
