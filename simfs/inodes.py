@@ -619,6 +619,8 @@ class InodeTable:
         if inode is None or ino == ROOT:
             return None
         inode.lookups -= n
+        if inode.lookups > 0:
+            return None
         return self._let_go(inode)
 
     def opened(self, inode: Inode) -> None:
@@ -628,6 +630,8 @@ class InodeTable:
     def closed(self, inode: Inode) -> Inode | None:
         """One of its open handles was released; returns the inode if it left."""
         inode.opens -= 1
+        if inode.opens > 0 or inode.lookups > 0:
+            return None
         return self._let_go(inode)
 
     def hold(self, inode: Inode) -> None:

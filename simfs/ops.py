@@ -1050,7 +1050,7 @@ class SimOperations:
     @errno_boundary
     def statfs(self, ctx):
         lst = os.statvfs(self.table.root.fd)
-        q = self.quota
+        q = self.ledger.quota
         if q is None:
             f = host_figures(lst)
         else:
