@@ -199,3 +199,31 @@ def test_one_page_cache_copy_on_a_writable_mount(mounter, area):
             pass
     grown = cached_kib() - base
     assert grown < 1.2 * (len(data) // 1024), (grown, len(data) // 1024)
+
+
+def test_an_o_direct_writer_beside_passthrough_readers(mounter, area):
+    # an O_DIRECT open is answered FOPEN_DIRECT_IO, which takes no io mode: a
+    # reader that comes after it is passthrough and sees its writes at once
+    # (both end in the backing file); its mmap fails with the kernel's ENODEV
+    # while passthrough readers have the file open
+    private, root = area
+    (private / "f").write_bytes(b"a" * 8192)
+    mounter(private, root, "passthrough")
+    w = os.open(root / "f", os.O_RDWR | os.O_DIRECT)
+    try:
+        buf = mmap.mmap(-1, 4096)
+        buf.write(b"D" * 4096)
+        before = counts(root).get("read", 0)
+        with open(root / "f", "rb") as r:
+            assert r.read(8) == b"aaaaaaaa"
+            assert os.pwritev(w, [buf], 0) == 4096
+            assert os.pread(r.fileno(), 8, 0) == b"DDDDDDDD"
+            with pytest.raises(OSError) as e:
+                mmap.mmap(w, 4096, mmap.MAP_PRIVATE, mmap.PROT_READ)
+            assert e.value.errno == errno.ENODEV
+        assert counts(root).get("read", 0) == before
+        with mmap.mmap(w, 4096, mmap.MAP_PRIVATE, mmap.PROT_READ) as m:   # readers gone
+            assert m[:4] == b"DDDD"
+    finally:
+        os.close(w)
+    assert (private / "f").read_bytes() == b"D" * 4096 + b"a" * 4096

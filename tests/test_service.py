@@ -367,6 +367,8 @@ def test_density_short(fuse, mode):
 
 
 def test_webbench_short(fuse):
-    d = run_tool("webbench", "-n", "4", "-d", "2")
-    assert d["rpm_native"] > 0 and d["rpm_simfs"] > 0
-    assert d["exact_live"] == d["exact_file"] == 4
+    d = run_tool("webbench", "-n", "4", "-d", "2", "--passthrough")
+    assert d["rpm_native"] > 0 and d["rpm_simfs"] > 0 and d["rpm_simfs+pt"] > 0
+    assert d["ratio_pt"] > 0
+    assert d["exact_live"] == d["exact_file"] == 4     # (the passthrough run's, and
+    # any inexact quota of either run fails the tool: exit 1)

@@ -14,6 +14,11 @@ filesystem) and mounts there:
 * ``simfs``: simfs with the quota off.
 * ``simfs+quota``: simfs with both quota levels on (generous limits, so
   nothing is refused; the 2nd level follows uid/gid 0).
+* ``simfs+pt``: the same quota, mounted ``-o passthrough``: files opened
+  read-only are read by the kernel from the backing file (no READ request);
+  ``--no-pt`` leaves it out.  The columns "pt / native" and "pt / daemon" are
+  its figure against native's and against simfs+quota's (reads through the
+  daemon).
 * any ``--extra 'NAME=command {src} {mnt}'``: a mount command run in the
   foreground (``{src}`` is an empty source dir, ``{mnt}`` the mount point),
   e.g. simfs under another event loop:
@@ -31,6 +36,12 @@ Run as root (mounting, drop_caches):
 
     .venv/bin/python tools/bench.py [--quick] [--rounds N] [--only ROW,...]
                                     [--extra NAME=CMD ...]
+
+The ``kernel`` workload has the rows of what the kernel offers through the
+quota (issue 17): 4 KiB random reads of a hot file, a small page opened, read
+and closed (a web server's request), the page cache grown per byte read cold
+("x": KiB grown / KiB read, lower is better; through the daemon about 2x: the
+FUSE copy and the backing file's), fallocate and punch, and copy_file_range.
 
 Cache state: "cold" rows run right after ``sync; echo 3 > drop_caches`` (for a
 FUSE mount that also makes the kernel forget its inodes); "warm" rows do not.
@@ -77,6 +88,7 @@ C_OPTIONS = "cache=always,timeout=10,no_writeback,xattr"
 COUNTS_XATTR = "trusted.simfs.requests"
 MiB = 1 << 20
 REF = "C-ll"
+PT = "simfs+pt"
 
 
 def log(msg: str) -> None:
@@ -317,11 +329,20 @@ class Row:
             return f"{v:.2f} s"
         if self.unit == "µs":
             return f"{v:.1f} µs"
+        if self.unit == "x":
+            return f"{v:.2f}x"
         return f"{v:,.0f}"
 
     def ratio(self, target: str, ref: str = REF) -> float | None:
         a, b = self.median(target), self.median(ref)
         return a / b if a and b else None
+
+    def speed(self, target: str, ref: str) -> str:
+        """How ``target`` does against ``ref``: > 1 is better, whatever the unit."""
+        a, b = self.median(target), self.median(ref)
+        if not a or not b:
+            return "—"
+        return f"{(b / a if self.unit in ('s', 'µs', 'x') else a / b):.2f}x"
 
     def meets(self, r: float | None) -> str:
         if r is None:
@@ -332,6 +353,8 @@ class Row:
     def quota_cost(self) -> float | None:
         """How many times slower quota on is than quota off (>1 = slower)."""
         a, b = self.median("simfs+quota"), self.median("simfs")
+        if self.unit == "x":
+            return None
         if not a or not b:
             return None
         return b / a if self.unit in ("ops/s", "MiB/s", "MB/s") else a / b
@@ -368,17 +391,21 @@ class Results:
         log(f"  {name:<46} {target:<12} FAILED: {why}")
 
     def table(self) -> str:
-        cols = [REF] + [t for t in self.targets if t != REF]
+        cols = [t for t in [REF] + [t for t in self.targets if t != REF] if t in self.targets]
+        pt = PT in self.targets
         out = ["| workload | unit | " + " | ".join(cols) +
-               " | simfs+quota / C | goal | quota on/off |",
-               "|---|---|" + "---:|" * len(cols) + "---:|---|---:|"]
+               " | simfs+quota / C | goal | quota on/off |"
+               + (" pt / native | pt / daemon |" if pt else ""),
+               "|---|---|" + "---:|" * len(cols) + "---:|---|---:|" + ("---:|---:|" if pt else "")]
         for r in self.rows.values():
-            ratio = r.ratio("simfs+quota")
+            ratio = None if r.unit == "x" else r.ratio("simfs+quota")
             qc = r.quota_cost()
             out.append(f"| {r.name} | {r.unit} | " + " | ".join(r.fmt(t) for t in cols) +
                        f" | {'—' if ratio is None else f'{ratio:.2f}x'}{r.meets(ratio)} | "
                        f"{r.goal[:2].replace('>=', '≥ ').replace('<=', '≤ ')}"
-                       f"{r.goal[2:]}x | {'—' if qc is None else f'{qc:.2f}x'} |")
+                       f"{r.goal[2:]}x | {'—' if qc is None else f'{qc:.2f}x'} |"
+                       + (f" {r.speed(PT, 'native')} | {r.speed(PT, 'simfs+quota')} |"
+                          if pt else ""))
         return "\n".join(out)
 
     def cost_table(self) -> str:
@@ -461,6 +488,7 @@ class Sizes:
     dbench_s: int
     tree: str
     tree_label: str
+    smallreads: int = 20000
 
 
 def wl_files(m: Meter, d: str, z: Sizes) -> None:
@@ -602,9 +630,130 @@ def wl_tree(m: Meter, d: str, z: Sizes) -> None:
         run(["rm", "-r", dst])
 
 
+def cached_kib() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("Cached:"):
+                return int(line.split()[1])
+    raise BenchError("no Cached: in /proc/meminfo")
+
+
+_libc = None
+
+
+def punch(fd: int, off: int, length: int) -> None:
+    """fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE)."""
+    global _libc
+    import ctypes
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+    if _libc.fallocate(fd, 0x02 | 0x01, off, length) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+def wl_kernel(m: Meter, d: str, z: Sizes) -> None:
+    # a web server's request: open, read a 4 KiB page, close (100 pages)
+    top = os.path.join(d, "pages")
+    os.mkdir(top)
+    names = [os.path.join(top, f"p{i:03d}.html") for i in range(100)]
+    for p in names:
+        with open(p, "wb") as f:
+            f.write(os.urandom(4096))
+    for p in names:                                    # warm: looked up, cached
+        with open(p, "rb") as f:
+            f.read()
+    n = z.smallreads
+    with m.section("open + read 4 KiB + close (warm)", "ops/s", ">=0.6", n, n, "open"):
+        for i in range(n):
+            fd = os.open(names[i % 100], os.O_RDONLY)
+            os.read(fd, 8192)
+            os.close(fd)
+    shutil.rmtree(top)
+    # 4 KiB random reads of a hot file (read once before)
+    path = os.path.join(d, "hot.dat")
+    chunk = os.urandom(MiB)
+    with open(path, "wb") as f:
+        for _ in range(z.rand // MiB):
+            f.write(chunk)
+    rng = random.Random(4243)
+    pages = z.rand // 4096
+    offs = [rng.randrange(pages) * 4096 for _ in range(z.rand_ops)]
+    rbuf = [aligned(4096)]
+    big = [aligned(MiB)]
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for _ in range(2):                    # hot: read twice (the first read after
+            os.lseek(fd, 0, os.SEEK_SET)      # the writes may refill what an
+            while os.readv(fd, big):          # attribute change invalidated)
+                pass
+        with m.section(f"4 KiB random read, {z.rand // MiB} MiB file (hot)", "ops/s",
+                       ">=0.6", len(offs), len(offs), "read"):
+            for off in offs:
+                if os.preadv(fd, rbuf, off) != 4096:
+                    raise BenchError("short random read")
+    finally:
+        os.close(fd)
+    # the page cache grown by a cold read, per byte read
+    if CAN_DROP:
+        drop_caches()
+        name = f"page cache grown / bytes read ({z.rand // MiB} MiB, cold)"
+        c0 = cached_kib()
+        with m.section(name, "x", "<=1.1", 1, z.rand / MiB, "MiB"):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                while os.readv(fd, big):
+                    pass
+            finally:
+                os.close(fd)
+        m.res.rows[name].values[m.t.name][-1] = (cached_kib() - c0) / (z.rand // 1024)
+    # copy_file_range of the whole file, 1 MiB calls
+    dst = os.path.join(d, "copy.dat")
+    fi = os.open(path, os.O_RDONLY)
+    fo = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        with m.section(f"copy_file_range {z.rand // MiB} MiB (1 MiB calls) + fsync",
+                       "MiB/s", ">=0.6", z.rand / MiB, z.rand / MiB, "call"):
+            off = 0
+            while off < z.rand:
+                k = os.copy_file_range(fi, fo, MiB, off, off)
+                if k <= 0:
+                    raise BenchError("copy_file_range copied nothing")
+                off += k
+            os.fsync(fo)
+    finally:
+        os.close(fi)
+        os.close(fo)
+    if os.path.getsize(dst) != z.rand:
+        raise BenchError("copy_file_range: wrong size")
+    os.unlink(dst)
+    os.unlink(path)
+    # fallocate 256 KiB at a time, then punch it all back
+    path = os.path.join(d, "falloc.dat")
+    step = 256 << 10
+    calls = z.rand // step
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        with m.section(f"fallocate {z.rand // MiB} MiB (256 KiB calls, mode 0)", "ops/s",
+                       ">=0.6", calls, calls, "call"):
+            for i in range(calls):
+                os.posix_fallocate(fd, i * step, step)
+        name = f"fallocate PUNCH_HOLE {z.rand // MiB} MiB (256 KiB calls)"
+        try:
+            with m.section(name, "ops/s", ">=0.6", calls, calls, "call"):
+                for i in range(calls):
+                    punch(fd, i * step, step)
+        except OSError as e:                  # passthrough_ll has mode 0 only
+            m.res.fail(name, m.t.name, short(e))
+    finally:
+        os.close(fd)
+    os.unlink(path)
+
+
 WORKLOADS: dict[str, Callable[[Meter, str, Sizes], None]] = {
     "files": wl_files, "random": wl_random, "seq": wl_seq, "statfs": wl_statfs,
-    "dbench": wl_dbench, "tree": wl_tree,
+    "dbench": wl_dbench, "tree": wl_tree, "kernel": wl_kernel,
 }
 
 
@@ -654,6 +803,8 @@ def main() -> int:
                     help="another target: a mount command run in the foreground, with "
                          "{src} and {mnt} (repeatable)")
     ap.add_argument("--no-c", action="store_true", help="skip the C reference")
+    ap.add_argument("--no-pt", action="store_true",
+                    help="skip simfs+pt (the quota mount with -o passthrough)")
     ap.add_argument("--size-mb", type=int, help="sequential file size (default 512, quick 32)")
     ap.add_argument("--bs-kb", type=int, default=1024, help="sequential I/O size (KiB)")
     ap.add_argument("--rand-mb", type=int, help="random I/O file size (default 64, quick 16)")
@@ -723,6 +874,7 @@ def main() -> int:
 
     targets: list[Target] = []
     quota_on = False
+    quota_pt = False
     ok = False
     interrupted = False
     info = machine_info(base)
@@ -753,6 +905,16 @@ def main() -> int:
         targets.append(Target("simfs+quota", mnt, [SIMFS, src, mnt, "-f", "-o",
                                                    f"quotaid={qid}"],
                               os.path.join(base, "quota.log")))
+        if not a.no_pt:
+            src, mnt = area("pt")
+            run([VZQUOTA, "init", str(qid + 1), "-p", src, "-b", "1T", "-B", "1T",
+                 "-i", "100000000", "-I", "100000000", "-e", "7d", "-n", "7d",
+                 "-s", "1", "-u", "1000"])
+            run([VZQUOTA, "on", str(qid + 1)])
+            quota_pt = True
+            targets.append(Target(PT, mnt, [SIMFS, src, mnt, "-f", "-o",
+                                            f"quotaid={qid + 1},passthrough"],
+                                  os.path.join(base, "pt.log")))
         for i, (name, cmd) in enumerate(extras):
             src, mnt = area(f"x{i}")
             argv = [w.replace("{src}", src).replace("{mnt}", mnt) for w in shlex.split(cmd)]
@@ -773,7 +935,8 @@ def main() -> int:
                   files=a.files or (500 if q else 5000),
                   statfs=a.statfs or (2000 if q else 20000),
                   dbench_s=a.dbench_s or (3 if q else 10),
-                  tree=tree, tree_label=f"{tree} ({files:,} entries, {mib:.0f} MiB)")
+                  tree=tree, tree_label=f"{tree} ({files:,} entries, {mib:.0f} MiB)",
+                  smallreads=2000 if q else 20000)
         res = Results([t.name for t in targets])
         for rnd in range(rounds):
             for w in only:
@@ -798,10 +961,12 @@ def main() -> int:
                 t.stop()
             except Exception as e:        # keep cleaning up the others
                 log(f"stopping {t.root}: {e}")
-        if quota_on:
-            p = subprocess.run([VZQUOTA, "off", str(qid)], capture_output=True, text=True)
+        for on, q_ in ((quota_on, qid), (quota_pt, qid + 1)):
+            if not on:
+                continue
+            p = subprocess.run([VZQUOTA, "off", str(q_)], capture_output=True, text=True)
             if p.returncode not in (0, 6):
-                log(f"vzquota off {qid} exited {p.returncode}: {p.stderr.strip()}")
+                log(f"vzquota off {q_} exited {p.returncode}: {p.stderr.strip()}")
         left = mounts_under(base)
         if left:
             log(f"NOT removing {base}: still mounted: {left}")
