@@ -734,7 +734,7 @@ class SimOperations:
     @errno_boundary
     def open(self, inode, flags, ctx):
         node = self.table.get(inode)
-        pt = self._open_mode(node, flags)      # may refuse: before anything is done
+        pt = self._open_mode(node, flags, ctx.uid)   # may refuse: before anything is done
         # O_NOFOLLOW would refuse the /proc/self/fd magic link itself (ELOOP):
         # the inode is already resolved without following anything.
         fl = flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_DIRECT | os.O_NOFOLLOW)
@@ -756,7 +756,7 @@ class SimOperations:
             self._cached(h)
         return fi
 
-    def _open_mode(self, node: Inode, flags: int) -> bool:
+    def _open_mode(self, node: Inode, flags: int, uid: int) -> bool:
         """Whether an open is answered passthrough (its reads and mmaps then go
         from the kernel to the backing file, without the daemon).
 
@@ -769,18 +769,21 @@ class SimOperations:
         be reserved and charged here, and even with FOPEN_DIRECT_IO (reads and
         writes to the daemon) a passthrough file's mmap goes to the backing
         file, where a shared writable mapping would fill holes uncharged.  So:
-        a read-only open is passthrough unless the inode has a caching-mode
-        open (then it is one itself, as without passthrough); an open for
-        writing (or O_TRUNC) is refused with ETXTBSY while the inode has a
-        passthrough open, as for a running program, and is otherwise a
-        caching one.  Decided and answered in one plain call (no await), so
+        a read-only open by the file's owner or by root is passthrough unless
+        the inode has a caching-mode open (then it is one itself, as without
+        passthrough); an open for writing (or O_TRUNC) is refused with ETXTBSY
+        while the inode has a passthrough open, as for a running program, and
+        is otherwise a caching one.  Only the owner and root: a passthrough
+        reader holds off every writer, which locally only the owner may do (a
+        read lease, F_SETLEASE), so no user can keep others from writing a
+        file that is merely readable to him.  Decided and answered in one plain call (no await), so
         the daemon's counts and the kernel's modes never disagree: the kernel
         leaves a mode before it sends RELEASE, so the counts can only lag on
         the side of the refusal."""
         if not self.passthrough or not stat.S_ISREG(node.mode):
             return False
         if flags & os.O_ACCMODE == os.O_RDONLY and not flags & os.O_TRUNC:
-            return not self.cached_opens.get(node.ino)
+            return (uid == 0 or uid == node.uid) and not self.cached_opens.get(node.ino)
         if self.pt_opens.get(node.ino):
             raise OSError(errno.ETXTBSY, "open for reading by passthrough")
         return False

@@ -50,6 +50,10 @@ class SimMount:
         binding = os.environ.get("SIMFS_TEST_FUSE")     # the CI subset on the fallback
         if binding and not any(o.startswith("fuse=") for o in self.options):
             self.options = self.options + [f"fuse={binding}"]
+        extra = os.environ.get("SIMFS_TEST_OPTIONS")    # e.g. passthrough: every mount
+        if extra:
+            self.options = self.options + [o for o in extra.split(",")
+                                           if o and o not in self.options]
         if self.options:
             cmd += ["-o", ",".join(self.options)]
         logf = open(self.log, "ab")

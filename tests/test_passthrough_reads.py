@@ -227,3 +227,39 @@ def test_an_o_direct_writer_beside_passthrough_readers(mounter, area):
     finally:
         os.close(w)
     assert (private / "f").read_bytes() == b"D" * 4096 + b"a" * 4096
+
+
+def test_only_the_owner_or_root_reads_by_passthrough(mounter, area):
+    # a passthrough reader holds off every writer (ETXTBSY): a user who may
+    # only read a file must not be able to do that to its owner (locally only
+    # the owner may, with a read lease), so his opens go through the page cache
+    from mounts import USER_PYTHON
+    private, root = area
+    (private / "roots").write_bytes(b"r" * 100)
+    (private / "mine").write_bytes(b"m" * 100)
+    os.chown(private / "mine", 1000, 1000)
+    os.chmod(private, 0o755)
+    mounter(private, root, "passthrough")
+    hold = ("import sys, time\n"
+            "f = open(sys.argv[1], 'rb'); f.read(); print('open', flush=True)\n"
+            "sys.stdin.read()\n")
+    for name, blocked in (("roots", False), ("mine", True)):
+        p = subprocess.Popen([USER_PYTHON, "-c", hold, str(root / name)], user=1000,
+                             group=1000, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             text=True)
+        try:
+            assert p.stdout.readline() == "open\n"
+            if blocked:                     # his own file: passthrough
+                with pytest.raises(OSError) as e:
+                    os.open(root / name, os.O_WRONLY | os.O_APPEND)
+                assert e.value.errno == errno.ETXTBSY
+            else:                           # root's file: root may still write it
+                fd = os.open(root / name, os.O_WRONLY | os.O_APPEND)
+                os.write(fd, b"+")
+                os.close(fd)
+        finally:
+            p.stdin.close()
+            assert p.wait(30) == 0
+    assert (private / "roots").read_bytes() == b"r" * 100 + b"+"
+    with open(root / "mine", "ab") as f:      # his reader gone: root writes it
+        f.write(b"+")
