@@ -293,6 +293,49 @@ def test_a_first_pass_longer_than_the_hold_enforces_nothing_short(backing, backi
     assert "recounted (pass 1, allocations held" in m.logtext()
 
 
+@pytest.mark.parametrize("backing", params(only=("ext4",)), indirect=True)
+def test_on_while_a_recount_runs_holds_at_once(backing, backing_quota, mounter, world_tmp,
+                                               monkeypatch):
+    """An `on` that comes while an earlier recount still scans (a `recalc`,
+    or the mount's own retry) waits for it to end before its own first pass;
+    the calls that allocate are held from the moment the `on` arrives, not
+    only from that pass on, so none is checked against the stored figures."""
+    hard = 30000                                  # KiB
+    qm = backing_quota(B=hard, I=100000)
+    fill_tree(qm.root, dirs=4)
+    (qm.root / "w").mkdir()
+    os.chown(qm.root / "w", 1000, 1000)
+    go = world_tmp / "go"
+    _slow_scan_mount(qm, mounter, monkeypatch, go)
+    from conftest import VZQUOTA
+    rec = subprocess.Popen([VZQUOTA, "recalc", str(qm.qid)], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    _pass_began(go)                       # the recalc's pass waits, holding nothing
+    vzquota("off", qm.qid)
+    (qm.root / "while-off").write_bytes(b"o" * (4096 * K))        # uncounted
+    on = _on(qm.qid)
+    deadline = time.monotonic() + 30
+    while vzquota("stat", qm.qid, check=False).returncode != 0:   # accounting again
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    fill = _user_py(FILL, str(qm.root / "w"))
+    try:
+        fill.wait(timeout=2)              # (it ran to the limit of the stored figures)
+    except subprocess.TimeoutExpired:
+        pass
+    held = fill.poll() is None
+    go.touch()
+    out, err = fill.communicate(timeout=300)
+    assert out.strip() == "EDQUOT", (out, err)
+    on.communicate(timeout=120)
+    rec.communicate(timeout=120)
+    assert not settled(qm.private, qm.qid), diff(qm.private, qm.qid)
+    rc = recount(qm.private)
+    assert rc.space <= hard * K, (rc.space - hard * K, "bytes over the hard limit")
+    assert on.returncode == 0
+    assert held, "the fill was not held while the earlier recount ended"
+
+
 @pytest.mark.parametrize("runtime", ["runtime=uvloop", "runtime=trio", "fuse=pyfuse3"])
 @pytest.mark.parametrize("backing", params(only=("ext4",)), indirect=True)
 def test_a_call_held_longer_than_recountwait_fails_with_edquot(backing, backing_quota,
