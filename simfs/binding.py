@@ -80,6 +80,9 @@ class Pyfuse3:
                                ) from None
         self.pyfuse3 = pyfuse3
         self.adapter = adapter(ops)
+        if hasattr(ops, "notify_attrs"):
+            # the daemon changed a mode behind the kernel's back (ops._attrs_changed)
+            ops.notify_attrs = lambda ino: pyfuse3.invalidate_inode(ino, attr_only=True)
         self.root = root
         self.options = set(options)
 

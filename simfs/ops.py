@@ -237,6 +237,30 @@ class SimOperations:
     # the fusewire.Session serving the mount (set by simfs.binding; None under
     # pyfuse3 and in unit tests): passthrough backing ids, notifications
     channel = None
+    # under pyfuse3: notify_attrs(ino) makes the kernel drop the attributes it
+    # holds of inode ino (set by simfs.binding; see _attrs_changed)
+    notify_attrs = None
+
+    @property
+    def _killpriv(self) -> bool:
+        """The kernel flags the calls that must clear set-user-ID (fusewire
+        with HANDLE_KILLPRIV_V2 negotiated)."""
+        ch = self.channel
+        return ch is not None and bool(ch.negotiated & fusewire.kernel.HANDLE_KILLPRIV_V2)
+
+    def _attrs_changed(self, node: Inode) -> None:
+        """The daemon changed ``node``'s mode where no reply carries it (a kill
+        at an open with O_TRUNC, a write, an ACL): the kernel would keep the
+        mode it holds until its attribute timeout, and show it to a stat that
+        asks for the mode only (statx STATX_MODE: ``stat -c %a``): make it
+        drop its attributes now."""
+        try:
+            if self.channel is not None:
+                self.channel.invalidate_inode(node.ino, -1, 0)     # attributes only
+            elif self.notify_attrs is not None:
+                self.notify_attrs(node.ino)
+        except OSError:             # ENOENT: the kernel has let the inode go
+            pass
 
     def __init__(self, root_fd: int, config: Config = DEFAULT):
         self.config = config
@@ -747,8 +771,15 @@ class SimOperations:
             self.ledger.opened(h)
         if flags & os.O_TRUNC:
             self.ledger.changed(node, fd)
-            if getattr(ctx, "kill_suidgid", False):   # by someone without CAP_FSETID
-                kill_privs(node, os.fstat(fd), (ctx.uid, ctx.gid, ctx.pid))
+            # by someone without CAP_FSETID: the kernel's flag says so, or,
+            # where the binding has none (pyfuse3: no HANDLE_KILLPRIV_V2, and
+            # the kernel leaves an atomic O_TRUNC's kill to the filesystem),
+            # anyone but root
+            kill = getattr(ctx, "kill_suidgid", None)
+            if kill is None or not self._killpriv:
+                kill = ctx.uid != 0
+            if kill and kill_privs(node, os.fstat(fd), (ctx.uid, ctx.gid, ctx.pid)):
+                self._attrs_changed(node)
         fi = self._file_info(fh, flags)
         if pt:
             fi.backing_id = self._backing_for(node, h)
@@ -866,7 +897,8 @@ class SimOperations:
             raise
         st = led.after_write(h, res, tree)
         if kill_suidgid:                  # a writer without CAP_FSETID
-            kill_privs(h.inode, st or os.fstat(h.fd), (h.uid, h.gid, h.pid))
+            if kill_privs(h.inode, st or os.fstat(h.fd), (h.uid, h.gid, h.pid)):
+                self._attrs_changed(h.inode)
         return written
 
     @errno_boundary
@@ -1119,7 +1151,8 @@ class SimOperations:
         led.changed(node)
         if getattr(ctx, "kill_suidgid", False) and name == ACL_ACCESS:
             # set by someone neither in the file's group nor CAP_FSETID
-            kill_privs(node, os.fstat(node.fd), None, acl=True)
+            if kill_privs(node, os.fstat(node.fd), None, acl=True):
+                self._attrs_changed(node)
 
     @errno_boundary
     def getxattr(self, inode, name, ctx):

@@ -24,7 +24,7 @@ ACL_DEFAULT = b"system.posix_acl_default"
 
 
 def kill_privs(node, st: os.stat_result, caller: tuple[int, int, int] | None,
-               acl: bool = False, file_gid: int | None = None) -> None:
+               acl: bool = False, file_gid: int | None = None) -> bool:
     """What a local filesystem does when a write, truncate or chown by
     someone without CAP_FSETID reaches a file (the kernel's kill flag
     says so: HANDLE_KILLPRIV_V2): set-user-ID goes, and set-group-ID when
@@ -36,12 +36,12 @@ def kill_privs(node, st: os.stat_result, caller: tuple[int, int, int] | None,
     are cleared here, by a chmod of the backing inode (``st``: its stat
     now).  ``security.capability`` needs nothing: the backing filesystem
     drops it at every write, truncate and chown, root's too, as it does
-    locally."""
+    locally.  Returns whether a bit was cleared."""
     mode = st.st_mode
     if acl:
         kill = mode & stat.S_ISGID
     elif stat.S_ISDIR(mode):          # (the kernel never asks: a directory keeps them)
-        return
+        return False
     else:
         kill = mode & stat.S_ISUID
         if mode & stat.S_ISGID:
@@ -56,6 +56,8 @@ def kill_privs(node, st: os.stat_result, caller: tuple[int, int, int] | None,
     if kill and not stat.S_ISLNK(mode):
         os.chmod(lower.proc_path(node.fd), stat.S_IMODE(mode) & ~kill)
         node.mode = mode & ~kill
+        return True
+    return False
 
 
 def inherited_acl(parent, enforced: bool) -> bytes | None:

@@ -167,6 +167,45 @@ def test_every_kill_case_as_on_a_local_filesystem(mount, local):
         assert os.stat(private / f"c{i}").st_mode & 0o7777 == got
 
 
+# One step (as ACT, without the stat after it).
+STEP = r"""
+import os, sys
+what, path = sys.argv[1], sys.argv[2]
+if what == "otrunc":
+    os.close(os.open(path, os.O_WRONLY | os.O_TRUNC))
+else:
+    fd = os.open(path, os.O_WRONLY)
+    os.pwrite(fd, b"x", 0)
+    os.close(fd)
+"""
+
+
+@pytest.mark.parametrize("binding", ["builtin", "pyfuse3"])
+def test_a_kill_shows_at_once_to_a_mode_only_stat(mounter, area, local, binding):
+    """open(O_TRUNC) and a write by someone else than the owner clear
+    set-user-ID (and a group-executable set-group-ID) as on a local
+    filesystem, and a stat that asks for the mode only (statx STATX_MODE, as
+    ``stat -c %a`` does) sees it at once.  Before, it saw the mode the kernel
+    kept (the reply to an open or a write carries no attributes) until its
+    attribute timeout, and under pyfuse3 an O_TRUNC cleared nothing at all
+    (the kernel leaves an atomic O_TRUNC's kill to the filesystem)."""
+    private, root = area
+    mounter(private, root, "dev", "suid", f"fuse={binding}")
+    os.chmod(root, 0o1777)
+    for i, (mode, what) in enumerate([(0o4777, "otrunc"), (0o6777, "otrunc"),
+                                      (0o2777, "otrunc"), (0o2767, "otrunc"),
+                                      (0o4777, "write"), (0o6777, "write")]):
+        seen = []
+        for d in (root, local):
+            f = prepared(d, f"k{i}", mode)
+            r = py_as(1001, 1001, STEP, what, str(f))       # no stat of its own
+            assert r.returncode == 0, r.stderr
+            seen.append(subprocess.run(["stat", "-c", "%a", str(f)], capture_output=True,
+                                       text=True, check=True).stdout.strip())
+        assert (oct(mode), what, seen[0]) == (oct(mode), what, seen[1])
+        assert os.stat(private / f"k{i}").st_mode & 0o7777 == int(seen[1], 8)
+
+
 def test_security_capability_goes_as_locally(mount, local):
     """``security.capability`` goes at a non-root write (and, as locally, at
     root's, and at a truncate or chown); the kernel no longer asks for it
