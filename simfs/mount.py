@@ -171,9 +171,9 @@ class Mount:
         self.ops = SimOperations(root_fd, self.config)
         self.ops.table.closer = Closer(self.config.closer_idle)
         if ("ro" in self.fuse_options or self.passthrough) and self.fuse == "builtin":
-            # read-only opens may bypass the daemon (ops.SimOperations._open_mode)
+            # read-only opens may bypass the daemon (simfs.iomode)
             self.ops.fuse_want |= fusewire.kernel.PASSTHROUGH
-            self.ops.passthrough = True
+            self.ops.iomodes.enabled = True
         if self.live is not None:
             self.live.orphans = self._orphans
             self.live.gaps = self.ops.ledger.gaps

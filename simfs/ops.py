@@ -19,9 +19,13 @@ written inside it):
    so no other request sees a charge half done;
 2. the table alone counts lookups, opens and holds, and decides when an inode
    leaves it (the ledger charges it for good then);
-3. every handler goes through ``errno_boundary``, the one place where
-   ``OSError`` becomes its errno, a quota refusal ``EDQUOT`` and anything
-   unexpected ``EIO`` (logged with its traceback).
+3. every handler goes through ``errno_boundary`` (simfs.boundary), the one
+   place where ``OSError`` becomes its errno, a quota refusal ``EDQUOT`` and
+   anything unexpected ``EIO`` (logged with its traceback), and where a live
+   recount holds or watches requests;
+4. whether the kernel reads a file itself (passthrough) or through the daemon
+   is decided per open by ``simfs.iomode``, in the same plain call as the
+   reply that carries it.
 
 It also counts the requests answered per operation (``counts``, shown to the
 host's root as the virtual ``trusted.simfs.requests`` attribute of the root).
@@ -40,8 +44,6 @@ from __future__ import annotations
 
 import collections
 import errno
-import functools
-import inspect
 import json
 import logging
 import os
@@ -55,10 +57,11 @@ import fusewire
 from fusewire import FUSEError, get_sup_groups, readdir_reply
 
 from vzquota.engine import QuotaEngine
-from vzquota.errors import QuotaExceeded
 from vzquota.inside import ADMIN_XATTR, caller_view, refuse_without_quota
 
 from . import lower
+from .boundary import MUTATING, errno_boundary
+from .iomode import IoModes
 from .ledger import Ledger, in_thread
 from .privs import inherited_acl, keep_made_mode, kill_privs
 from .prune import Pruner
@@ -82,114 +85,6 @@ VIRTUAL_XATTRS = (QUOTA_XATTR, COUNTS_XATTR, OPTIONS_XATTR, INODES_XATTR)
 ACL_ACCESS = b"system.posix_acl_access"
 ACL_DEFAULT = b"system.posix_acl_default"
 ACL_XATTRS = frozenset((ACL_ACCESS, ACL_DEFAULT))
-
-
-# Handlers that may change names or allocations: ``SimOperations.mutations``
-# sums their counts (a live recount is exact only if none ran meanwhile).
-# (open, release and fsync only reconcile: what they change shows in the engine's
-# generation, so readers do not count.)
-MUTATING = frozenset({"setattr", "mknod", "mkdir", "symlink", "create", "link", "unlink",
-                      "rmdir", "rename", "write", "setxattr", "removexattr", "fallocate",
-                      "tmpfile", "copy_file_range"})
-# Handlers a live recount may hold while it scans (``SimOperations.gate``):
-# everything that may change names or allocations (open only with O_TRUNC).
-HELD = MUTATING | {"release", "fsync"}
-
-
-# Held requests that never allocate (they free, or change no usage): they wait
-# for the gate however long it holds; the others at most its ``limit``.
-FREEING = frozenset({"unlink", "rmdir", "removexattr", "release", "fsync", "open"})
-
-
-def may_allocate(op: str, args: tuple) -> bool:
-    if op in FREEING:
-        return False
-    if op == "setattr":             # (inode, attr, fields, fh, ctx)
-        f = args[2]
-        return bool(f.update_size or f.update_uid or f.update_gid)
-    return True
-
-
-async def _held(gate, call: Callable, ops: "SimOperations", args: tuple, op: str):
-    """A request a live recount holds (``SimOperations.gate``): run once it
-    lets it go; the FUSE layer drives the coroutine a plain handler returns.
-    One that would allocate and waits longer than the gate's ``limit`` fails
-    with EDQUOT (simfs/mount.py Mount.recalc: never checked against a figure
-    that may be short, never let through unchecked)."""
-    limit = getattr(gate, "limit", None)
-    try:
-        await gate.wait(limit if limit is not None and may_allocate(op, args) else None)
-    except TimeoutError:
-        gate.refused += 1
-        raise FUSEError(errno.EDQUOT) from None
-    r = call(ops, *args)
-    while hasattr(r, "__await__"):          # held again by a newer pass
-        r = await r
-    return r
-
-
-def errno_boundary(fn: Callable) -> Callable:
-    """The one errno boundary: only FUSEError may leave a handler.  A handler
-    that never awaits stays a plain function (the request loop answers it
-    inline, and no await can be written between a reservation and its
-    commit); one that awaits (read, fsync, fsyncdir) stays a coroutine."""
-    op = fn.__name__
-
-    def failed(self: "SimOperations", args: tuple, e: BaseException) -> FUSEError:
-        if isinstance(e, QuotaExceeded):
-            if self.quota is not None:
-                self.quota.report(e)     # final: the caller gets EDQUOT
-            return FUSEError(errno.EDQUOT)
-        if isinstance(e, OSError):
-            return FUSEError(e.errno or errno.EIO)
-        log.exception("unexpected error in %s%r", op, args[:2])
-        return FUSEError(errno.EIO)
-
-    if inspect.iscoroutinefunction(fn):
-        @functools.wraps(fn)
-        async def wrapper(self: "SimOperations", *args):
-            gate = self.gate
-            if gate is not None and op in HELD:
-                await gate.wait()        # a live recount holds it (simfs/mount.py)
-            self.counts[op] += 1
-            watch = self.watch
-            if watch is not None:        # a live recount is running (simfs/mount.py)
-                mark = watch.before(op, args)
-            try:
-                return await fn(self, *args)
-            except FUSEError:
-                raise
-            except Exception as e:
-                raise failed(self, args, e) from None
-            finally:
-                if watch is not None:
-                    watch.after(op, mark)
-        return wrapper
-
-    @functools.wraps(fn)
-    def plain(self: "SimOperations", *args):
-        gate = self.gate
-        if gate is not None and (op in HELD or op == "open" and args[1] & os.O_TRUNC):
-            return _held(gate, plain, self, args, op)    # a live recount holds it
-        self.counts[op] += 1
-        watch = self.watch
-        if watch is None:
-            try:
-                return fn(self, *args)
-            except FUSEError:
-                raise
-            except Exception as e:
-                raise failed(self, args, e) from None
-        mark = watch.before(op, args)    # a live recount is running (simfs/mount.py)
-        try:
-            return fn(self, *args)
-        except FUSEError:
-            raise
-        except Exception as e:
-            raise failed(self, args, e) from None
-        finally:
-            watch.after(op, mark)
-    return plain
 
 
 @dataclass
@@ -284,16 +179,9 @@ class SimOperations:
         self.counts: collections.Counter[str] = collections.Counter()
         # simfs's own -o values this mount runs with (OPTIONS_XATTR; set by simfs/daemon.py)
         self.mount_options: dict = {}
-        # reads of read-only opens by the kernel itself (see _open_mode): set
-        # by the mount (a read-only mount, or -o passthrough) when asked of
-        # the kernel; off again if the kernel cannot do it at all
-        self.passthrough = False
-        # the kernel's io mode of each open inode, as the daemon answered it
-        # (fs/fuse/iomode.c: never both at once): passthrough handles and the
-        # one backing id they share, and handles in the caching mode
-        self.pt_opens: dict[int, int] = {}    # inode -> its passthrough handles
-        self.pt_backing: dict[int, int] = {}  # inode -> its backing id
-        self.cached_opens: dict[int, int] = {}  # inode -> its caching-mode handles
+        # the kernel's io mode of each open file: passthrough or caching
+        # (simfs.iomode; enabled by the mount: a read-only mount, -o passthrough)
+        self.iomodes = IoModes()
         # Set by the mount while a live recount runs: sees every request before
         # and after (``before(op, args)``, ``after(op, mark)``), to tell whether
         # the recount can be made exact.
@@ -408,7 +296,7 @@ class SimOperations:
         """Whether the kernel must not be asked to forget ``inode`` (beyond
         the table's own test): the ledger follows it, or a passthrough handle
         has it."""
-        return self.ledger.busy(inode) or inode.ino in self.pt_opens
+        return self.ledger.busy(inode) or self.iomodes.busy(inode.ino)
 
     def prune(self) -> int:
         """A prune pass now (``Pruner.prune``); how many inodes were asked."""
@@ -602,7 +490,7 @@ class SimOperations:
         self.ledger.opened(h)
         fi = self._file_info(fh, flags)
         if not fi.direct_io:
-            self._cached(h)
+            self.iomodes.caching(h)
         return fi, self._entry(inode, st)
 
     @errno_boundary
@@ -651,7 +539,7 @@ class SimOperations:
         led.opened(h)
         fi = self._file_info(fh, flags)
         if not fi.direct_io:
-            self._cached(h)
+            self.iomodes.caching(h)
         return fi, self._entry(inode, st)
 
     @errno_boundary
@@ -758,7 +646,7 @@ class SimOperations:
     @errno_boundary
     def open(self, inode, flags, ctx):
         node = self.table.get(inode)
-        pt = self._open_mode(node, flags, ctx.uid)   # may refuse: before anything is done
+        pt = self.iomodes.decide(node, flags, ctx.uid)   # may refuse: before anything is done
         # O_NOFOLLOW would refuse the /proc/self/fd magic link itself (ELOOP):
         # the inode is already resolved without following anything.
         fl = flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_DIRECT | os.O_NOFOLLOW)
@@ -782,74 +670,10 @@ class SimOperations:
                 self._attrs_changed(node)
         fi = self._file_info(fh, flags)
         if pt:
-            fi.backing_id = self._backing_for(node, h)
+            fi.backing_id = self.iomodes.backing_for(self.channel, h)
         if not h.backing and not fi.direct_io:
-            self._cached(h)
+            self.iomodes.caching(h)
         return fi
-
-    def _open_mode(self, node: Inode, flags: int, uid: int) -> bool:
-        """Whether an open is answered passthrough (its reads and mmaps then go
-        from the kernel to the backing file, without the daemon).
-
-        The kernel keeps one io mode per inode (fs/fuse/iomode.c, 6.18): while
-        a passthrough open of it exists, an open answered without
-        FOPEN_PASSTHROUGH fails (EIO, "FOPEN_PASSTHROUGH expected"), FOPEN_DIRECT_IO
-        or not; while an open in the caching mode exists (no DIRECT_IO, no
-        PASSTHROUGH; or a direct_io file with a shared mmap), a passthrough open
-        fails.  An open for writing may never be passthrough: its writes must
-        be reserved and charged here, and even with FOPEN_DIRECT_IO (reads and
-        writes to the daemon) a passthrough file's mmap goes to the backing
-        file, where a shared writable mapping would fill holes uncharged.  So:
-        a read-only open by the file's owner or by root is passthrough unless
-        the inode has a caching-mode open (then it is one itself, as without
-        passthrough); an open for writing (or O_TRUNC) is refused with ETXTBSY
-        while the inode has a passthrough open, as for a running program, and
-        is otherwise a caching one.  Only the owner and root: a passthrough
-        reader holds off every writer, which locally only the owner may do (a
-        read lease, F_SETLEASE), so no user can keep others from writing a
-        file that is merely readable to him.  Decided and answered in one plain call (no await), so
-        the daemon's counts and the kernel's modes never disagree: the kernel
-        leaves a mode before it sends RELEASE, so the counts can only lag on
-        the side of the refusal."""
-        if not self.passthrough or not stat.S_ISREG(node.mode):
-            return False
-        if flags & os.O_ACCMODE == os.O_RDONLY and not flags & os.O_TRUNC:
-            return (uid == 0 or uid == node.uid) and not self.cached_opens.get(node.ino)
-        if self.pt_opens.get(node.ino):
-            raise OSError(errno.ETXTBSY, "open for reading by passthrough")
-        return False
-
-    def _cached(self, h: Handle) -> None:
-        h.cached = True
-        ino = h.inode.ino
-        self.cached_opens[ino] = self.cached_opens.get(ino, 0) + 1
-
-    def _backing_for(self, node: Inode, h: Handle) -> int:
-        """The backing id of ``node`` for one more passthrough handle ``h``:
-        one per inode (the kernel refuses a second backing file for an inode,
-        EBUSY), registered at its first passthrough open with that open's
-        descriptor and closed at its last release.  0 if the kernel refuses
-        it: this file is then served by the daemon (per file: a backing it
-        cannot stack on, ELOOP; or passthrough off altogether)."""
-        ino = node.ino
-        bid = self.pt_backing.get(ino, 0)
-        if not bid:
-            channel = self.channel
-            if channel is None or not channel.negotiated & fusewire.kernel.PASSTHROUGH:
-                self.passthrough = False          # not offered (or another binding)
-                return 0
-            try:
-                bid = channel.backing_open(h.fd)
-            except OSError as e:
-                log.warning("passthrough refused by the kernel (%s): reads go through "
-                            "the daemon", e.strerror or e)
-                if e.errno in (errno.EPERM, errno.ENOTTY, errno.EOPNOTSUPP, errno.ENOSYS):
-                    self.passthrough = False      # never, on this kernel or device
-                return 0
-            self.pt_backing[ino] = bid
-        h.backing = bid
-        self.pt_opens[ino] = self.pt_opens.get(ino, 0) + 1
-        return bid
 
     @errno_boundary
     def read(self, fh, off, size):
@@ -970,20 +794,7 @@ class SimOperations:
             if node.opens == 1:
                 self.ledger.closing(h)
         finally:
-            if h.backing:
-                left = self.pt_opens.pop(node.ino) - 1
-                if left:
-                    self.pt_opens[node.ino] = left
-                else:                         # the last one: its backing id goes
-                    bid = self.pt_backing.pop(node.ino)
-                    try:
-                        self.channel.backing_close(bid)
-                    except OSError as e:
-                        log.warning("closing passthrough backing id %d: %s", bid, e)
-            elif h.cached:
-                left = self.cached_opens.pop(node.ino) - 1
-                if left:
-                    self.cached_opens[node.ino] = left
+            self.iomodes.released(self.channel, h)
             os.close(h.fd)
             self.table.closed(node)
 
@@ -1166,7 +977,7 @@ class SimOperations:
             return json.dumps(self.inodes_report(), sort_keys=True).encode() + b"\n"
         if inode == ROOT and name == OPTIONS_XATTR:
             # what a remount compares its options with (simfs/options.py)
-            return json.dumps(dict(self.mount_options, passthrough=self.passthrough),
+            return json.dumps(dict(self.mount_options, passthrough=self.iomodes.enabled),
                               sort_keys=True).encode() + b"\n"
         if inode == ROOT and name == ADMIN_XATTR:
             raise OSError(errno.ENODATA, "write-only virtual attribute")

@@ -28,7 +28,7 @@ SIMFS_VALUED = {"quotaid", "quotafile", "log", "checkpoint", "runtime", "hook", 
 # simfs's own flags: quota_off_ok lets a quota id whose quota is off be mounted
 # (unenforced, on purpose); without it such a mount is refused.  passthrough:
 # a writable mount serves read-only opens by FUSE passthrough too (a read-only
-# mount always does; see ops.SimOperations._open_mode).
+# mount always does; see simfs.iomode).
 SIMFS_FLAGS = {"quota_off_ok", "passthrough"}
 # Own options whose value may be left out: the default then.
 SIMFS_OPTIONAL = {"quota_admin": "0"}
