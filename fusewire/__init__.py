@@ -7,8 +7,11 @@ signatures), encodes replies, and sends notifications.  It knows nothing of
 what the filesystem does with the requests; it imports nothing from simfs or
 vzquota and could be published alone.
 
-Concurrency: see ``session``: one thread, one event loop (asyncio/uvloop or
-trio through anyio); handlers that never suspend are answered inline.
+Concurrency: see ``session`` and ``loop``: on fusewire's asyncio loop
+(``loop.new_event_loop``) a reader thread blocked in read(2) answers each
+request inline under the loop's lock (handlers and the loop's work never
+overlap); on uvloop a reader callback, on trio a reader task.  Handlers that
+never suspend are answered inline; one that suspends continues on the loop.
 """
 
 from . import kernel

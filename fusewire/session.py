@@ -12,12 +12,22 @@ sends the notifications (``invalidate_entry``, ``invalidate_inode``,
 ``prune``) and
 registers passthrough backing files.
 
-Concurrency: everything runs on one thread, the event loop's.  Under asyncio
-(and uvloop) the device is read from a reader callback: each readable event
-reads one request and runs its handler right there.  A handler is a plain
-function or a coroutine function; a coroutine is first run with
-``send(None)`` and, if it completes without suspending (the common case), is
-answered at once: no task, no future.  One that suspends goes on as a task;
+Concurrency: on fusewire's own asyncio loop (``fusewire.loop``) a reader
+thread blocks in read(2) on the device and runs each request's handler
+inline while it holds the loop's lock, which the loop holds whenever it runs
+anything but its wait in epoll: a handler and the loop's own work (timers,
+sockets, signals, task steps) never run at the same time, each sees the
+other's changes whole, as on one thread; the reader lets a waiting loop go
+first, and the GIL's switch interval is made short, so the loop's timers are
+not held up by a stream of requests.  ``close()`` while the reader is still in
+read(2) leaves the device to it (it closes it when the read returns).  On any
+other asyncio loop (uvloop) the device is read from a reader callback: each
+readable event reads one request and runs its handler right there.  Either
+way, a handler is a plain function or a coroutine function; a coroutine is
+first run with ``send(None)`` and, if it completes without suspending (the
+common case), is answered at once: no task, no future.  One that suspends
+goes on as a task of the loop (its first step ran on the reader thread, which
+sees the loop as its running loop; the rest runs on the loop's);
 while ``max_pending`` of them are in flight the device is not read, so the
 number of requests held by the daemon is bounded.  Handlers must not need a
 current asyncio task before their first suspension.  Under trio a reader task
@@ -28,18 +38,22 @@ answered ``EINTR``); a request already answered is left alone.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import os
 import struct
+import sys
+import threading
 import time
 import types
 from typing import Any, Callable
 
 from . import device
 from . import kernel as k
-from .types import (EntryAttributes, FileInfo, FUSEError, ReaddirToken, RequestContext,
-                    SetattrFields)
+from . import loop as fwloop
+from .types import (BasicContext, EntryAttributes, FileInfo, FUSEError, ReaddirToken,
+                    RequestContext, SetattrFields)
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +63,7 @@ _EMPTY = b""
 _NS = 1_000_000_000
 MAX_WRITE = 1 << 20              # bytes per WRITE (max_pages 256, the kernel's default cap)
 MAX_PENDING = 64                 # suspended handlers at once before reading pauses
+SWITCH_INTERVAL = 0.0005         # the GIL's switch interval under the reader thread (s)
 
 # What the layer asks of the kernel unless told otherwise: what a pyfuse3
 # filesystem got from libfuse 3 (see the INIT flags in kernel.py).  Not
@@ -131,6 +146,13 @@ class Session:
         self._ended = False
         self._run = self._call           # _call_trio under trio
         self._table = self._dispatch_table()
+        # the reader thread (on fusewire.loop's loop): its wake-up when reading
+        # was paused, and the hand-over of the device when close() comes first
+        self._thread: threading.Thread | None = None
+        self._room: threading.Event | None = None
+        self._fd_lock = threading.Lock()
+        self._reader_done = False
+        self._orphan_fd = -1
 
     # ---- the mount ---------------------------------------------------------
 
@@ -156,8 +178,15 @@ class Session:
                 log.warning("%s", e)
             self.mounted = False
         if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+            fd, self.fd = self.fd, -1
+            with self._fd_lock:
+                if self._thread is not None and not self._reader_done:
+                    # the reader is blocked in read(2) on it: it closes it when
+                    # it returns (the device must not be closed under it, its
+                    # number reused); until then the connection lives, unserved
+                    self._orphan_fd = fd
+                    return
+            os.close(fd)
 
     def backing_open(self, fd: int) -> int:
         return device.backing_open(self.fd, fd)
@@ -216,11 +245,14 @@ class Session:
         """Answer requests until unmount (ENODEV) or ``terminate()``."""
         import asyncio
         try:
-            asyncio.get_running_loop()
+            loop = asyncio.get_running_loop()
         except RuntimeError:                 # not asyncio: trio
             await self._serve_trio()
         else:
-            await self._serve_asyncio()
+            if getattr(loop, fwloop.LOCK_ATTR, None) is not None:
+                await self._serve_thread(loop)
+            else:
+                await self._serve_asyncio()
 
     def terminate(self) -> None:
         """End ``serve()`` (from the loop's thread, e.g. a signal handler task)."""
@@ -248,12 +280,105 @@ class Session:
                 task.cancel()
             self._loop = None
 
+    async def _serve_thread(self, loop) -> None:
+        """A thread blocked in read(2) on the device runs each request's
+        handler inline, holding the loop's lock (fusewire.loop); a handler
+        that suspends goes on as a task of the loop."""
+        self._loop = loop
+        self._done = loop.create_future()
+        if self._ended:
+            return
+        os.set_blocking(self.fd, True)
+        # The loop, woken while the reader is busy, waits for the GIL until
+        # the reader lets go of it (every system call) or the switch interval
+        # forces it (5 ms by default): made short, so that the loop's timers
+        # and wake-ups are late by well under a millisecond.
+        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL))
+        self._room = threading.Event()
+        self._room.set()
+        self._reading = True
+        self._thread = threading.Thread(target=self._reader, args=(loop, self.fd),
+                                        name="fusewire-reader", daemon=True)
+        self._thread.start()
+        try:
+            await self._done
+        finally:
+            self._ended = True
+            self._room.set()
+            for task in list(self._pending.values()):
+                task.cancel()
+            self._loop = None
+
+    def _reader(self, loop, fd: int) -> None:
+        """The reader thread: read, then answer under the loop's lock."""
+        asyncio.events._set_running_loop(loop)     # handlers see the loop they run for
+        lock = getattr(loop, fwloop.LOCK_ATTR)
+        sel = loop.fusewire_selector
+        readv = os.readv
+        handle = self.handle
+        room = self._room
+        try:
+            while True:
+                if not self._reading:
+                    room.wait()                      # max_pending suspended handlers
+                if self._ended:
+                    break
+                buf = self._buf
+                try:
+                    n = readv(fd, (buf,))
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except OSError as e:
+                    if e.errno == errno.ENOENT:      # interrupted before it was read
+                        continue
+                    with lock:
+                        if e.errno in (errno.ENODEV, errno.ECONNABORTED):
+                            log.debug("FUSE connection ended (%s)", errno.errorcode[e.errno])
+                            self.mounted = False
+                        else:
+                            log.error("reading the FUSE device failed: %s", e)
+                        self._end()
+                    break
+                if self._ended:                      # closed meanwhile: left unanswered
+                    break
+                if n == 0:                           # not a device (tests): its end
+                    with lock:
+                        self._end()
+                    break
+                if sel.must_yield():                 # the loop's turn first
+                    sel.yield_to_loop(loop.is_running)
+                with lock:
+                    if self._ended:
+                        break
+                    handle(buf, n)
+        except BaseException:
+            log.exception("the FUSE reader thread failed")
+            with lock:
+                self._end()
+        finally:
+            asyncio.events._set_running_loop(None)
+            with self._fd_lock:
+                self._reader_done = True
+                if self._orphan_fd >= 0:
+                    os.close(self._orphan_fd)
+                    self._orphan_fd = -1
+
     def _start_reading(self) -> None:
+        if self._room is not None:               # the reader thread
+            if not self._reading:
+                self._reading = True
+                self._room.set()
+            return
         if not self._reading and not self._ended:
             self._loop.add_reader(self.fd, self._readable)
             self._reading = True
 
     def _stop_reading(self) -> None:
+        if self._room is not None:               # the reader thread
+            self._reading = False
+            if not self._ended:
+                self._room.clear()
+            return
         if self._reading:
             self._loop.remove_reader(self.fd)
             self._reading = False
@@ -324,7 +449,8 @@ class Session:
             self._reply_error(unique, errno.EIO)
             return
         end = n - extlen * 8               # extensions (supplementary groups) at the end
-        entry = self._table.get(opcode)
+        table = self._table
+        entry = table[opcode] if opcode < len(table) else None
         if entry is None:
             if opcode not in (k.FORGET, k.BATCH_FORGET, k.INTERRUPT):
                 self._reply_error(unique, errno.ENOSYS)
@@ -497,8 +623,9 @@ class Session:
 
     # ---- decoding each opcode ---------------------------------------------
 
-    def _dispatch_table(self) -> dict[int, Callable]:
-        table = {}
+    def _dispatch_table(self) -> list[Callable | None]:
+        """The decoder of each opcode, by index (None: ENOSYS)."""
+        table: list[Callable | None] = [None] * (max(k.OPCODE_NAMES) + 1)
         for opcode, name in k.OPCODE_NAMES.items():
             method = getattr(self, "_op_" + name, None)
             if method is None:
@@ -557,7 +684,7 @@ class Session:
 
     def _op_lookup(self, unique, nodeid, uid, gid, pid, buf, off, end, extlen):
         self._run(unique, self.ops.lookup, (nodeid, _name(buf, off, end),
-                                            RequestContext(uid, gid, pid)),
+                                            BasicContext(uid, gid, pid)),
                   EntryAttributes.entry_out, self._forget_entry)
 
     def _op_forget(self, unique, nodeid, uid, gid, pid, buf, off, end, extlen):
@@ -585,7 +712,7 @@ class Session:
             log.exception("forget failed")
 
     def _op_getattr(self, unique, nodeid, uid, gid, pid, buf, off, end, extlen):
-        self._run(unique, self.ops.getattr, (nodeid, RequestContext(uid, gid, pid)),
+        self._run(unique, self.ops.getattr, (nodeid, BasicContext(uid, gid, pid)),
                   EntryAttributes.attr_out)
 
     def _op_setattr(self, unique, nodeid, uid, gid, pid, buf, off, end, extlen):
@@ -608,10 +735,10 @@ class Session:
         attr.st_ctime_ns = ctime * _NS + ctimens
         self._run(unique, self.ops.setattr,
                   (nodeid, attr, fields, fh if valid & k.FATTR_FH else None,
-                   RequestContext(uid, gid, pid)), EntryAttributes.attr_out)
+                   BasicContext(uid, gid, pid)), EntryAttributes.attr_out)
 
     def _op_readlink(self, unique, nodeid, uid, gid, pid, buf, off, end, extlen):
-        self._run(unique, self.ops.readlink, (nodeid, RequestContext(uid, gid, pid)), bytes)
+        self._run(unique, self.ops.readlink, (nodeid, BasicContext(uid, gid, pid)), bytes)
 
     def _groups(self, buf, end: int, extlen: int):
         """The supplementary groups extension, if the kernel sent it."""
@@ -649,28 +776,28 @@ class Session:
     def _op_link(self, unique, nodeid, uid, gid, pid, buf, off, end, extlen):
         old = k.LINK_IN.unpack_from(buf, off)[0]
         self._run(unique, self.ops.link,
-                  (old, nodeid, _name(buf, off + 8, end), RequestContext(uid, gid, pid)),
+                  (old, nodeid, _name(buf, off + 8, end), BasicContext(uid, gid, pid)),
                   EntryAttributes.entry_out, self._forget_entry)
 
     def _op_unlink(self, unique, nodeid, uid, gid, pid, buf, off, end, extlen):
         self._run(unique, self.ops.unlink,
-                  (nodeid, _name(buf, off, end), RequestContext(uid, gid, pid)), None)
+                  (nodeid, _name(buf, off, end), BasicContext(uid, gid, pid)), None)
 
     def _op_rmdir(self, unique, nodeid, uid, gid, pid, buf, off, end, extlen):
         self._run(unique, self.ops.rmdir,
-                  (nodeid, _name(buf, off, end), RequestContext(uid, gid, pid)), None)
+                  (nodeid, _name(buf, off, end), BasicContext(uid, gid, pid)), None)
 
     def _op_rename(self, unique, nodeid, uid, gid, pid, buf, off, end, extlen):
         newdir = k.RENAME_IN.unpack_from(buf, off)[0]
         old, new = _two_names(buf, off + 8, end)
         self._run(unique, self.ops.rename,
-                  (nodeid, old, newdir, new, 0, RequestContext(uid, gid, pid)), None)
+                  (nodeid, old, newdir, new, 0, BasicContext(uid, gid, pid)), None)
 
     def _op_rename2(self, unique, nodeid, uid, gid, pid, buf, off, end, extlen):
         newdir, flags, _ = k.RENAME2_IN.unpack_from(buf, off)
         old, new = _two_names(buf, off + 16, end)
         self._run(unique, self.ops.rename,
-                  (nodeid, old, newdir, new, flags, RequestContext(uid, gid, pid)), None)
+                  (nodeid, old, newdir, new, flags, BasicContext(uid, gid, pid)), None)
 
     def _release_fi(self, fi: FileInfo):
         return self.ops.release(fi.fh)
@@ -723,7 +850,7 @@ class Session:
         self._run(unique, self.ops.write, args, _write_out, owns_buffer=True)
 
     def _op_statfs(self, unique, nodeid, uid, gid, pid, buf, off, end, extlen):
-        self._run(unique, self.ops.statfs, (RequestContext(uid, gid, pid),),
+        self._run(unique, self.ops.statfs, (BasicContext(uid, gid, pid),),
                   _statfs_out)
 
     def _op_release(self, unique, nodeid, uid, gid, pid, buf, off, end, extlen):
@@ -739,7 +866,7 @@ class Session:
         self._run(unique, self.ops.fsync, (fh, bool(flags & k.FSYNC_FDATASYNC)), None)
 
     def _op_opendir(self, unique, nodeid, uid, gid, pid, buf, off, end, extlen):
-        self._run(unique, self.ops.opendir, (nodeid, RequestContext(uid, gid, pid)),
+        self._run(unique, self.ops.opendir, (nodeid, BasicContext(uid, gid, pid)),
                   _opendir_out, self.ops.releasedir)
 
     def _readdir(self, unique, buf, off, plus: bool):
@@ -791,22 +918,22 @@ class Session:
     def _op_getxattr(self, unique, nodeid, uid, gid, pid, buf, off, end, extlen):
         size, _ = k.GETXATTR_IN.unpack_from(buf, off)
         self._run(unique, self.ops.getxattr,
-                  (nodeid, _name(buf, off + 8, end), RequestContext(uid, gid, pid)),
+                  (nodeid, _name(buf, off + 8, end), BasicContext(uid, gid, pid)),
                   _sized(size))
 
     def _op_listxattr(self, unique, nodeid, uid, gid, pid, buf, off, end, extlen):
         size, _ = k.GETXATTR_IN.unpack_from(buf, off)
         enc = _sized(size)
-        self._run(unique, self.ops.listxattr, (nodeid, RequestContext(uid, gid, pid)),
+        self._run(unique, self.ops.listxattr, (nodeid, BasicContext(uid, gid, pid)),
                   lambda names: enc(b"".join(n + b"\0" for n in names)))
 
     def _op_removexattr(self, unique, nodeid, uid, gid, pid, buf, off, end, extlen):
         self._run(unique, self.ops.removexattr,
-                  (nodeid, _name(buf, off, end), RequestContext(uid, gid, pid)), None)
+                  (nodeid, _name(buf, off, end), BasicContext(uid, gid, pid)), None)
 
     def _op_access(self, unique, nodeid, uid, gid, pid, buf, off, end, extlen):
         mask, _ = k.ACCESS_IN.unpack_from(buf, off)
-        self._run(unique, self.ops.access, (nodeid, mask, RequestContext(uid, gid, pid)),
+        self._run(unique, self.ops.access, (nodeid, mask, BasicContext(uid, gid, pid)),
                   _access_out)
 
     def _op_fallocate(self, unique, nodeid, uid, gid, pid, buf, off, end, extlen):

@@ -58,6 +58,37 @@ class RequestContext:
         return f"RequestContext(uid={self.uid}, gid={self.gid}, pid={self.pid})"
 
 
+class BasicContext(RequestContext):
+    """A RequestContext of uid, gid and pid only (the rest at their
+    defaults): what most requests carry, made with fewer arguments (the
+    session makes one per request)."""
+
+    __slots__ = ()
+
+    def __init__(self, uid: int, gid: int, pid: int):
+        self.uid = uid
+        self.gid = gid
+        self.pid = pid
+        self.umask = 0
+        self.groups = None
+        self.flags = 0
+        self.kill_suidgid = False
+
+
+_SPLIT: dict[float, tuple[int, int]] = {}
+
+
+def _split(t: float) -> tuple[int, int]:
+    """A timeout as the wire's (seconds, nanoseconds), remembered for the few
+    values a filesystem uses."""
+    r = _SPLIT.get(t)
+    if r is None:
+        r = (int(t), int(t % 1 * _NS))
+        if len(_SPLIT) < 64:
+            _SPLIT[t] = r
+    return r
+
+
 class EntryAttributes:
     """An inode's attributes with their cache times (an entry when answering
     a lookup or a create; ``st_ino`` 0 is a negative entry).  ``from_stat``
@@ -120,17 +151,39 @@ class EntryAttributes:
 
     def entry_out(self) -> bytes:
         """struct fuse_entry_out."""
-        et, at = self.entry_timeout, self.attr_timeout
-        return k.ENTRY_OUT.pack(self.st_ino, self.generation, int(et), int(at),
-                                int(et % 1 * _NS), int(at % 1 * _NS), *self._attr())
+        et = _split(self.entry_timeout)
+        at = _split(self.attr_timeout)
+        st = self._st
+        if st is not None:
+            # from a stat (every answer but a negative entry): its items 7-9
+            # are the whole seconds of atime, mtime, ctime; 0, 3-5 mode,
+            # nlink, uid, gid
+            return _ENTRY_OUT_PACK(
+                self.st_ino, self.generation, et[0], at[0], et[1], at[1],
+                self.st_ino, st.st_size, st.st_blocks, st[7], st[8], st[9],
+                st.st_atime_ns % _NS, st.st_mtime_ns % _NS, st.st_ctime_ns % _NS,
+                st[0], st[3], st[4], st[5], st.st_rdev & 0xFFFFFFFF, st.st_blksize, 0)
+        return _ENTRY_OUT_PACK(self.st_ino, self.generation, et[0], at[0], et[1], at[1],
+                               *self._attr())
 
     def attr_out(self) -> bytes:
         """struct fuse_attr_out."""
-        at = self.attr_timeout
-        return k.ATTR_OUT.pack(int(at), int(at % 1 * _NS), 0, *self._attr())
+        at = _split(self.attr_timeout)
+        st = self._st
+        if st is not None:
+            return _ATTR_OUT_PACK(
+                at[0], at[1], 0,
+                self.st_ino, st.st_size, st.st_blocks, st[7], st[8], st[9],
+                st.st_atime_ns % _NS, st.st_mtime_ns % _NS, st.st_ctime_ns % _NS,
+                st[0], st[3], st[4], st[5], st.st_rdev & 0xFFFFFFFF, st.st_blksize, 0)
+        return _ATTR_OUT_PACK(at[0], at[1], 0, *self._attr())
 
     def __repr__(self) -> str:
         return f"EntryAttributes(st_ino={self.st_ino}, st_mode={self.st_mode:o})"
+
+
+_ENTRY_OUT_PACK = k.ENTRY_OUT.pack
+_ATTR_OUT_PACK = k.ATTR_OUT.pack
 
 
 class FileInfo:

@@ -9,8 +9,11 @@ thin adapter converts its calls and their answers.  What pyfuse3 cannot do
 (fallocate, lseek, copy_file_range, passthrough, KILLPRIV_V2, POSIX ACLs: handlers it has
 no slot for) is answered by libfuse as before (ENOSYS/EOPNOTSUPP).
 
-Concurrency: both run the handlers on one event loop on one thread; ``run``
-starts that loop (anyio: asyncio + uvloop by default, plain asyncio, or trio).
+Concurrency: ``run`` starts the loop (anyio).  fusewire by default
+(``runtime=thread``) answers requests on a reader thread that holds the loop's
+lock around each one, so handlers and the loop's own work never run at the
+same time (``fusewire.loop``); under uvloop, plain asyncio or trio it serves
+from the loop itself.  pyfuse3 runs on the loop (uvloop by default).
 """
 
 from __future__ import annotations
@@ -62,7 +65,15 @@ class Builtin:
     @staticmethod
     def run(serve, runtime: str):
         log.info("request loop: %s, fusewire's %s", runtime,
-                 "reader tasks" if runtime == "trio" else "reader callback")
+                 {"trio": "reader tasks", "thread": "reader thread (asyncio for the rest)"}
+                 .get(runtime, "reader callback"))
+        if runtime == "thread":
+            # a thread blocked in read(2) on the device answers requests;
+            # the rest (control socket, timers, signals, suspended handlers)
+            # runs on fusewire's asyncio loop, never at the same time
+            import fusewire.loop
+            return anyio.run(serve, backend="asyncio",
+                             backend_options={"loop_factory": fusewire.loop.new_event_loop})
         return _anyio_run(serve, runtime)
 
 

@@ -58,7 +58,7 @@ MAX_PENDING = 32             # requests being read at once; more wait in the bac
 # Modules a daemon imports only once it starts its event loop, for each
 # runtime it may choose (``-o runtime=``); imported here when present, so that
 # the children share them too.  No loop ever runs in the service.
-RUNTIME_MODULES = ("asyncio", "uvloop", "anyio._backends._asyncio",
+RUNTIME_MODULES = ("asyncio", "fusewire.loop", "uvloop", "anyio._backends._asyncio",
                    "trio", "anyio._backends._trio", "trio.socket", "trio.to_thread")
 
 

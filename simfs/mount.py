@@ -12,9 +12,11 @@ cleanly stopped; after a crash it still says "mounted", and the next start
 recounts.
 
 Concurrency: everything runs on one event loop, written against anyio so that
-the same code runs on asyncio + uvloop (the default: the cheapest FUSE round
-trip, see README), plain asyncio or trio (``RUNTIMES``; ``run`` starts it with
-the binding set up for it).  Scans run in a worker thread and only their result
+the same code runs on asyncio (the default, ``runtime=thread``: fusewire's
+reader thread answers the requests, each under the loop's lock, so a handler
+and the loop's own work never overlap: see ``fusewire.loop``), asyncio +
+uvloop, plain asyncio or trio (``RUNTIMES``; ``run`` starts it with the
+binding set up for it).  Scans run in a worker thread and only their result
 is applied on the loop (``LiveQuota.finish_recalc``).
 """
 
@@ -54,7 +56,9 @@ from .ops import SimOperations
 
 log = logging.getLogger(__name__)
 
-RUNTIMES = ("uvloop", "asyncio", "trio")      # the first is the default
+# thread: fusewire's reader thread, asyncio for the rest (fuse=builtin only);
+# the default is the binding's (options.default_runtime)
+RUNTIMES = ("thread", "uvloop", "asyncio", "trio")
 
 
 def run(serve, runtime: str = RUNTIMES[0], fuse: str = BINDINGS[0]):

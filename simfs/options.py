@@ -102,6 +102,9 @@ def parse_options(words: list[str], private: str) -> tuple[set[str], dict[str, s
         if own["fuse"] not in BINDINGS:
             raise UsageError(f"fuse must be one of {', '.join(BINDINGS)}, "
                              f"not {own['fuse']!r}")
+    if own.get("runtime") == "thread" and own.get("fuse", "builtin") != "builtin":
+        raise UsageError("runtime=thread is fusewire's (fuse=builtin); "
+                         "pyfuse3 runs on uvloop, asyncio or trio")
     if "maxopen" in own:
         v = own["maxopen"]
         if not _digits(v) or not 16 <= int(v) <= 1 << 20:
@@ -186,7 +189,9 @@ def _build_parser():
                "log=FILE, hook=CMD (run at quota limit events), "
                "quota_admin[=UID] (that uid, 0 by default, may set its container's "
                "per-user and per-group limits from inside), "
-               "runtime=uvloop|asyncio|trio (event loop, default uvloop), "
+               "runtime=thread|uvloop|asyncio|trio (how requests are read: a reader "
+               "thread, the default, or the event loop itself; default uvloop with "
+               "fuse=pyfuse3), "
                "fuse=builtin|pyfuse3 (the FUSE binding: the project's own protocol layer, "
                "the default, or pyfuse3 from the optional extra), "
                "debug; and the usual mount options (ro, rw, dev, suid, exec, "
@@ -209,6 +214,12 @@ def _build_parser():
     return p
 
 
+def default_runtime(fuse: str) -> str:
+    """-o runtime= when not given: fusewire's reader thread, uvloop for pyfuse3
+    (simfs.binding's ``runtimes``, named here without importing the binding)."""
+    return "thread" if fuse == "builtin" else "uvloop"
+
+
 def option_values(own: dict[str, str]) -> dict:
     """simfs's own ``-o`` values as the daemon runs them (defaults filled in),
     comparable between a mount and a remount."""
@@ -216,7 +227,7 @@ def option_values(own: dict[str, str]) -> dict:
     return {"quotaid": int(own["quotaid"]) if "quotaid" in own else None,
             "quotafile": own.get("quotafile"), "log": own.get("log"),
             "hook": own.get("hook"), "checkpoint": float(own.get("checkpoint", D.checkpoint)),
-            "runtime": own.get("runtime", "uvloop"),
+            "runtime": own.get("runtime") or default_runtime(own.get("fuse", "builtin")),
             "maxopen": int(own.get("maxopen", D.max_open)),
             "recounthold": float(own.get("recounthold", D.recount_hold)),
             "recountwait": float(own.get("recountwait", D.recount_wait)),

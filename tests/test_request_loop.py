@@ -1,12 +1,15 @@
 """The request loop through real mounts: the default binding is the project's
-own protocol layer (fusewire) on uvloop, whose reader callback runs each
-request's handler at once, and one that suspends (fsync goes to a worker
-thread) continues as a task, at most ``MAX_PENDING`` (64) at once, the FUSE
-device unread meanwhile.  trio runs the same layer with a task per coroutine
-handler; ``-o fuse=pyfuse3`` selects the pyfuse3 fallback.
+own protocol layer (fusewire), whose reader thread (``runtime=thread``, the
+default) blocks in read(2) on the device and runs each request's handler at
+once under the loop's lock; one that suspends (fsync goes to a worker thread)
+continues as a task of the asyncio loop, at most ``MAX_PENDING`` (64) at once,
+the FUSE device unread meanwhile.  ``runtime=uvloop`` serves the same way from
+a reader callback; trio runs the same layer with a task per coroutine handler;
+``-o fuse=pyfuse3`` selects the pyfuse3 fallback.
 
 Many parallel fsyncs (more than 64 at once) all complete with their data while
-other requests are answered; an unmount with fsyncs in flight stops cleanly.
+other requests are answered; an unmount with fsyncs in flight stops cleanly
+(both under the reader thread and the reader callback).
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from __future__ import annotations
 import os
 import signal
 import threading
+
+import pytest
 
 import backing as bk
 from conftest import vzquota
@@ -32,10 +37,29 @@ def test_default_binding_is_fusewire_without_libfuse(mounter, area):
     (root / "f").write_bytes(b"x")
     assert (private / "f").read_bytes() == b"x"
     log = m.logtext()
-    assert "request loop: uvloop, fusewire's reader callback" in log
+    assert "request loop: thread, fusewire's reader thread" in log
     assert "FUSE 7." in log and "negotiated" in log
     mapped = maps(m)
     assert "libfuse3" not in mapped and "pyfuse3" not in mapped
+    assert len(os.listdir(f"/proc/{m.proc.pid}/task")) >= 2      # the reader thread
+
+
+def test_uvloop_serves_from_a_reader_callback(mounter, area):
+    private, root = area
+    m = mounter(private, root, "runtime=uvloop")
+    (root / "f").write_bytes(b"x")
+    os.fsync(os.open(root / "f", os.O_RDONLY))
+    assert (private / "f").read_bytes() == b"x"
+    assert "request loop: uvloop, fusewire's reader callback" in m.logtext()
+
+
+def test_thread_is_fusewires_only(mounter, area):
+    import subprocess
+    private, root = area
+    from conftest import SIMFS
+    r = subprocess.run([SIMFS, str(private), str(root), "-f", "-o",
+                        "fuse=pyfuse3,runtime=thread"], capture_output=True, text=True)
+    assert r.returncode == 2 and "runtime=thread is fusewire's" in r.stderr
 
 
 def test_trio_runs_the_same_layer(mounter, area):
@@ -89,12 +113,13 @@ def _fsync_storm(root, n: int, rounds: int,
     return errors
 
 
-def test_more_parallel_fsyncs_than_tasks(mounter, area):
+@pytest.mark.parametrize("runtime", ["thread", "uvloop"])
+def test_more_parallel_fsyncs_than_tasks(mounter, area, runtime):
     private, root = area
     vzquota("init", QID, "-p", str(private), "-b", "100000", "-B", "100000",
             "-i", "1000", "-I", "1000", "-e", "1d", "-n", "1d")
     vzquota("on", QID)
-    mounter(private, root, f"quotaid={QID}")
+    mounter(private, root, f"quotaid={QID}", f"runtime={runtime}")
     stop = threading.Event()
     stats = [0]
 
@@ -117,9 +142,10 @@ def test_more_parallel_fsyncs_than_tasks(mounter, area):
     bk.assert_usage_matches(private, QID, ugid=False)   # against find + du
 
 
-def test_unmount_with_fsyncs_in_flight(mounter, area):
+@pytest.mark.parametrize("runtime", ["thread", "uvloop"])
+def test_unmount_with_fsyncs_in_flight(mounter, area, runtime):
     private, root = area
-    m = mounter(private, root)
+    m = mounter(private, root, f"runtime={runtime}")
     started = threading.Event()
     t = threading.Thread(target=_fsync_storm, args=(root, 40, 50, started))
     t.start()
