@@ -151,8 +151,8 @@ class EntryAttributes:
 
     def entry_out(self) -> bytes:
         """struct fuse_entry_out."""
-        et = _split(self.entry_timeout)
-        at = _split(self.attr_timeout)
+        et = _SPLIT.get(self.entry_timeout) or _split(self.entry_timeout)
+        at = _SPLIT.get(self.attr_timeout) or _split(self.attr_timeout)
         st = self._st
         if st is not None:
             # from a stat (every answer but a negative entry): its items 7-9
@@ -168,7 +168,7 @@ class EntryAttributes:
 
     def attr_out(self) -> bytes:
         """struct fuse_attr_out."""
-        at = _split(self.attr_timeout)
+        at = _SPLIT.get(self.attr_timeout) or _split(self.attr_timeout)
         st = self._st
         if st is not None:
             return _ATTR_OUT_PACK(
