@@ -313,7 +313,8 @@ class Session:
         """The reader thread: read, then answer under the loop's lock."""
         asyncio.events._set_running_loop(loop)     # handlers see the loop they run for
         lock = getattr(loop, fwloop.LOCK_ATTR)
-        sel = loop.fusewire_selector
+        sel = loop.fusewire_selector               # (its must_yield, inline below)
+        monotonic = time.monotonic
         readv = os.readv
         handle = self.handle
         room = self._room
@@ -345,8 +346,8 @@ class Session:
                     with lock:
                         self._end()
                     break
-                if sel.must_yield():                 # the loop's turn first
-                    sel.yield_to_loop(loop.is_running)
+                if sel.waiting or sel.kicked or monotonic() >= sel.due:
+                    sel.yield_to_loop(loop.is_running)       # the loop's turn first
                 with lock:
                     if self._ended:
                         break
