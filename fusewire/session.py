@@ -332,19 +332,17 @@ class Session:
                 except OSError as e:
                     if e.errno == errno.ENOENT:      # interrupted before it was read
                         continue
-                    with lock:
-                        if e.errno in (errno.ENODEV, errno.ECONNABORTED):
-                            log.debug("FUSE connection ended (%s)", errno.errorcode[e.errno])
-                            self.mounted = False
-                        else:
-                            log.error("reading the FUSE device failed: %s", e)
-                        self._end()
+                    if e.errno in (errno.ENODEV, errno.ECONNABORTED):
+                        log.debug("FUSE connection ended (%s)", errno.errorcode[e.errno])
+                        self.mounted = False
+                    else:
+                        log.error("reading the FUSE device failed: %s", e)
+                    self._end_from_reader(lock)
                     break
                 if self._ended:                      # closed meanwhile: left unanswered
                     break
                 if n == 0:                           # not a device (tests): its end
-                    with lock:
-                        self._end()
+                    self._end_from_reader(lock)
                     break
                 if sel.waiting or sel.kicked or monotonic() >= sel.due:
                     sel.yield_to_loop(loop.is_running)       # the loop's turn first
@@ -354,8 +352,7 @@ class Session:
                     handle(buf, n)
         except BaseException:
             log.exception("the FUSE reader thread failed")
-            with lock:
-                self._end()
+            self._end_from_reader(lock)
         finally:
             asyncio.events._set_running_loop(None)
             with self._fd_lock:
@@ -363,6 +360,14 @@ class Session:
                 if self._orphan_fd >= 0:
                     os.close(self._orphan_fd)
                     self._orphan_fd = -1
+
+    def _end_from_reader(self, lock) -> None:
+        """The reader is done: end serving, unless it already ended (then the
+        loop may be gone: nothing to tell it)."""
+        if not self._ended:
+            with lock:
+                if not self._ended:
+                    self._end()
 
     def _start_reading(self) -> None:
         if self._room is not None:               # the reader thread

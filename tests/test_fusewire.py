@@ -922,3 +922,44 @@ def test_reader_thread_does_not_starve_the_loop():
         await asyncio.wait_for(serving, 5)
         w.close()
     run_on_fusewire_loop(main)
+
+
+def test_reader_thread_device_end_after_serving_ended(monkeypatch):
+    """The unmount at stop: serving ended (terminate), then the kernel ends
+    the connection under the reader's read: it leaves quietly (no second end,
+    no traceback), the loop being gone."""
+    gate = threading.Event()
+    errors = []
+
+    class Later:
+        def __getattr__(self, name):
+            return getattr(os, name)
+
+        def readv(self, fd, bufs):
+            gate.wait(5)
+            raise OSError(errno.ENODEV, "unmounted")
+
+    monkeypatch.setattr(threading, "excepthook", lambda args: errors.append(args))
+
+    async def main():
+        monkeypatch.setattr(session_mod, "os", Later())
+        w = Wire(Recorder())
+        serving = asyncio.ensure_future(w.s.serve())
+        for _ in range(100):
+            if w.s._thread is not None:
+                break
+            await asyncio.sleep(0)
+        w.s.terminate()
+        await asyncio.wait_for(serving, 5)
+        return w
+    w = None
+    try:
+        with asyncio.Runner(loop_factory=__import__("fusewire.loop").loop.new_event_loop) as r:
+            w = r.run(main())
+        gate.set()                        # the loop is closed now
+        w.s._thread.join(5)
+        assert not w.s._thread.is_alive() and errors == []
+    finally:
+        gate.set()
+        if w is not None:
+            w.close()
