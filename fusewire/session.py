@@ -59,6 +59,9 @@ log = logging.getLogger(__name__)
 
 _CORO = types.CoroutineType
 _OUT_HEADER_PACK = k.OUT_HEADER.pack
+_IN_HEADER_UNPACK = k.IN_HEADER.unpack_from
+_READ_IN_UNPACK = k.READ_IN.unpack_from
+_WRITE_IN_UNPACK = k.WRITE_IN.unpack_from
 _EMPTY = b""
 _NS = 1_000_000_000
 MAX_WRITE = 1 << 20              # bytes per WRITE (max_pages 256, the kernel's default cap)
@@ -449,7 +452,7 @@ class Session:
             log.warning("short request from the device (%d bytes)", n)
             return
         (length, opcode, unique, nodeid, uid, gid, pid, extlen,
-         _) = k.IN_HEADER.unpack_from(buf, 0)
+         _) = _IN_HEADER_UNPACK(buf, 0)
         if length != n:
             log.warning("request %d: header says %d bytes, read %d", unique, length, n)
             self._reply_error(unique, errno.EIO)
@@ -842,11 +845,11 @@ class Session:
                   self._created_undo)
 
     def _op_read(self, unique, nodeid, uid, gid, pid, buf, off, end, extlen):
-        fh, offset, size, *_ = k.READ_IN.unpack_from(buf, off)
+        fh, offset, size, _, _, _, _ = _READ_IN_UNPACK(buf, off)
         self._run(unique, self.ops.read, (fh, offset, size), _data)
 
     def _op_write(self, unique, nodeid, uid, gid, pid, buf, off, end, extlen):
-        fh, offset, size, wflags, *_ = k.WRITE_IN.unpack_from(buf, off)
+        fh, offset, size, wflags, _, _, _ = _WRITE_IN_UNPACK(buf, off)
         start = off + (k.WRITE_IN.size if self.minor >= 9 else k.WRITE_IN_COMPAT_SIZE)
         data = memoryview(buf)[start:start + size]
         # HANDLE_KILLPRIV_V2: the kernel says when this write must clear
@@ -876,7 +879,7 @@ class Session:
                   _opendir_out, self.ops.releasedir)
 
     def _readdir(self, unique, buf, off, plus: bool):
-        fh, offset, size, *_ = k.READ_IN.unpack_from(buf, off)
+        fh, offset, size, _, _, _, _ = _READ_IN_UNPACK(buf, off)
         token = ReaddirToken(size, plus)
 
         def undo(_):
