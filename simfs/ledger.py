@@ -81,9 +81,9 @@ EXTENT_MAX = 32767
 
 def in_thread(fn: Callable, *args):
     """An awaitable running ``fn(*args)`` in a worker thread.  Under asyncio a
-    plain executor future: the request loop (fusewire's reader callback, or a
-    patched pyfuse3's) first runs a handler outside any task, where anyio
-    cannot tell which loop it is on."""
+    plain executor future: the request loop (fusewire's reader thread, which
+    sees the loop as its running loop, or its reader callback) first runs a
+    handler outside any task, where anyio cannot tell which loop it is on."""
     try:
         loop = asyncio.get_running_loop()
     except RuntimeError:          # trio
