@@ -244,7 +244,9 @@ def test_units_mount_through_the_service(fuse, area, tmp_path, monkeypatch):
         assert daemon != watcher.pid              # ... watched by the unit's process
         assert notify.quiet() == []               # READY=1 came from the main process only
         # the watcher is a shell and a tail: a container costs its daemon's
-        # memory, not a second Python
+        # memory, not a second Python (READY=1 comes before the exec: wait
+        # until the shell runs, or a loaded machine measures the Python)
+        wait_for_trap(watcher.pid)
         kids = Path(f"/proc/{watcher.pid}/task/{watcher.pid}/children").read_text().split()
         watch_kb = pss_kb(watcher.pid) + sum(pss_kb(int(k)) for k in kids)
         assert watch_kb < 1.5 * K, watch_kb
