@@ -402,12 +402,36 @@ class Mount:
                     reply = {"ok": False, "code": EC_LIVE,
                              "message": f"bad request: longer than {control.MAX_REQUEST} bytes"}
                 else:
-                    reply = await self._answer(buf)
+                    reply = await self._answer_beating(conn, buf)
                 await conn.send(control.encode(reply))
             except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError) as e:
                 log.debug("control connection failed: %s", e)
             except Exception:
                 log.exception("control connection failed")
+
+    async def _answer_beating(self, conn: SocketStream, buf: bytes) -> dict:
+        """``_answer``, with a space sent to the client every
+        ``control.KEEPALIVE`` seconds until it is ready: a request that takes
+        long (the recount of a live `on` or `recalc` over a big tree) keeps
+        the client waiting as long as the mount works on it, as the original
+        `vzquota on` waited for its quota check, where a mount that stops
+        answering is still reported after ``VZQUOTA_TIMEOUT`` (the client's
+        timeout applies to each read).  A client that goes away does not stop
+        the work."""
+        async def beat() -> None:
+            try:
+                while True:
+                    await anyio.sleep(control.KEEPALIVE)
+                    await conn.send(b" ")
+            except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                pass
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(beat)
+            try:
+                return await self._answer(buf)
+            finally:
+                tg.cancel_scope.cancel()
 
     async def _answer(self, buf: bytes) -> dict:
         try:

@@ -461,3 +461,34 @@ def test_what_an_inexact_pass_applies(tmp_path):
     assert usage() == 500 and lq.inexact == "stale"
     assert lq.finish_recalc(passed, True, False, "stale", None)
     assert usage() == 500 and not lq.state.dirty and lq.inexact is None
+
+
+@pytest.mark.parametrize("backing", params(only=("ext4",)), indirect=True)
+def test_on_waits_for_a_first_pass_longer_than_the_client_timeout(backing, backing_quota,
+                                                                   mounter, world_tmp,
+                                                                   monkeypatch):
+    """A live `on` over a tree whose first pass takes longer than the
+    client's timeout (VZQUOTA_TIMEOUT, 10 s by default; 2 s here) waited that
+    long and reported "did not answer" (exit 3) while the mount went on and
+    turned the quota on: vzctl took a working start for a failed one.  The
+    mount now tells the client it is still working (a space every 0.5 s), so
+    `on` waits for the pass and exits 0, with exact figures."""
+    qm = backing_quota(B=200000, I=100000)
+    fill_tree(qm.root)
+    go = world_tmp / "go"
+    _slow_scan_mount(qm, mounter, monkeypatch, go)
+    vzquota("off", qm.qid)
+    (qm.root / "while-off").write_bytes(b"o" * (1024 * K))        # uncounted
+    from conftest import VZQUOTA
+    on = subprocess.Popen([VZQUOTA, "on", str(qm.qid)], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True,
+                          env=dict(os.environ, VZQUOTA_TIMEOUT="2"))
+    _pass_began(go)
+    time.sleep(6)                         # the client's timeout, three times over
+    assert on.poll() is None, on.communicate()
+    go.touch()                            # the pass scans and ends
+    out, err = on.communicate(timeout=120)
+    assert on.returncode == 0, (out, err)
+    assert "did not answer" not in err
+    assert vzquota("stat", qm.qid, check=False).returncode == 0
+    assert not settled(qm.private, qm.qid), diff(qm.private, qm.qid)

@@ -106,6 +106,10 @@ def encode(msg: dict) -> bytes:
 
 
 DEFAULT_TIMEOUT = 10.0
+# A mount working on a long request (the recount of a live `on` or `recalc`)
+# sends a space this often until its answer (answers may start with blanks):
+# the client's timeout applies to each read, so it waits while the mount works.
+KEEPALIVE = 0.5
 
 
 def request_timeout() -> float:
@@ -122,7 +126,9 @@ def request(qid: int, cmd: str, timeout: float | None = None, **args) -> dict | 
     """Send one request to the live mount of ``qid``.  Returns its answer, or
     None when no mount carries the id.  A refusal raises ``VzError`` with the
     code the mount gave; a mount that does not answer within ``timeout``
-    seconds (default: ``request_timeout()``) raises ``VzError`` (EC_LIVE)."""
+    seconds (default: ``request_timeout()``) raises ``VzError`` (EC_LIVE).
+    The timeout is per read: a mount still working on the request sends a
+    space every ``KEEPALIVE`` seconds, so a long recount is waited for."""
     path = socket_path(qid)
     if timeout is None:
         timeout = request_timeout()
