@@ -29,7 +29,7 @@ def test_readme_lists_every_package_setup_installs():
     assert r.returncode == 0, r.stderr
     pkgs = r.stdout.split()
     for want in ("fuse3", "man-db", "logrotate", "systemd-container", "debootstrap",
-                 "busybox", "gcc"):
+                 "busybox", "gcc", "dbench"):
         assert want in pkgs, (want, pkgs)
     readme = (REPO / "README.md").read_text()
     section = readme.split("## The two commands", 1)[1].split("\n## ", 1)[0]
