@@ -40,6 +40,22 @@ MAX_UGID = 2**32 - 2
 MAX_CHECKPOINT = 86400.0
 MAX_RECOUNTHOLD = 60.0
 MAX_RECOUNTWAIT = 3600.0
+# The numeric options: (type, low, high, whether low itself is refused, what
+# the value is, for the error).  A float takes ASCII digits with at most one
+# point; an int digits only.
+RANGES = {
+    "quotaid": (int, 0, MAX_QUOTAID, True, f"a quota id from 1 to {MAX_QUOTAID}"),
+    "quota_admin": (int, 0, MAX_UGID, False, f"a uid from 0 to {MAX_UGID}"),
+    "maxopen": (int, 16, 1 << 20, False,
+                f"a number of open files from 16 to {1 << 20}"),
+    "maxinodes": (int, 64, 1 << 30, False, f"a number of inodes from 64 to {1 << 30}"),
+    "checkpoint": (float, 0.0, MAX_CHECKPOINT, True,
+                   f"a number of seconds above 0 and up to {MAX_CHECKPOINT:g}"),
+    "recounthold": (float, 0.0, MAX_RECOUNTHOLD, False,
+                    f"a number of seconds from 0 to {MAX_RECOUNTHOLD:g}"),
+    "recountwait": (float, 0.0, MAX_RECOUNTWAIT, False,
+                    f"a number of seconds from 0 to {MAX_RECOUNTWAIT:g}"),
+}
 
 
 def _digits(text: str) -> bool:
@@ -83,15 +99,13 @@ def parse_options(words: list[str], private: str) -> tuple[set[str], dict[str, s
             continue
         else:
             raise UsageError(f"unknown mount option: {opt}")
-    if "quotaid" in own:
-        q = own["quotaid"]
-        if not _digits(q) or not 0 < int(q) <= MAX_QUOTAID:
-            raise UsageError(f"quotaid must be a positive integer up to {MAX_QUOTAID}, "
-                             f"not {q!r}")
-    if "quota_admin" in own:
-        u = own["quota_admin"]
-        if not _digits(u) or not int(u) <= MAX_UGID:
-            raise UsageError(f"quota_admin= takes a uid from 0 to {MAX_UGID}, not {u!r}")
+    for key, (kind, low, high, above, what) in RANGES.items():
+        v = own.get(key)
+        if v is None:
+            continue
+        n = kind(v) if (_digits(v) if kind is int else _decimal(v)) else None
+        if n is None or n < low or (above and n == low) or n > high:
+            raise UsageError(f"{key}= takes {what}, not {v!r}")
     if "runtime" in own:
         from .mount import RUNTIMES
         if own["runtime"] not in RUNTIMES:
@@ -105,31 +119,6 @@ def parse_options(words: list[str], private: str) -> tuple[set[str], dict[str, s
     if own.get("runtime") == "thread" and own.get("fuse", "builtin") != "builtin":
         raise UsageError("runtime=thread is fusewire's (fuse=builtin); "
                          "pyfuse3 runs on uvloop, asyncio or trio")
-    if "maxopen" in own:
-        v = own["maxopen"]
-        if not _digits(v) or not 16 <= int(v) <= 1 << 20:
-            raise UsageError(f"maxopen must be a number of open files from 16 to "
-                             f"{1 << 20}, not {v!r}")
-    if "maxinodes" in own:
-        v = own["maxinodes"]
-        if not _digits(v) or not 64 <= int(v) <= 1 << 30:
-            raise UsageError(f"maxinodes must be a number of inodes from 64 to "
-                             f"{1 << 30}, not {v!r}")
-    if "checkpoint" in own:
-        c = own["checkpoint"]
-        if not _decimal(c) or not 0 < float(c) <= MAX_CHECKPOINT:
-            raise UsageError(f"checkpoint must be a number of seconds above 0 and up to "
-                             f"{MAX_CHECKPOINT}, not {c!r}")
-    if "recounthold" in own:
-        c = own["recounthold"]
-        if not _decimal(c) or not 0 <= float(c) <= MAX_RECOUNTHOLD:
-            raise UsageError(f"recounthold must be a number of seconds from 0 to "
-                             f"{MAX_RECOUNTHOLD:g}, not {c!r}")
-    if "recountwait" in own:
-        c = own["recountwait"]
-        if not _decimal(c) or not 0 <= float(c) <= MAX_RECOUNTWAIT:
-            raise UsageError(f"recountwait must be a number of seconds from 0 to "
-                             f"{MAX_RECOUNTWAIT:g}, not {c!r}")
     for key in ("quotafile", "log", "hook"):
         if key in own and not own[key]:
             raise UsageError(f"{key}= needs a file name")
