@@ -41,7 +41,13 @@ The ``kernel`` workload has the rows of what the kernel offers through the
 quota (issue 17): 4 KiB random reads of a hot file, a small page opened, read
 and closed (a web server's request), the page cache grown per byte read cold
 ("x": KiB grown / KiB read, lower is better; through the daemon about 2x: the
-FUSE copy and the backing file's), fallocate and punch, and copy_file_range.
+FUSE copy and the backing file's; the file's own pages, by cachestat(2)),
+fallocate and punch, and copy_file_range.
+
+``--image MIB`` runs everything on a fresh journaled ext4 in a loop image: on an
+ext4 without a journal (this machine's /) every create looks up each inode freed
+in the last minutes (``recently_deleted``), which the rows before and other jobs
+decide, natively and in every daemon alike.
 
 Cache state: "cold" rows run right after ``sync; echo 3 > drop_caches`` (for a
 FUSE mount that also makes the kernel forget its inodes); "warm" rows do not.
@@ -59,6 +65,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import mmap
 import os
@@ -215,8 +222,9 @@ class Target:
     """Where a workload runs: a native dir, or a mount served by a daemon."""
 
     def __init__(self, name: str, work: str, cmd: list[str] | None = None,
-                 logfile: str | None = None):
+                 logfile: str | None = None, src: str | None = None):
         self.name, self.work, self.cmd, self.logfile = name, work, cmd, logfile
+        self.src = src            # the backing directory a mount serves (None: native)
         self.root = work
         self.proc: subprocess.Popen | None = None
         self.mounted = False
@@ -638,7 +646,44 @@ def cached_kib() -> int:
     raise BenchError("no Cached: in /proc/meminfo")
 
 
+SYS_CACHESTAT = 451           # the same number on every architecture (Linux 6.5)
+
+
+def file_cached_kib(path: str) -> int | None:
+    """KiB of ``path``'s own page cache (cachestat(2) over the whole file), or
+    None where the kernel has no cachestat."""
+    import ctypes
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    rng = (ctypes.c_uint64 * 2)(0, 0)           # off 0, len 0: to the end
+    cs = (ctypes.c_uint64 * 5)()                # nr_cache, nr_dirty, ...
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if _libc.syscall(ctypes.c_long(SYS_CACHESTAT), ctypes.c_int(fd), rng, cs,
+                         ctypes.c_uint(0)) != 0:
+            if ctypes.get_errno() in (errno.ENOSYS, errno.EPERM):
+                return None
+            e = ctypes.get_errno()
+            raise OSError(e, os.strerror(e))
+    finally:
+        os.close(fd)
+    return cs[0] * PAGE // 1024
+
+
+def copies_kib(t: "Target", path: str) -> int | None:
+    """KiB cached of the file at ``path`` under ``t``'s root: the mount's copy
+    plus the backing file's (natively the file itself), whatever else runs
+    on the machine; None without cachestat."""
+    mine = file_cached_kib(path)
+    if mine is None or t.src is None:
+        return mine
+    backing = file_cached_kib(os.path.join(t.src, os.path.relpath(path, t.root)))
+    return None if backing is None else mine + backing
+
+
 _libc = None
+PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 def punch(fd: int, off: int, length: int) -> None:
@@ -699,6 +744,10 @@ def wl_kernel(m: Meter, d: str, z: Sizes) -> None:
     if CAN_DROP:
         drop_caches()
         name = f"page cache grown / bytes read ({z.rand // MiB} MiB, cold)"
+        # the file's own pages (its copy in the mount and the backing file's),
+        # by cachestat(2): what other jobs cache meanwhile does not count;
+        # without cachestat, the machine's "Cached:" (which does)
+        f0 = copies_kib(m.t, path)
         c0 = cached_kib()
         with m.section(name, "x", "<=1.1", 1, z.rand / MiB, "MiB"):
             fd = os.open(path, os.O_RDONLY)
@@ -707,7 +756,9 @@ def wl_kernel(m: Meter, d: str, z: Sizes) -> None:
                     pass
             finally:
                 os.close(fd)
-        m.res.rows[name].values[m.t.name][-1] = (cached_kib() - c0) / (z.rand // 1024)
+        f1 = copies_kib(m.t, path) if f0 is not None else None
+        grown = f1 - f0 if f1 is not None else cached_kib() - c0
+        m.res.rows[name].values[m.t.name][-1] = grown / (z.rand // 1024)
     # copy_file_range of the whole file, 1 MiB calls
     dst = os.path.join(d, "copy.dat")
     fi = os.open(path, os.O_RDONLY)
@@ -815,6 +866,11 @@ def main() -> int:
     ap.add_argument("--tree", help="tree to copy (default /usr/lib/python3.11 or the stdlib)")
     ap.add_argument("--tmp", default="/tmp", help="where to make the temp dir (default /tmp)")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs)")
+    ap.add_argument("--image", type=int, metavar="MIB",
+                    help="run every target on a fresh ext4 (with its journal) in a loop "
+                         "image of MIB MiB made under --tmp (removed at the end): one "
+                         "clean backing filesystem, whatever --tmp's is and whatever "
+                         "else runs there")
     ap.add_argument("--cpu", type=int, default=None, metavar="N",
                     help="run every daemon and workload on CPU N only (all targets "
                          "alike): measures the cost per request without the cost of "
@@ -859,7 +915,24 @@ def main() -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGHUP, on_signal)
 
-    base = tempfile.mkdtemp(prefix="simfs-bench-", dir=a.tmp)
+    img_dir = img_mnt = None
+    where = a.tmp
+    if a.image:
+        img_dir = tempfile.mkdtemp(prefix="simfs-bench-img-", dir=a.tmp)
+        img_mnt = os.path.join(img_dir, "fs")
+        os.mkdir(img_mnt)
+        img = os.path.join(img_dir, "ext4.img")
+        try:
+            with open(img, "wb") as f:
+                f.truncate(a.image * MiB)
+            run(["mkfs.ext4", "-q", "-F", img])
+            run(["mount", "-o", "loop", img, img_mnt])
+        except (BenchError, OSError, KeyboardInterrupt) as e:
+            log(f"--image: {e}")
+            shutil.rmtree(img_dir, ignore_errors=True)
+            return 1
+        where = img_mnt
+    base = tempfile.mkdtemp(prefix="simfs-bench-", dir=where)
     os.chmod(base, 0o755)
     os.environ["VZQUOTA_DIR"] = os.path.join(base, "vzquota")
     os.environ["VZQUOTA_RUNDIR"] = os.path.join(base, "run")
@@ -889,13 +962,13 @@ def main() -> int:
             src, mnt = area("c")
             targets.append(Target(REF, mnt, [exe, "-f", "-o",
                                              f"source={src},{C_OPTIONS}", mnt],
-                                  os.path.join(base, "c.log")))
+                                  os.path.join(base, "c.log"), src))
         native = os.path.join(base, "native")
         os.mkdir(native)
         targets.append(Target("native", native))
         src, mnt = area("simfs")
         targets.append(Target("simfs", mnt, [SIMFS, src, mnt, "-f"],
-                              os.path.join(base, "simfs.log")))
+                              os.path.join(base, "simfs.log"), src))
         src, mnt = area("quota")
         run([VZQUOTA, "init", str(qid), "-p", src, "-b", "1T", "-B", "1T",
              "-i", "100000000", "-I", "100000000", "-e", "7d", "-n", "7d",
@@ -904,7 +977,7 @@ def main() -> int:
         quota_on = True
         targets.append(Target("simfs+quota", mnt, [SIMFS, src, mnt, "-f", "-o",
                                                    f"quotaid={qid}"],
-                              os.path.join(base, "quota.log")))
+                              os.path.join(base, "quota.log"), src))
         if not a.no_pt:
             src, mnt = area("pt")
             run([VZQUOTA, "init", str(qid + 1), "-p", src, "-b", "1T", "-B", "1T",
@@ -914,13 +987,13 @@ def main() -> int:
             quota_pt = True
             targets.append(Target(PT, mnt, [SIMFS, src, mnt, "-f", "-o",
                                             f"quotaid={qid + 1},passthrough"],
-                                  os.path.join(base, "pt.log")))
+                                  os.path.join(base, "pt.log"), src))
         for i, (name, cmd) in enumerate(extras):
             src, mnt = area(f"x{i}")
             argv = [w.replace("{src}", src).replace("{mnt}", mnt) for w in shlex.split(cmd)]
             if argv and argv[0] == "simfs":
                 argv[0] = SIMFS
-            targets.append(Target(name, mnt, argv, os.path.join(base, f"x{i}.log")))
+            targets.append(Target(name, mnt, argv, os.path.join(base, f"x{i}.log"), src))
         for t in targets:
             t.start()
             log(f"{t.name}: {'pid ' + str(t.proc.pid) if t.proc else 'native'} at {t.root}"
@@ -978,6 +1051,16 @@ def main() -> int:
             log(f"kept {base} (logs: *.log)")
         else:
             shutil.rmtree(base, ignore_errors=True)
+        if img_mnt is not None:
+            if os.path.exists(base) or mounts_under(img_mnt):
+                log(f"NOT removing the image {img_dir} (mounted at {img_mnt}): "
+                    f"{base} is kept or in use")
+            else:
+                p = subprocess.run(["umount", img_mnt], capture_output=True, text=True)
+                if p.returncode == 0:
+                    shutil.rmtree(img_dir, ignore_errors=True)
+                else:
+                    log(f"umount {img_mnt}: {p.stderr.strip()}; the image stays in {img_dir}")
 
     if not ok:
         if res is not None and res.rows:
@@ -1002,6 +1085,9 @@ def main() -> int:
     for line in info:
         print(f"- {line}")
     print(f"- CPUs used: {'only CPU %d (--cpu)' % a.cpu if a.cpu is not None else 'all'}")
+    if a.image:
+        print(f"- every target on a fresh ext4 with its journal, a {a.image} MiB loop image "
+              f"(--image) made under {a.tmp}")
     print(f"- load average at start: {load0}; at end: {loadavg()} "
           "(other jobs share the machine: numbers are noisy)")
     return 0
