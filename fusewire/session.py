@@ -58,6 +58,8 @@ from .types import (BasicContext, EntryAttributes, FileInfo, FUSEError, ReaddirT
 log = logging.getLogger(__name__)
 
 _CORO = types.CoroutineType
+_entry_out = EntryAttributes.entry_out
+_attr_out = EntryAttributes.attr_out
 _OUT_HEADER_PACK = k.OUT_HEADER.pack
 _IN_HEADER_UNPACK = k.IN_HEADER.unpack_from
 _READ_IN_UNPACK = k.READ_IN.unpack_from
@@ -692,9 +694,10 @@ class Session:
             task.cancel()
 
     def _op_lookup(self, unique, nodeid, uid, gid, pid, buf, off, end, extlen):
-        self._run(unique, self.ops.lookup, (nodeid, _name(buf, off, end),
-                                            BasicContext(uid, gid, pid)),
-                  EntryAttributes.entry_out, self._forget_entry)
+        z = buf.find(b"\0", off, end)                   # _name, inlined (hot)
+        self._run(unique, self.ops.lookup,
+                  (nodeid, bytes(buf[off:z if z >= 0 else end]), BasicContext(uid, gid, pid)),
+                  _entry_out, self._forget_entry)
 
     def _op_forget(self, unique, nodeid, uid, gid, pid, buf, off, end, extlen):
         n = k.FORGET_IN.unpack_from(buf, off)[0]
@@ -722,7 +725,7 @@ class Session:
 
     def _op_getattr(self, unique, nodeid, uid, gid, pid, buf, off, end, extlen):
         self._run(unique, self.ops.getattr, (nodeid, BasicContext(uid, gid, pid)),
-                  EntryAttributes.attr_out)
+                  _attr_out)
 
     def _op_setattr(self, unique, nodeid, uid, gid, pid, buf, off, end, extlen):
         (valid, _, fh, size, _, atime, mtime, ctime, atimens, mtimens, ctimens, mode,
@@ -789,8 +792,10 @@ class Session:
                   EntryAttributes.entry_out, self._forget_entry)
 
     def _op_unlink(self, unique, nodeid, uid, gid, pid, buf, off, end, extlen):
+        z = buf.find(b"\0", off, end)                   # _name, inlined (hot)
         self._run(unique, self.ops.unlink,
-                  (nodeid, _name(buf, off, end), BasicContext(uid, gid, pid)), None)
+                  (nodeid, bytes(buf[off:z if z >= 0 else end]), BasicContext(uid, gid, pid)),
+                  None)
 
     def _op_rmdir(self, unique, nodeid, uid, gid, pid, buf, off, end, extlen):
         self._run(unique, self.ops.rmdir,

@@ -7,7 +7,9 @@ allocated bytes), and how to reach the backing inode without a path: a kernel
 *file handle* (``name_to_handle_at``), re-opened as an ``O_PATH`` descriptor
 (``open_by_handle_at`` on a descriptor of the private area) when needed.  Only
 an LRU of at most ``Budget.cached`` such descriptors stays open, so no number of
-lookups (``ls -l`` of a huge directory) can fill the daemon's descriptor table.
+lookups (``ls -l`` of a huge directory) can fill the daemon's descriptor table;
+an inode's handle is made when its descriptor leaves the LRU (``LAZY`` until
+then), so one the kernel forgets first never costs the call.
 ``Inode.fd`` gives the descriptor, re-opening it on a miss; in the common case
 (it is in the LRU) it costs a dictionary move.  A caller may use at most a few
 ``.fd`` values at once (the LRU keeps at least 16).
@@ -62,11 +64,16 @@ from typing import Callable
 
 from . import lower
 from .config import DEFAULT, Config
-from .lower import open_path
+from .lower import OPATH_FLAGS
 
 log = logging.getLogger(__name__)
 
 ROOT = 1
+
+# An inode record's file handle not made yet: made (name_to_handle_at, ~1.5 us)
+# only when its descriptor leaves the LRU, so a lookup whose inode is
+# forgotten before that never pays for it
+LAZY = b""
 
 
 @dataclass(frozen=True)
@@ -188,7 +195,8 @@ class Inode:
     one slot; the table is a class attribute of the table's own subclass
     (``InodeTable.Inode``); uid, gid, mode and small sizes are shared int
     objects (``InodeTable.share``); the file handle is kept as one small int
-    (``InodeTable.pack``)."""
+    (``InodeTable.pack``), made only once the descriptor leaves the LRU
+    (``LAZY``, a shared object, until then)."""
     __slots__ = ("ino", "_fd", "handle", "_flags", "lookups", "opens", "space",
                  "uid", "gid", "mode")
     table: "InodeTable"
@@ -214,22 +222,36 @@ class Inode:
         bits of ``_flags`` above the four flags."""
         return self._flags >> 4
 
-    def __init__(self, ino: int, st: os.stat_result, handle: int | bytes | None):
+    def __init__(self, ino: int, st: os.stat_result, handle):
         self.ino = ino
         self._fd = -1             # O_PATH|O_NOFOLLOW descriptor while it has one
-        self.handle = handle      # kernel file handle (packed); None: the fd is pinned
+        self.handle = handle      # kernel file handle (packed); LAZY: not made yet
+                                  # (made when its descriptor is evicted); None:
+                                  # the fd is pinned
         self._flags = 0
         self.lookups = 0          # kernel lookup count
         self.opens = 0            # open file handles
         self.reset(st)
 
     def reset(self, st: os.stat_result) -> None:
-        share = self.table.share
+        # InodeTable.share inlined (a new record's hot path): the shared
+        # object when there is one, else share() to make it one
+        table = self.table
+        get = table._shared.get
         space = st.st_blocks * 512
-        self.space = share(space) if space < self.table.shared_space else space  # bytes,
-        self.uid = share(st.st_uid)     # as last charged; the owner the quota charges
-        self.gid = share(st.st_gid)
-        self.mode = share(st.st_mode)
+        if space < table.shared_space:
+            v = get(space)
+            space = v if v is not None else table.share(space)
+        self.space = space        # bytes, as last charged
+        v = st.st_uid             # the owner the quota charges
+        s = get(v)
+        self.uid = s if s is not None else table.share(v)
+        v = st.st_gid
+        s = get(v)
+        self.gid = s if s is not None else table.share(v)
+        v = st.st_mode
+        s = get(v)
+        self.mode = s if s is not None else table.share(v)
         self._flags &= ~14        # neither unlinked, freed nor held (pinned and the
                                   # generation kept)
 
@@ -460,14 +482,44 @@ class InodeTable:
 
     def _cache(self, inode: Inode, fd: int) -> None:
         inode._fd = fd
-        self.lru[inode.ino] = inode
-        while len(self.lru) > self.budget.cached:
-            _, old = self.lru.popitem(last=False)
-            os.close(old._fd)
-            old._fd = -1
+        lru = self.lru
+        lru[inode.ino] = inode
+        if len(lru) > self.budget.cached:
+            self._shrink()
+
+    def _shrink(self) -> None:
+        """Close the least recently used descriptors past ``Budget.cached``."""
+        lru = self.lru
+        while len(lru) > self.budget.cached:
+            self._uncache(lru.popitem(last=False)[1])
+
+    def evict(self, inode: Inode) -> None:
+        """Close ``inode``'s cached descriptor now (as the LRU does)."""
+        del self.lru[inode.ino]
+        self._uncache(inode)
+
+    def _uncache(self, old: Inode) -> None:
+        """``old`` left the LRU: make its file handle if it has none yet
+        (``LAZY``), then close its descriptor.  Should the handle fail (not
+        expected on a filesystem whose handles worked at start), it keeps
+        the descriptor pinned, within ``Budget.pinned``, or is lost (ESTALE
+        at its next use), as an inode without a handle would be."""
+        if old.handle is LAZY:
+            try:
+                old.handle = self.pack(lower.handle_of(old._fd), self.fuse_ino(old.ino))
+            except OSError as e:
+                old.handle = None
+                if self.pinned < self.budget.pinned:
+                    old.pinned = True
+                    self.pinned += 1
+                    return
+                log.warning("inode %d: no file handle (%s): its descriptor is closed, "
+                            "ESTALE from now on", old.ino, e)
+        os.close(old._fd)
+        old._fd = -1
 
     def reopen(self, inode: Inode) -> int:
-        if inode.handle is None:
+        if inode.handle is None or inode.handle is LAZY:
             raise OSError(errno.ESTALE, f"inode {inode.ino} has no descriptor")
         fd = lower.open_handle(self.mount_fd, self.unpack(inode.handle, inode.ino))
         self._cache(inode, fd)
@@ -480,7 +532,7 @@ class InodeTable:
     def keep(self, inode: Inode) -> None:
         """``inode`` lost its last name: pin its descriptor so that it stays alive
         for the kernel references to it (within ``Budget.pinned``)."""
-        if inode.pinned:
+        if inode._flags & 1:              # pinned already
             return
         if self.pinned >= self.budget.pinned:
             if not self._warned_pins:
@@ -494,7 +546,7 @@ class InodeTable:
             except OSError:
                 return            # already gone
         del self.lru[inode.ino]
-        inode.pinned = True
+        inode._flags |= 1                 # pinned
         self.pinned += 1
 
     # ---- references ----------------------------------------------------------------
@@ -502,9 +554,37 @@ class InodeTable:
     def adopt(self, fd: int, st: os.stat_result) -> Inode:
         """Count one kernel reference to the inode behind ``fd`` (which the table
         now owns: kept as its descriptor, or closed)."""
-        ino = self.fuse_ino(st.st_ino)
-        inode = self.inodes.get(ino)
-        if inode is not None and self.stale(inode):
+        ino = st.st_ino
+        if ino == self.root_ino or ino == ROOT:
+            ino = self.fuse_ino(ino)
+        inodes = self.inodes
+        inode = inodes.get(ino)
+        if inode is None:
+            # a new record (the hot path: written out, no helper calls)
+            handle = LAZY if self.file_handles else None
+            if handle is None and self.pinned >= self.budget.pinned:
+                os.close(fd)
+                raise OSError(errno.ENFILE, "inode descriptor budget exhausted")
+            inode = inodes[ino] = self.Inode(ino, st, handle)
+            n = len(inodes) - 1               # the root is not counted
+            if n > self.peak:
+                self.peak = n
+            if n > self.max_inodes and not self.full and self.on_full is not None:
+                self.full = True
+                self.on_full()
+            if handle is not None:
+                inode._fd = fd
+                lru = self.lru
+                lru[ino] = inode
+                if len(lru) > self.budget.cached:
+                    self._shrink()
+            else:
+                inode._fd = fd
+                inode.pinned = True
+                self.pinned += 1
+            inode.lookups = 1
+            return inode
+        if inode._flags & 2 and inode._fd < 0 and inode.opens <= 0:     # stale()
             # the backing filesystem reused a dead inode's number: a new
             # generation of it (the kernel then drops what it still holds of
             # the old one instead of taking one for the other)
@@ -513,11 +593,8 @@ class InodeTable:
             inode.reset(st)
             inode._flags += 16
             if inode.handle is not None:
-                try:
-                    inode.handle = self._handle_of(fd, st)
-                except OSError:
-                    inode.handle = None
-        elif inode is not None and inode._fd < 0 and inode.handle is not None:
+                inode.handle = LAZY       # made again when its descriptor goes
+        elif inode._fd < 0 and inode.handle is not None:
             # No descriptor of ours kept the backing inode alive: its number
             # may have been reused behind the mount (removed from the host's
             # side, made anew).  Another file handle is another inode: a new
@@ -531,25 +608,8 @@ class InodeTable:
                 inode.handle = handle
                 inode.mode = self.share(st.st_mode)
                 inode._flags += 16
-        if inode is None:
-            handle = None
-            if self.file_handles:
-                try:
-                    handle = self._handle_of(fd, st)
-                except OSError:
-                    handle = None
-            if handle is None and self.pinned >= self.budget.pinned:
-                os.close(fd)
-                raise OSError(errno.ENFILE, "inode descriptor budget exhausted")
-            inode = self.inodes[ino] = self.Inode(ino, st, handle)
-            n = len(self.inodes) - 1          # the root is not counted
-            if n > self.peak:
-                self.peak = n
-            if n > self.max_inodes and not self.full and self.on_full is not None:
-                self.full = True
-                self.on_full()
-        else:
-            self.recent(inode)
+        del inodes[ino]                   # recent(): the last to be pruned
+        inodes[ino] = inode
         if inode._fd >= 0:
             os.close(fd)
         elif inode.handle is not None:
@@ -604,10 +664,16 @@ class InodeTable:
             st = os.fstat(parent.fd)
             self.ref(parent)
             return parent, st
-        fd = open_path(name, parent.fd)
+        pfd = parent._fd                  # parent.fd, inlined (hot)
+        if pfd < 0:
+            pfd = self.reopen(parent)
+        elif not parent._flags & 1:
+            self.lru.move_to_end(parent.ino)
+        fd = os.open(name, OPATH_FLAGS, dir_fd=pfd)     # open_path
         try:
             st = os.fstat(fd)
-            self.check_dev(st)
+            if st.st_dev != self.dev:
+                self.check_dev(st)
         except BaseException:
             os.close(fd)
             raise
@@ -663,13 +729,14 @@ class InodeTable:
     def drop(self, inode: Inode) -> None:
         del self.inodes[inode.ino]
         self.dropped += 1
-        if inode.pinned:
-            inode.pinned = False
+        flags = inode._flags              # the flags read and written directly: hot
+        if flags & 1:                     # pinned
+            inode._flags = flags & ~1
             self.pinned -= 1
         else:
             self.lru.pop(inode.ino, None)
         if inode._fd >= 0:
-            if inode.unlinked and self.closer is not None:
+            if flags & 2 and self.closer is not None:      # unlinked
                 self.closer.close(inode._fd)
             else:
                 os.close(inode._fd)

@@ -71,6 +71,8 @@ from .statfs import host_figures, quota_figures
 
 log = logging.getLogger(__name__)
 
+_from_stat = fusewire.EntryAttributes.from_stat
+
 QUOTA_XATTR = b"user.vzquota"   # read-only, virtual, on the root only
 COUNTS_XATTR = b"trusted.simfs.requests"   # read-only, virtual, root only: request counts
 OPTIONS_XATTR = b"trusted.simfs.options"   # read-only, virtual, root only: simfs's -o values
@@ -322,14 +324,15 @@ class SimOperations:
 
     @errno_boundary
     def lookup(self, parent_inode, name, ctx):
-        parent = self.table.get(parent_inode)
+        table = self.table
+        parent = table.inodes.get(parent_inode) or table.get(parent_inode)
         if name == b".." and parent_inode != ROOT:
             fd = lower.open_path(b"..", parent.fd)
             st = os.fstat(fd)
-            inode = self.table.adopt(fd, st)
+            inode = table.adopt(fd, st)
             return self._entry(inode, st)
         try:
-            inode, st = self.table.lookup(parent, name)
+            inode, st = table.lookup(parent, name)
         except FileNotFoundError:
             # A negative entry the kernel caches as long: a name created
             # through the mount replaces it at once.
@@ -337,14 +340,19 @@ class SimOperations:
             a.st_ino = 0
             a.entry_timeout = self.timeout
             return a
-        return self._entry(inode, st)
+        return _from_stat(st, inode.ino, self.timeout, inode._flags >> 4)   # _entry
 
     def forget(self, inode_list):
         self.counts["forget"] += 1
         if self.gate is not None:
             self.deferred.extend(inode_list)
             return
-        self.forget_now(inode_list)
+        forget = self.table.forget
+        for ino, n in inode_list:         # forget_now, inlined
+            try:
+                forget(ino, n)            # the ledger charges one that leaves
+            except Exception:
+                log.exception("forget of inode %d failed", ino)
 
     def forget_now(self, inode_list) -> None:
         for ino, n in inode_list:
@@ -355,8 +363,9 @@ class SimOperations:
 
     @errno_boundary
     def getattr(self, inode, ctx):
-        node = self.table.get(inode)
-        return self._attrs(os.fstat(node.fd), node.ino)
+        table = self.table
+        node = table.inodes.get(inode) or table.get(inode)
+        return _from_stat(os.fstat(node.fd), node.ino, self.timeout)     # _attrs
 
     @errno_boundary
     def setattr(self, inode, attr, fields, fh, ctx):
@@ -562,10 +571,12 @@ class SimOperations:
 
     @errno_boundary
     def unlink(self, parent_inode, name, ctx):
-        parent = self.table.get(parent_inode)
-        st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
-        os.unlink(name, dir_fd=parent.fd)
-        if self._last_link(st):
+        table = self.table
+        parent = table.inodes.get(parent_inode) or table.get(parent_inode)
+        pfd = parent.fd
+        st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+        os.unlink(name, dir_fd=pfd)
+        if st.st_nlink <= 1 or stat.S_ISDIR(st.st_mode):     # _last_link
             self.ledger.unlinked(st)
         self.ledger.dir_changed(parent)
 

@@ -23,7 +23,7 @@ import pytest
 import backing as bk
 from conftest import py_as, vzquota
 from simfs.config import Config
-from simfs.inodes import ROOT, InodeTable
+from simfs.inodes import LAZY, ROOT, InodeTable
 from simfs.ops import SimOperations
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
@@ -121,11 +121,10 @@ def test_lean_records(ops, area):
     assert x.unlinked and not x.freed and not x.pinned
     x.unlinked = False
     if ops.table.file_handles:
-        assert type(x.handle) is int
+        assert x.handle is LAZY                   # made when the descriptor goes
         # the same backing inode through the handle, once its descriptor is gone
-        ops.table.lru.pop(x.ino)
-        os.close(x._fd)
-        x._fd = -1
+        ops.table.evict(x)
+        assert x._fd == -1 and type(x.handle) is int
         assert os.fstat(x.fd).st_ino == os.stat(area / "f010").st_ino
 
 
@@ -145,12 +144,46 @@ def test_packed_handles_reopen_the_same_inode(backing):
             pytest.skip(f"{backing.kind}: no file handles")
         for name in [f"f{i}" for i in range(20)] + ["d"]:
             inode, st = table.lookup(table.root, name.encode())
-            table.lru.pop(inode.ino)
-            os.close(inode._fd)
-            inode._fd = -1
+            table.evict(inode)
             again = os.fstat(inode.fd)
             assert (again.st_ino, again.st_dev) == (st.st_ino, st.st_dev), name
             assert table.unpack(inode.handle, inode.ino) == bk_handle(priv / name)
+    finally:
+        table.close_all()
+        os.close(fd)
+
+
+def test_file_handles_are_made_when_descriptors_leave_the_lru(area, monkeypatch):
+    """Issue 16 item 4 (a lookup dearer than on pyfuse3): a lookup no longer
+    makes its inode's file handle (name_to_handle_at through ctypes, ~1.5 us);
+    the LRU makes it as it closes the descriptor, so an inode the kernel
+    forgets first never costs the call.  Each evicted inode still opens again
+    through its handle, and a pinned (unlinked) one never needs one."""
+    from simfs import lower
+    from simfs.inodes import Budget
+    made = []
+    real = lower.handle_of
+    monkeypatch.setattr(lower, "handle_of", lambda fd: made.append(fd) or real(fd))
+    fd = os.open(area, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    table = InodeTable(fd, Budget(cached=16, pinned=16, files=16))
+    try:
+        if not table.file_handles:
+            pytest.skip("no file handles here")
+        made.clear()
+        got = [table.lookup(table.root, f"f{i:03d}".encode())[0] for i in range(20)]
+        assert len(made) == 4                     # the four the LRU let go, no more
+        assert [x.handle is LAZY for x in got] == [False] * 4 + [True] * 16
+        assert all(x._fd == -1 and type(x.handle) is int for x in got[:4])
+        for i, x in enumerate(got[:4]):           # each opens the same inode again
+            assert os.fstat(x.fd).st_ino == os.stat(area / f"f{i:03d}").st_ino
+        for x in got[4:]:                         # forgotten before eviction: never made
+            table.forget(x.ino, 1)
+        assert len(made) == 4 + 4                 # the 4 reopened ones pushed 4 out
+        kept = table.lookup(table.root, b"f100")[0]
+        table.keep(kept)                          # unlinked: pinned, never evicted
+        for i in range(30, 60):
+            table.lookup(table.root, f"f{i:03d}".encode())
+        assert kept.handle is LAZY and kept._fd >= 0
     finally:
         table.close_all()
         os.close(fd)
@@ -276,10 +309,8 @@ def _evict(table, inode) -> None:
     if inode.pinned:
         inode.pinned = False
         table.pinned -= 1
-    else:
-        table.lru.pop(inode.ino)
-    os.close(inode._fd)
-    inode._fd = -1
+        table.lru[inode.ino] = inode
+    table.evict(inode)                  # makes its file handle, as the LRU does
 
 
 def _reuse(priv, ino: int) -> bytes:
