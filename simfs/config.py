@@ -57,6 +57,9 @@ class Config:
                               "(every change comes through the daemon)")
     read_nowait: int = _f(32 << 10, "bytes from which a read the backing page cache "
                           "cannot serve at once goes to a worker thread")
+    passthrough_min: int = _f(128 << 10, "bytes from which a file opened for reading only is "
+                              "read by passthrough when no open of it is already (a smaller "
+                              "one stays in the FUSE page cache; -o passthrough: 0)")
     # ---- the ledger of charges (simfs.ledger) ----------------------------------------
     write_slack: int = _f(1 << 20, "bytes of room a write needs past itself to be "
                           "reserved without looking at its file; closer to a limit "

@@ -187,7 +187,7 @@ def build(args, fuse_opts: set[str], own: dict[str, str]):
               quotaid=v["quotaid"], quotafile=v["quotafile"], runtime=v["runtime"],
               hook=v["hook"], config=Config.from_options(v),
               quota_admin=v["quota_admin"], fuse=v["fuse"],
-              passthrough=v["passthrough"])
+              passthrough=v["passthrough"], nopassthrough=v["nopassthrough"])
     m.option_values = v         # shown to a remount (ops.OPTIONS_XATTR)
     return m
 

@@ -4,38 +4,60 @@ Role: decide, per open, whether the kernel reads a regular file itself from
 the backing file (FUSE passthrough: FOPEN_PASSTHROUGH with a backing id) or
 sends its reads to the daemon through the FUSE page cache (the caching mode),
 and keep the one backing id all passthrough opens of an inode share.  Knows
-nothing of quotas: an open for writing is simply never passthrough (its
-writes must come to the daemon to be reserved and charged).
+nothing of quotas, except that every write must come to the daemon (to be
+reserved and charged) and that nothing may allocate a block the daemon does
+not see.
 
 The kernel keeps one io mode per inode (fs/fuse/iomode.c, 6.18): while a
 passthrough open of it exists, an open answered without FOPEN_PASSTHROUGH
 fails (EIO, "FOPEN_PASSTHROUGH expected"), FOPEN_DIRECT_IO or not; while an
 open in the caching mode exists (no DIRECT_IO, no PASSTHROUGH; or a direct_io
-file with a shared mmap), a passthrough open fails.  Even with
-FOPEN_DIRECT_IO (reads and writes to the daemon) a passthrough file's mmap
-goes to the backing file, where a shared writable mapping would fill holes
-unseen.  So, per open:
+file with a shared mmap), a passthrough open fails.  FOPEN_DIRECT_IO
+overrides FOPEN_PASSTHROUGH for read(2) and write(2) (fuse_file_read_iter,
+fuse_file_write_iter): such an open's writes come to the daemon and land in
+the backing file's page cache, where passthrough readers see them at once.
+Its mmap still goes to the backing file (fuse_passthrough_mmap), so a shared
+writable mapping writes the backing file unseen.  A write through a mapping
+can never grow a file (past the end it is SIGBUS); it can only allocate
+blocks where the file has holes.  So, per open of a regular file:
 
-* a read-only open by the file's owner or by root is passthrough unless the
-  inode has a caching-mode open (then it is one itself, as without
-  passthrough);
-* an open for writing (or with O_TRUNC) is refused with ETXTBSY while the
-  inode has a passthrough open, as for a running program, and is otherwise a
-  caching one.
+* while the inode has a backing id (passthrough opens), every open is
+  passthrough: a read-only one plainly, an open for writing (or with
+  O_TRUNC) as PASSTHROUGH|DIRECT_IO (``WRITE``).  An open for reading and
+  writing may map the file shared and writable (``SHARED``; an O_WRONLY
+  descriptor cannot be mapped at all, mmap needs FMODE_READ): it is refused
+  with ETXTBSY if the file has a hole (SEEK_HOLE before its size; unwritten
+  extents count as holes: conservative), and from then on the daemon keeps
+  the file hole-free (``mapped``; ``SimOperations``: a write past the end
+  fills the gap with charged zeros first; a truncate that grows it is
+  refused with ETXTBSY; a punch, an insert or a fallocate past the end with
+  EOPNOTSUPP; a copy_file_range into it with EOPNOTSUPP, which the kernel
+  turns into its splice copy: plain writes).  Not only while it is open: a
+  mapping outlives its descriptor (tried: mmap, close, truncate up, a store
+  allocated a block with no request).  It holds the file's path
+  (backing_file_open), so the kernel keeps the inode while it exists: the
+  mark ends when the kernel forgets the inode (FORGET; tried: none came
+  while the mapping existed, one after munmap);
+* otherwise a read-only open is passthrough unless the inode has a caching
+  open (then it is one itself, coherent with the writer) or the file is
+  smaller than ``min_size`` (small hot files stay in the FUSE page cache with
+  keep_cache, where a hot read costs no request and the open no backing-id
+  ioctls); an open for writing is a caching one, as without passthrough.
 
-Only the owner and root: a passthrough reader holds off every writer, which
-locally only the owner may do (a read lease, F_SETLEASE), so no user can keep
-others from writing a file that is merely readable to him.
+Any user's read-only open may be passthrough: a passthrough reader no longer
+holds off writers (only a writer of a sparse file, which may map it).
 
 Concurrency: called from the plain (never awaiting) open, create, tmpfile and
 release handlers on the request loop's thread, so a decision and the reply
 that carries it are one step: the counts here and the kernel's modes never
 disagree, except that the kernel leaves a mode before it sends RELEASE, so the
-counts can only lag on the side of a refusal.
+counts can only lag on the side of a passthrough answer, whose backing id is
+still registered.
 """
 
 from __future__ import annotations
 
+import enum
 import errno
 import logging
 import os
@@ -46,38 +68,93 @@ from fusewire import kernel
 log = logging.getLogger(__name__)
 
 
+class Mode(enum.IntEnum):
+    """decide's answers."""
+    CACHING = 0     # not passthrough (caching, or direct_io for O_DIRECT), as without it
+    READ = 1        # passthrough, read-only
+    WRITE = 2       # passthrough with DIRECT_IO: reads and writes come to the daemon
+    SHARED = 3      # WRITE, and may map the file shared and writable (O_RDWR)
+
+
+CACHING, READ, WRITE, SHARED = Mode
+
+
+def has_hole(fd: int) -> bool:
+    """Whether the open file ``fd`` has a hole before its end (an unwritten
+    extent the backing filesystem reports as one counts: conservative)."""
+    size = os.fstat(fd).st_size
+    if size == 0:
+        return False
+    try:
+        return os.lseek(fd, 0, os.SEEK_HOLE) < size
+    except OSError as e:
+        if e.errno == errno.ENXIO:
+            return False
+        raise
+
+
 class IoModes:
     """Passthrough and caching opens per inode number, and their backing ids.
 
-    ``enabled`` is set by the mount (a read-only mount, or ``-o passthrough``)
-    when it asks the kernel for passthrough; it goes off again if the kernel
-    cannot do it at all.  Handles carry ``backing`` (their backing id, 0 if
-    none) and ``cached`` (in the caching mode)."""
+    ``enabled`` is set by the mount when it asks the kernel for passthrough
+    (the default; not with ``-o nopassthrough``); it goes off again if the
+    kernel cannot do it at all.  ``min_size``: a read-only open of a smaller
+    file is passthrough only if the inode has a backing id already.
+    Handles carry ``backing`` (their backing id, 0 if none) and ``cached``
+    (in the caching mode)."""
 
-    __slots__ = ("enabled", "passthrough", "backing", "cached")
+    __slots__ = ("enabled", "min_size", "passthrough", "backing", "cached", "mapped")
 
     def __init__(self) -> None:
         self.enabled = False
+        self.min_size = 0
         self.passthrough: dict[int, int] = {}   # inode -> its passthrough handles
         self.backing: dict[int, int] = {}       # inode -> its backing id
         self.cached: dict[int, int] = {}        # inode -> its caching-mode handles
+        self.mapped: set[int] = set()           # inodes a SHARED writer had open
 
     def busy(self, ino: int) -> bool:
         """Whether a passthrough handle has inode ``ino`` (the kernel must not
         be asked to forget it)."""
         return ino in self.passthrough
 
-    def decide(self, node, flags: int, uid: int) -> bool:
-        """Whether an open of ``node`` with ``flags`` by ``uid`` is answered
-        passthrough; raises ETXTBSY for a writer while passthrough readers
-        have it (before anything is done for the open)."""
+    def decide(self, node, flags: int) -> int:
+        """How an open of ``node`` with ``flags`` is answered (CACHING, READ,
+        WRITE or SHARED); READ may still become CACHING for a small file
+        (``small``) and SHARED is refused for a sparse one (``refuse_sparse``),
+        once the open has its descriptor."""
         if not self.enabled or not stat.S_ISREG(node.mode):
-            return False
-        if flags & os.O_ACCMODE == os.O_RDONLY and not flags & os.O_TRUNC:
-            return (uid == 0 or uid == node.uid) and not self.cached.get(node.ino)
-        if self.passthrough.get(node.ino):
-            raise OSError(errno.ETXTBSY, "open for reading by passthrough")
-        return False
+            return CACHING
+        acc = flags & os.O_ACCMODE
+        if acc == os.O_RDONLY and not flags & os.O_TRUNC:
+            return CACHING if self.cached.get(node.ino) else READ
+        if node.ino not in self.passthrough:
+            return CACHING
+        return SHARED if acc == os.O_RDWR else WRITE
+
+    def small(self, node, fd: int) -> bool:
+        """Whether a READ open of ``node`` (descriptor ``fd``) is better served
+        through the page cache: a file below ``min_size`` no passthrough open
+        has."""
+        return (self.min_size > 0 and node.ino not in self.passthrough
+                and os.fstat(fd).st_size < self.min_size)
+
+    @staticmethod
+    def refuse_sparse(fd: int) -> None:
+        """ETXTBSY for a SHARED writer of a file with a hole: its shared
+        mapping could fill the hole without the daemon seeing it."""
+        if has_hole(fd):
+            raise OSError(errno.ETXTBSY, "a sparse file open for passthrough reading")
+
+    def forgotten(self, table, inos) -> None:
+        """The kernel dropped references to ``inos``: one it forgot has no
+        mapping left (a mapping of a passthrough file holds the file's path,
+        so the kernel keeps the inode while one exists), and may have holes
+        again."""
+        for ino in inos:
+            node = table.inodes.get(ino)
+            if node is None or node.lookups <= 0:
+                self.mapped.discard(ino)
 
     def caching(self, h) -> None:
         """Handle ``h`` was answered in the caching mode."""
@@ -85,7 +162,7 @@ class IoModes:
         ino = h.inode.ino
         self.cached[ino] = self.cached.get(ino, 0) + 1
 
-    def backing_for(self, channel, h) -> int:
+    def backing_for(self, channel, h, shared: bool = False) -> int:
         """The backing id of ``h``'s inode for one more passthrough handle
         ``h``: one per inode (the kernel refuses a second backing file for an
         inode, EBUSY), registered at its first passthrough open with that
@@ -109,6 +186,8 @@ class IoModes:
             self.backing[ino] = bid
         h.backing = bid
         self.passthrough[ino] = self.passthrough.get(ino, 0) + 1
+        if shared:
+            self.mapped.add(ino)
         return bid
 
     def released(self, channel, h) -> None:

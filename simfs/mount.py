@@ -82,7 +82,8 @@ class Mount:
                                     # recounthold, recountwait, the rest at their defaults)
     quota_admin: int | None = None      # -o quota_admin[=UID]: the container's root
     fuse: str = BINDINGS[0]
-    passthrough: bool = False           # -o passthrough: also on a writable mount
+    passthrough: bool = False           # -o passthrough: every file, whatever its size
+    nopassthrough: bool = False         # -o nopassthrough: no file (all reads to the daemon)
     ops: SimOperations | None = None
     channel: object = None
     live: LiveQuota | None = None
@@ -174,10 +175,11 @@ class Mount:
                 raise MountError(e.message) from None
         self.ops = SimOperations(root_fd, self.config)
         self.ops.table.closer = Closer(self.config.closer_idle)
-        if ("ro" in self.fuse_options or self.passthrough) and self.fuse == "builtin":
-            # read-only opens may bypass the daemon (simfs.iomode)
+        if not self.nopassthrough and self.fuse == "builtin":
+            # reads may bypass the daemon (simfs.iomode)
             self.ops.fuse_want |= fusewire.kernel.PASSTHROUGH
             self.ops.iomodes.enabled = True
+            self.ops.iomodes.min_size = 0 if self.passthrough else self.config.passthrough_min
         if self.live is not None:
             self.live.orphans = self._orphans
             self.live.gaps = self.ops.ledger.gaps

@@ -61,6 +61,7 @@ from vzquota.inside import ADMIN_XATTR, caller_view, refuse_without_quota
 
 from . import lower
 from .boundary import MUTATING, errno_boundary
+from . import iomode
 from .iomode import IoModes
 from .ledger import Ledger, in_thread
 from .privs import inherited_acl, keep_made_mode, kill_privs
@@ -182,7 +183,7 @@ class SimOperations:
         # simfs's own -o values this mount runs with (OPTIONS_XATTR; set by simfs/daemon.py)
         self.mount_options: dict = {}
         # the kernel's io mode of each open file: passthrough or caching
-        # (simfs.iomode; enabled by the mount: a read-only mount, -o passthrough)
+        # (simfs.iomode; enabled by the mount unless -o nopassthrough)
         self.iomodes = IoModes()
         # Set by the mount while a live recount runs: sees every request before
         # and after (``before(op, args)``, ``after(op, mark)``), to tell whether
@@ -353,6 +354,8 @@ class SimOperations:
                 forget(ino, n)            # the ledger charges one that leaves
             except Exception:
                 log.exception("forget of inode %d failed", ino)
+        if self.iomodes.mapped:
+            self.iomodes.forgotten(self.table, (ino for ino, _ in inode_list))
 
     def forget_now(self, inode_list) -> None:
         for ino, n in inode_list:
@@ -360,6 +363,8 @@ class SimOperations:
                 self.table.forget(ino, n)   # the ledger charges one that leaves
             except Exception:
                 log.exception("forget of inode %d failed", ino)
+        if self.iomodes.mapped:
+            self.iomodes.forgotten(self.table, (ino for ino, _ in inode_list))
 
     @errno_boundary
     def getattr(self, inode, ctx):
@@ -371,6 +376,10 @@ class SimOperations:
     def setattr(self, inode, attr, fields, fh, ctx):
         node = self.table.get(inode)
         h = self.handles.get(fh) if fh is not None else None
+        if (fields.update_size and node.ino in self.iomodes.mapped
+                and attr.st_size > os.fstat(node.fd).st_size):
+            # the new range would be a hole in a file a SHARED writer may map
+            raise OSError(errno.ETXTBSY, "growing a file mapped by passthrough")
         file_gid = None
         if fields.update_uid or fields.update_gid:
             st = os.fstat(node.fd)
@@ -657,12 +666,21 @@ class SimOperations:
     @errno_boundary
     def open(self, inode, flags, ctx):
         node = self.table.get(inode)
-        pt = self.iomodes.decide(node, flags, ctx.uid)   # may refuse: before anything is done
+        io = self.iomodes
+        mode = io.decide(node, flags)
         # O_NOFOLLOW would refuse the /proc/self/fd magic link itself (ELOOP):
         # the inode is already resolved without following anything.
         fl = flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_DIRECT | os.O_NOFOLLOW)
         self._room_for_a_handle(ctx.uid)
         fd = lower.reopen(node.fd, fl)
+        try:
+            if mode == iomode.SHARED:     # (an O_TRUNC one has just emptied it)
+                io.refuse_sparse(fd)      # before anything else is done for the open
+            elif mode == iomode.READ and io.small(node, fd):
+                mode = iomode.CACHING
+        except BaseException:
+            os.close(fd)
+            raise
         self.table.opened(node)
         h = Handle(fd, node, ctx.uid != 0, uid=ctx.uid, gid=ctx.gid, pid=ctx.pid)
         fh = self._new_fh(h)
@@ -680,10 +698,12 @@ class SimOperations:
             if kill and kill_privs(node, os.fstat(fd), (ctx.uid, ctx.gid, ctx.pid)):
                 self._attrs_changed(node)
         fi = self._file_info(fh, flags)
-        if pt:
-            fi.backing_id = self.iomodes.backing_for(self.channel, h)
+        if mode:
+            if mode != iomode.READ:       # its reads and writes come here
+                fi.direct_io = True
+            fi.backing_id = io.backing_for(self.channel, h, mode == iomode.SHARED)
         if not h.backing and not fi.direct_io:
-            self.iomodes.caching(h)
+            io.caching(h)
         return fi
 
     @errno_boundary
@@ -723,6 +743,10 @@ class SimOperations:
     @errno_boundary
     def write(self, fh, off, buf, kill_suidgid: bool = False):
         h = self.handles[fh]
+        if self.iomodes.mapped and h.inode.ino in self.iomodes.mapped:
+            size = os.fstat(h.fd).st_size
+            if off > size:
+                return self._write_past_a_gap(h, size, off, buf, kill_suidgid)
         led = self.ledger
         n, res, tree = led.before_write(h, off, len(buf))
         try:
@@ -732,6 +756,35 @@ class SimOperations:
             raise
         st = led.after_write(h, res, tree)
         if kill_suidgid:                  # a writer without CAP_FSETID
+            if kill_privs(h.inode, st or os.fstat(h.fd), (h.uid, h.gid, h.pid)):
+                self._attrs_changed(h.inode)
+        return written
+
+    def _write_past_a_gap(self, h: Handle, size: int, off: int, buf, kill_suidgid: bool):
+        """A write at ``off`` past the end (``size``) of a file a SHARED writer
+        has open (``simfs.iomode``): the gap is written with zeros first, in
+        the same reservation, so that the file stays without holes (a shared
+        mapping's store into a hole would allocate a block no quota sees).
+        EDQUOT when not even the gap and one byte fit; nothing is written
+        then."""
+        gap = off - size
+        led = self.ledger
+        n, res, tree = led.before_write(h, size, gap + len(buf))
+        if n <= gap:
+            led.release(res)
+            err = errno.EDQUOT if led.quota is not None else errno.ENOSPC
+            raise OSError(err, os.strerror(err))
+        try:
+            zeros = bytes(min(gap, 1 << 20))
+            pos = size
+            while pos < off:
+                pos += os.pwrite(h.fd, zeros[:off - pos], pos)
+            written = os.pwrite(h.fd, buf if n - gap == len(buf) else buf[:n - gap], off)
+        except BaseException:
+            led.failed_write(h, res)
+            raise
+        st = led.after_write(h, res, tree)
+        if kill_suidgid:
             if kill_privs(h.inode, st or os.fstat(h.fd), (h.uid, h.gid, h.pid)):
                 self._attrs_changed(h.inode)
         return written
@@ -747,6 +800,11 @@ class SimOperations:
         h = self.handles[fh]
         if off < 0 or length <= 0:
             raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        if self.iomodes.mapped and h.inode.ino in self.iomodes.mapped and (
+                mode & (lower.FALLOC_FL_PUNCH_HOLE | lower.FALLOC_FL_INSERT_RANGE)
+                or not mode & lower.FALLOC_FL_KEEP_SIZE and off > os.fstat(h.fd).st_size):
+            # a hole in a file a SHARED writer may map (simfs.iomode)
+            raise OSError(errno.EOPNOTSUPP, "a hole while the file is mapped by passthrough")
         led = self.ledger
         res = led.before_fallocate(h, mode, off, length)
         try:
@@ -776,6 +834,11 @@ class SimOperations:
             raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
         src = self.handles[fh_in]
         h = self.handles[fh_out]
+        if self.iomodes.mapped and h.inode.ino in self.iomodes.mapped:
+            # a reflink or a copy past the end could leave holes in a file a
+            # SHARED writer may map (simfs.iomode): the kernel's fallback
+            # (splice_copy_file_range) copies by plain writes instead
+            raise OSError(errno.EOPNOTSUPP, "copy into a file mapped by passthrough")
         # nothing is copied past the end of the source
         n = max(0, min(length, os.fstat(src.fd).st_size - off_in))
         if n == 0:

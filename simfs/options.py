@@ -26,10 +26,11 @@ IGNORED = {"defaults", "auto", "noauto", "user", "users", "nouser", "owner", "gr
 SIMFS_VALUED = {"quotaid", "quotafile", "log", "checkpoint", "runtime", "hook", "maxopen",
                 "fuse", "recounthold", "recountwait", "maxinodes"}
 # simfs's own flags: quota_off_ok lets a quota id whose quota is off be mounted
-# (unenforced, on purpose); without it such a mount is refused.  passthrough:
-# a writable mount serves read-only opens by FUSE passthrough too (a read-only
-# mount always does; see simfs.iomode).
-SIMFS_FLAGS = {"quota_off_ok", "passthrough"}
+# (unenforced, on purpose); without it such a mount is refused.  A mount
+# reads files of passthrough_min bytes or more by FUSE passthrough (see
+# simfs.iomode); passthrough: every file, whatever its size; nopassthrough:
+# none (every read through the daemon).
+SIMFS_FLAGS = {"quota_off_ok", "passthrough", "nopassthrough"}
 # Own options whose value may be left out: the default then.
 SIMFS_OPTIONAL = {"quota_admin": "0"}
 # The source df and /proc/mounts show, inside the container too (as OpenVZ
@@ -126,6 +127,8 @@ def parse_options(words: list[str], private: str) -> tuple[set[str], dict[str, s
         raise UsageError(f"hook= needs an absolute path, not {own['hook']!r}")
     if "quota_off_ok" in own and "quotaid" not in own:
         raise UsageError("quota_off_ok goes with quotaid=N")
+    if "passthrough" in own and "nopassthrough" in own:
+        raise UsageError("passthrough and nopassthrough exclude each other")
     return fuse, own
 
 
@@ -171,10 +174,9 @@ def _build_parser():
                "forget the least recently used, default 200000; needs FUSE 7.45), "
                "quota_off_ok (mount even though the quota is off: nothing enforced "
                "until vzquota on), "
-               "passthrough (a writable mount lets the kernel read files opened "
-               "read-only by their owner or root itself, as a read-only mount "
-               "always does; an open for "
-               "writing then gets ETXTBSY while such a reader has the file open), "
+               "passthrough (the kernel reads every file opened read-only from the "
+               "backing file itself, not only those of 128 KiB or more), "
+               "nopassthrough (every read through the daemon), "
                "log=FILE, hook=CMD (run at quota limit events), "
                "quota_admin[=UID] (that uid, 0 by default, may set its container's "
                "per-user and per-group limits from inside), "
@@ -223,7 +225,8 @@ def option_values(own: dict[str, str]) -> dict:
             "maxinodes": int(own.get("maxinodes", D.max_inodes)),
             "quota_admin": int(own["quota_admin"]) if "quota_admin" in own else None,
             "fuse": own.get("fuse", "builtin"),
-            "passthrough": "passthrough" in own}
+            "passthrough": "passthrough" in own,
+            "nopassthrough": "nopassthrough" in own}
 
 
 def changed_options(root: str, asked: dict[str, str]) -> str | None:

@@ -1,16 +1,20 @@
-"""Passthrough reads (FUSE_PASSTHROUGH): on a read-only mount, and on a
-writable one mounted with ``-o passthrough``, the kernel reads a file opened
-read-only from the backing file itself, so the daemon sees no READ and the
-page cache holds one copy of what is read.
+"""Passthrough reads (FUSE_PASSTHROUGH): by default (``-o nopassthrough``
+turns it off), the kernel reads a file of ``passthrough_min`` bytes or more
+opened read-only from the backing file itself, so the daemon sees no READ and
+the page cache holds one copy of what is read; ``-o passthrough`` does so
+for every file, whatever its size.
 
 The kernel keeps one io mode per inode (fs/fuse/iomode.c): while a
 passthrough open of it exists, every other open must be passthrough too
 (else EIO), FOPEN_DIRECT_IO or not; while a caching open exists, no
-passthrough open may start.  A writer's open may never be passthrough (its
-writes, mmap included, must go through the quota), so the daemon decides per
-open: a read-only open is passthrough unless the file has a caching open
-(then it is one, as without passthrough), and an open for writing gets
-ETXTBSY while a passthrough reader has the file open.
+passthrough open may start.  So while a file has passthrough readers, a
+writer is answered PASSTHROUGH|DIRECT_IO: its reads and writes come to the
+daemon (charged; the readers see them at once), only its mmap goes to the
+backing file.  A writer that may map the file shared (O_RDWR) is refused
+(ETXTBSY) if the file has holes, and from then on until the kernel forgets
+the inode the daemon keeps the file without holes (a store through a mapping
+can only allocate where there is a hole).  Any user's read-only open may be
+passthrough.
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ def ro_mount(mounter, area):
     data = os.urandom(32 << 20)
     (private / "big").write_bytes(data)
     (private / "small").write_bytes(b"hello\n")
-    m = mounter(private, root, "ro")
+    m = mounter(private, root, "ro", "passthrough")
     return private, root, m, data
 
 
@@ -107,24 +111,34 @@ def test_a_mount_remounted_writable_keeps_passthrough(ro_mount):
     assert r.returncode == 0, r.stderr
     reader = open(root / "small", "rb")                 # passthrough
     try:
-        for flags in (os.O_RDWR, os.O_WRONLY | os.O_TRUNC, os.O_RDONLY | os.O_TRUNC):
-            with pytest.raises(OSError) as e:
-                os.open(root / "small", flags)
-            assert e.value.errno == errno.ETXTBSY
-        assert reader.read() == b"hello\n"
+        before = counts(root)
+        # writers beside it: passthrough with direct I/O, written through the daemon
+        w = os.open(root / "small", os.O_RDWR)
+        try:
+            assert os.pwrite(w, b"HE", 0) == 2
+            assert reader.read() == b"HEllo\n"         # at once, from the backing file
+        finally:
+            os.close(w)
+        fd = os.open(root / "small", os.O_WRONLY | os.O_APPEND)
+        os.write(fd, b"+")
+        os.close(fd)
+        assert os.pread(reader.fileno(), 16, 0) == b"HEllo\n+"
+        after = counts(root)
+        assert after["write"] - before.get("write", 0) == 2
+        assert after.get("read", 0) == before.get("read", 0)
     finally:
         reader.close()
-    with open(root / "small", "r+b") as w:              # readers gone: a writer may open
+    with open(root / "small", "r+b") as w:              # readers gone: a caching writer
         w.write(b"HELLO")
         w.flush()
         before = counts(root).get("read", 0)
         with open(root / "small", "rb") as r:           # a reader beside it: cached, coherent
-            assert r.read() == b"HELLO\n"
+            assert r.read() == b"HELLO\n+"
         assert counts(root).get("read", 0) > before
-    assert (private / "small").read_bytes() == b"HELLO\n"
+    assert (private / "small").read_bytes() == b"HELLO\n+"
     before = counts(root).get("read", 0)
     with open(root / "small", "rb") as r:               # alone again: passthrough
-        assert r.read() == b"HELLO\n"
+        assert r.read() == b"HELLO\n+"
     assert counts(root).get("read", 0) == before
 
 
@@ -144,17 +158,22 @@ def test_passthrough_on_a_writable_mount(backing, backing_quota):
         assert a.read() == data and b.read(4096) == data[:4096]
         with mmap.mmap(a.fileno(), 0, prot=mmap.PROT_READ) as mm:   # read-only mmap
             assert mm[-4096:] == data[-4096:]
-        # no writer beside a passthrough reader: its writes could not be charged
-        for flags in (os.O_WRONLY, os.O_RDWR | os.O_APPEND, os.O_WRONLY | os.O_TRUNC):
-            with pytest.raises(OSError) as e:
-                os.open(root / "f", flags)
-            assert e.value.errno == errno.ETXTBSY
+        # a writer beside a passthrough reader: its writes come to the daemon
+        # (charged) and the reader sees them at once
+        for flags in (os.O_WRONLY, os.O_RDWR):
+            fd = os.open(root / "f", flags)
+            try:
+                os.pwrite(fd, data[:4096], 0)
+            finally:
+                os.close(fd)
+        assert os.pread(a.fileno(), 4096, 0) == data[:4096]
         # a truncate by name comes to the daemon and the reader sees it at once
         os.truncate(root / "f", 1 << 20)
         assert os.fstat(a.fileno()).st_size == 1 << 20
         assert os.pread(a.fileno(), 8192, (1 << 20) - 4096) == data[(1 << 20) - 4096:1 << 20]
     c1 = counts(root)
     assert c1.get("read", 0) == c0.get("read", 0)       # no READ reached the daemon
+    assert c1["write"] - c0.get("write", 0) >= 2
     data = data[:1 << 20]
     # a writer alone: a caching open, as without passthrough; a reader beside
     # it is one too and sees each write at once; a shared mmap works
@@ -229,10 +248,10 @@ def test_an_o_direct_writer_beside_passthrough_readers(mounter, area):
     assert (private / "f").read_bytes() == b"D" * 4096 + b"a" * 4096
 
 
-def test_only_the_owner_or_root_reads_by_passthrough(mounter, area):
-    # a passthrough reader holds off every writer (ETXTBSY): a user who may
-    # only read a file must not be able to do that to its owner (locally only
-    # the owner may, with a read lease), so his opens go through the page cache
+def test_any_users_read_is_passthrough_and_holds_off_no_writer(mounter, area):
+    # a passthrough reader no longer holds off writers (they are answered
+    # PASSTHROUGH|DIRECT_IO), so a user who may only read a file reads it by
+    # passthrough too, and its owner writes it meanwhile
     from mounts import USER_PYTHON
     private, root = area
     (private / "roots").write_bytes(b"r" * 100)
@@ -240,26 +259,210 @@ def test_only_the_owner_or_root_reads_by_passthrough(mounter, area):
     os.chown(private / "mine", 1000, 1000)
     os.chmod(private, 0o755)
     mounter(private, root, "passthrough")
-    hold = ("import sys, time\n"
+    hold = ("import os, sys\n"
             "f = open(sys.argv[1], 'rb'); f.read(); print('open', flush=True)\n"
-            "sys.stdin.read()\n")
-    for name, blocked in (("roots", False), ("mine", True)):
+            "sys.stdin.readline()\n"
+            "print(os.pread(f.fileno(), 200, 0).decode(), flush=True)\n")
+    for name in ("roots", "mine"):
+        before = counts(root)
         p = subprocess.Popen([USER_PYTHON, "-c", hold, str(root / name)], user=1000,
                              group=1000, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                              text=True)
         try:
             assert p.stdout.readline() == "open\n"
-            if blocked:                     # his own file: passthrough
-                with pytest.raises(OSError) as e:
-                    os.open(root / name, os.O_WRONLY | os.O_APPEND)
-                assert e.value.errno == errno.ETXTBSY
-            else:                           # root's file: root may still write it
-                fd = os.open(root / name, os.O_WRONLY | os.O_APPEND)
+            for flags in (os.O_WRONLY | os.O_APPEND, os.O_RDWR):
+                fd = os.open(root / name, flags)
                 os.write(fd, b"+")
                 os.close(fd)
+            p.stdin.write("\n")
+            p.stdin.flush()
+            assert p.stdout.readline() == "+" + name[0] * 99 + "+\n"
         finally:
             p.stdin.close()
             assert p.wait(30) == 0
-    assert (private / "roots").read_bytes() == b"r" * 100 + b"+"
-    with open(root / "mine", "ab") as f:      # his reader gone: root writes it
-        f.write(b"+")
+        after = counts(root)
+        assert after.get("read", 0) == before.get("read", 0)   # the user's reads: none
+        assert after["write"] - before.get("write", 0) == 2
+    assert (private / "roots").read_bytes() == b"+" + b"r" * 99 + b"+"
+
+
+# ---- writers beside passthrough readers, on the four backings -----------------
+
+BIG = 3 << 20
+
+
+def holes(path) -> bool:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        return size > 0 and os.lseek(fd, 0, os.SEEK_HOLE) < size
+    finally:
+        os.close(fd)
+
+
+def test_a_writer_beside_a_passthrough_reader(backing, backing_quota):
+    qm = backing_quota(B=8 << 10, opts=())      # the default: files of 128 KiB or more
+    root = qm.root
+    data = os.urandom(BIG)
+    write_through(root / "f", data)
+    c0 = counts(root)
+    r = open(root / "f", "rb")
+    try:
+        assert r.read(4096) == data[:4096]
+        w = os.open(root / "f", os.O_RDWR)
+        try:
+            assert os.pwrite(w, b"W" * 8192, 4096) == 8192
+            assert os.pread(r.fileno(), 8192, 4096) == b"W" * 8192     # at once
+            assert os.pread(w, 4, 4096) == b"WWWW"
+            # appending through the quota up to its hard limit
+            os.lseek(w, 0, os.SEEK_END)
+            chunk = os.urandom(1 << 20)
+            with pytest.raises(OSError) as e:
+                for _ in range(64):
+                    os.write(w, chunk)
+            assert e.value.errno == errno.EDQUOT
+            size = os.fstat(w).st_size
+            assert os.fstat(r.fileno()).st_size == size
+            assert os.pread(r.fileno(), 4096, size - 4096) == os.pread(w, 4096, size - 4096)
+        finally:
+            os.close(w)
+        c1 = counts(root)
+        # the reader's reads never came to the daemon; the writer's did
+        assert c1["write"] - c0.get("write", 0) >= 2
+    finally:
+        r.close()
+    qm.assert_exact()
+    assert recount(qm.private).space <= (8 << 20) + (1 << 20)
+
+
+def test_a_shared_mapping_of_a_passthrough_writer(backing, backing_quota):
+    qm = backing_quota(B=64 << 10, opts=())
+    root = qm.root
+    data = os.urandom(BIG)
+    write_through(root / "f", data)
+    r = open(root / "f", "rb")
+    try:
+        r.read(1)
+        c0 = counts(root)
+        fd = os.open(root / "f", os.O_RDWR)     # no hole: may map it shared
+        mm = mmap.mmap(fd, BIG, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        mm[8192:16384] = b"M" * 8192
+        mm.flush()
+        assert os.pread(r.fileno(), 8192, 8192) == b"M" * 8192
+        assert counts(root)["write"] == c0.get("write", 0)   # the mapping's: to the backing file
+        os.close(fd)                # the mapping outlives its descriptor
+        try:
+            # so the file stays without holes while the kernel keeps the inode
+            with pytest.raises(OSError) as e:
+                os.truncate(root / "f", 2 * BIG)
+            assert e.value.errno == errno.ETXTBSY
+            w = os.open(root / "f", os.O_WRONLY)
+            try:
+                with pytest.raises(OSError) as e:      # a punch: EOPNOTSUPP
+                    lower_fallocate(w, 0x03, 0, 4096)
+                assert e.value.errno == errno.EOPNOTSUPP
+                # a write past the end: the gap is written with zeros, charged
+                assert os.pwrite(w, b"E" * 100, BIG + (1 << 20)) == 100
+                assert not holes(qm.private / "f")
+                qm.assert_exact()
+                # a copy past the end: the kernel's fallback, plain writes
+                assert os.copy_file_range(r.fileno(), w, 4096, 0,
+                                          os.fstat(w).st_size + 65536) == 4096
+                assert not holes(qm.private / "f")
+            finally:
+                os.close(w)
+            mm[0:4] = b"LAST"
+            mm.flush()
+        finally:
+            mm.close()
+    finally:
+        r.close()
+    got = (qm.private / "f").read_bytes()
+    assert got[:4] == b"LAST" and got[8192:16384] == b"M" * 8192
+    assert got[BIG:BIG + (1 << 20)] == bytes(1 << 20)
+    qm.assert_exact()
+
+
+def test_a_sparse_file_refuses_a_shared_writer(backing, backing_quota):
+    qm = backing_quota(B=64 << 10, opts=())
+    root = qm.root
+    with open(root / "s", "wb") as f:           # a hole in the middle
+        f.write(os.urandom(1 << 20))
+        f.seek(2 << 20)
+        f.write(os.urandom(1 << 20))
+    assert holes(qm.private / "s")
+    r = open(root / "s", "rb")
+    try:
+        r.read(1)
+        with pytest.raises(OSError) as e:       # could fill the hole by a mapping
+            os.open(root / "s", os.O_RDWR)
+        assert e.value.errno == errno.ETXTBSY
+        w = os.open(root / "s", os.O_WRONLY)    # cannot map: may open
+        try:
+            with pytest.raises(OSError) as e:
+                mmap.mmap(w, 4096, mmap.MAP_SHARED, mmap.PROT_WRITE)
+            assert e.value.errno == errno.EACCES
+            os.pwrite(w, b"x" * 4096, (1 << 20) + 8192)   # into the hole: charged
+            assert os.pread(r.fileno(), 4096, (1 << 20) + 8192) == b"x" * 4096
+        finally:
+            os.close(w)
+    finally:
+        r.close()
+    qm.assert_exact()
+    fd = os.open(root / "s", os.O_RDWR)         # no reader: a caching writer, as ever
+    os.close(fd)
+
+
+def test_a_gap_that_does_not_fit_is_refused_whole(backing, backing_quota):
+    qm = backing_quota(B=6 << 10, opts=())
+    root = qm.root
+    write_through(root / "f", os.urandom(BIG))
+    r = open(root / "f", "rb")
+    try:
+        r.read(1)
+        fd = os.open(root / "f", os.O_RDWR)
+        try:
+            size = os.fstat(fd).st_size
+            with pytest.raises(OSError) as e:   # zeros up to 64 MiB do not fit
+                os.pwrite(fd, b"z", 64 << 20)
+            assert e.value.errno == errno.EDQUOT
+            assert os.fstat(fd).st_size == size
+            assert os.pwrite(fd, b"z", size + 8192) == 1     # a small gap does
+            assert os.fstat(fd).st_size == size + 8193
+        finally:
+            os.close(fd)
+    finally:
+        r.close()
+    assert not holes(qm.private / "f")
+    qm.assert_exact()
+
+
+def lower_fallocate(fd: int, mode: int, off: int, length: int) -> None:
+    from simfs import lower
+    lower.fallocate(fd, mode, off, length)
+
+
+def test_small_files_stay_in_the_page_cache_by_default(mounter, area):
+    private, root = area
+    (private / "small").write_bytes(b"s" * 4096)
+    (private / "big").write_bytes(b"b" * (1 << 20))
+    m = mounter(private, root)
+    assert json.loads(os.getxattr(root, "trusted.simfs.options"))["passthrough"] is True
+    before = counts(root).get("read", 0)
+    for _ in range(3):
+        assert (root / "small").read_bytes() == b"s" * 4096
+    assert counts(root).get("read", 0) - before == 1      # once, then the page cache
+    before = counts(root).get("read", 0)
+    assert (root / "big").read_bytes() == b"b" * (1 << 20)
+    assert counts(root).get("read", 0) == before           # passthrough
+    assert "PASSTHROUGH" in m.logtext()
+
+
+def test_nopassthrough_reads_through_the_daemon(mounter, area):
+    private, root = area
+    (private / "big").write_bytes(b"b" * (1 << 20))
+    m = mounter(private, root, "nopassthrough")
+    assert json.loads(os.getxattr(root, "trusted.simfs.options"))["passthrough"] is False
+    before = counts(root).get("read", 0)
+    assert (root / "big").read_bytes() == b"b" * (1 << 20)
+    assert counts(root).get("read", 0) > before
