@@ -24,6 +24,7 @@ import json
 import mmap
 import os
 import subprocess
+import time
 
 import pytest
 from backing import recount
@@ -380,6 +381,21 @@ def test_a_shared_mapping_of_a_passthrough_writer(backing, backing_quota):
     got = (qm.private / "f").read_bytes()
     assert got[:4] == b"LAST" and got[8192:16384] == b"M" * 8192
     assert got[BIG:BIG + (1 << 20)] == bytes(1 << 20)
+    qm.assert_exact()
+    # unmapped, the kernel may forget the inode; once it has, holes are allowed again
+    deadline = time.monotonic() + 20
+    while True:
+        f0 = counts(root).get("forget", 0)
+        drop_caches()
+        try:
+            os.truncate(root / "f", 2 * BIG)
+            break
+        except OSError as e:
+            assert e.errno == errno.ETXTBSY
+            assert time.monotonic() < deadline, "the kernel never forgot the inode"
+            time.sleep(0.2)
+    assert counts(root).get("forget", 0) > f0 or f0 > 0
+    assert holes(qm.private / "f")
     qm.assert_exact()
 
 
