@@ -39,13 +39,16 @@ blocks where the file has holes.  So, per open of a regular file:
   mark ends when the kernel forgets the inode (FORGET; tried: none came
   while the mapping existed, one after munmap);
 * otherwise a read-only open is passthrough unless the inode has a caching
-  open (then it is one itself, coherent with the writer) or the file is
-  smaller than ``min_size`` (small hot files stay in the FUSE page cache with
+  open (then it is one itself, coherent with the writer), the file is smaller
+  than ``min_size`` (small hot files stay in the FUSE page cache with
   keep_cache, where a hot read costs no request and the open no backing-id
-  ioctls); an open for writing is a caching one, as without passthrough.
+  ioctls) or it has a hole (``stay_cached``); an open for writing is a
+  caching one, as without passthrough.
 
-Any user's read-only open may be passthrough: a passthrough reader no longer
-holds off writers (only a writer of a sparse file, which may map it).
+Any user's read-only open may be passthrough: a passthrough reader holds off
+no writer.  A file with a hole is never made passthrough by a reader, so
+that an O_RDWR open is refused only if a writer (who may write the file
+anyway) made the hole while passthrough readers had it.
 
 Concurrency: called from the plain (never awaiting) open, create, tmpfile and
 release handlers on the request loop's thread, so a decision and the reply
@@ -79,10 +82,12 @@ class Mode(enum.IntEnum):
 CACHING, READ, WRITE, SHARED = Mode
 
 
-def has_hole(fd: int) -> bool:
-    """Whether the open file ``fd`` has a hole before its end (an unwritten
-    extent the backing filesystem reports as one counts: conservative)."""
-    size = os.fstat(fd).st_size
+def has_hole(fd: int, size: int | None = None) -> bool:
+    """Whether the open file ``fd`` (of ``size`` bytes, if known) has a hole
+    before its end (an unwritten extent the backing filesystem reports as one
+    counts: conservative)."""
+    if size is None:
+        size = os.fstat(fd).st_size
     if size == 0:
         return False
     try:
@@ -120,8 +125,8 @@ class IoModes:
 
     def decide(self, node, flags: int) -> int:
         """How an open of ``node`` with ``flags`` is answered (CACHING, READ,
-        WRITE or SHARED); READ may still become CACHING for a small file
-        (``small``) and SHARED is refused for a sparse one (``refuse_sparse``),
+        WRITE or SHARED); READ may still become CACHING for a small or
+        sparse file (``stay_cached``) and SHARED is refused for a sparse one (``refuse_sparse``),
         once the open has its descriptor."""
         if not self.enabled or not stat.S_ISREG(node.mode):
             return CACHING
@@ -132,12 +137,17 @@ class IoModes:
             return CACHING
         return SHARED if acc == os.O_RDWR else WRITE
 
-    def small(self, node, fd: int) -> bool:
-        """Whether a READ open of ``node`` (descriptor ``fd``) is better served
-        through the page cache: a file below ``min_size`` no passthrough open
-        has."""
-        return (self.min_size > 0 and node.ino not in self.passthrough
-                and os.fstat(fd).st_size < self.min_size)
+    def stay_cached(self, node, fd: int) -> bool:
+        """Whether a READ open of ``node`` (descriptor ``fd``) that would be
+        the inode's first passthrough open is better served through the page
+        cache: a file below ``min_size``, or one with a hole.  Not a sparse
+        one: a passthrough reader of it would make its writers' O_RDWR opens
+        fail (``refuse_sparse``), and a reader must not lock out writers (any
+        user may read a world-readable sparse file, e.g. lastlog)."""
+        if node.ino in self.passthrough:
+            return False                  # the kernel wants passthrough now
+        size = os.fstat(fd).st_size
+        return (self.min_size > 0 and size < self.min_size) or has_hole(fd, size)
 
     @staticmethod
     def refuse_sparse(fd: int) -> None:

@@ -676,7 +676,7 @@ class SimOperations:
         try:
             if mode == iomode.SHARED:     # (an O_TRUNC one has just emptied it)
                 io.refuse_sparse(fd)      # before anything else is done for the open
-            elif mode == iomode.READ and io.small(node, fd):
+            elif mode == iomode.READ and io.stay_cached(node, fd):
                 mode = iomode.CACHING
         except BaseException:
             os.close(fd)
@@ -1051,7 +1051,8 @@ class SimOperations:
             return json.dumps(self.inodes_report(), sort_keys=True).encode() + b"\n"
         if inode == ROOT and name == OPTIONS_XATTR:
             # what a remount compares its options with (simfs/options.py)
-            return json.dumps(dict(self.mount_options, passthrough=self.iomodes.enabled),
+            return json.dumps(dict(self.mount_options,
+                                   passthrough_in_use=self.iomodes.enabled),
                               sort_keys=True).encode() + b"\n"
         if inode == ROOT and name == ADMIN_XATTR:
             raise OSError(errno.ENODATA, "write-only virtual attribute")

@@ -229,23 +229,32 @@ def option_values(own: dict[str, str]) -> dict:
             "nopassthrough": "nopassthrough" in own}
 
 
+# Flags a remount compares with the running mount (quota_off_ok only matters
+# when a mount starts: a remount may pass it, as fstab lines do, freely).
+REMOUNT_FLAGS = ("passthrough", "nopassthrough")
+
+
 def changed_options(root: str, asked: dict[str, str]) -> str | None:
-    """The first of ``asked`` (simfs's own options of a remount) whose value
-    differs from the one the mount at ``root`` runs with, as ``key=value (the
-    mount runs with ...)``; None when all are the same."""
+    """The first of ``asked`` (simfs's own options of a remount; a flag of
+    ``REMOUNT_FLAGS`` as ``flag: None``) whose value differs from the one the
+    mount at ``root`` runs with, as ``key=value (the mount runs with ...)``;
+    None when all are the same."""
+    words = [k if v is None else f"{k}={v}" for k, v in asked.items()]
     try:
-        _, own = parse_options([f"{k}={v}" for k, v in asked.items()], "")
+        _, own = parse_options(words, "")
         want = option_values(own)
     except (UsageError, ValueError) as e:
-        return f"{', '.join(f'{k}={v}' for k, v in asked.items())} ({e})"
+        return f"{', '.join(words)} ({e})"
     try:
         have = json.loads(os.getxattr(root, "trusted.simfs.options"))
     except (OSError, ValueError) as e:
-        return (f"{', '.join(f'{k}={v}' for k, v in asked.items())} (cannot read the "
+        return (f"{', '.join(words)} (cannot read the "
                 f"running mount's options: {getattr(e, 'strerror', None) or e})")
-    for key, val in asked.items():
+    for word, (key, val) in zip(words, asked.items()):
         if want[key] != have.get(key):
             now = have.get(key)
-            return (f"{key}={val} (the mount runs with "
+            if val is None:
+                return f"{word} (the mount runs without it)"
+            return (f"{word} (the mount runs with "
                     f"{'no ' + key if now is None else f'{key}={now}'})")
     return None
