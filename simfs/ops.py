@@ -88,6 +88,9 @@ VIRTUAL_XATTRS = (QUOTA_XATTR, COUNTS_XATTR, OPTIONS_XATTR, INODES_XATTR)
 ACL_ACCESS = b"system.posix_acl_access"
 ACL_DEFAULT = b"system.posix_acl_default"
 ACL_XATTRS = frozenset((ACL_ACCESS, ACL_DEFAULT))
+# A gap past the end of a file kept without holes (simfs.iomode's ``mapped``)
+# up to this is written with zeros; a larger one is allocated by fallocate.
+GAP_ZEROS = 1 << 20
 
 
 @dataclass
@@ -766,7 +769,11 @@ class SimOperations:
         the same reservation, so that the file stays without holes (a shared
         mapping's store into a hole would allocate a block no quota sees).
         EDQUOT when not even the gap and one byte fit; nothing is written
-        then."""
+        then.  A gap of more than ``GAP_ZEROS`` is allocated by fallocate
+        instead (every backing filesystem simfs runs on has mode 0): its
+        unwritten blocks are allocated, so a store into them allocates
+        nothing, and SEEK_HOLE counts them as a hole, so a later O_RDWR open
+        beside passthrough readers is refused (conservative)."""
         gap = off - size
         led = self.ledger
         n, res, tree = led.before_write(h, size, gap + len(buf))
@@ -775,10 +782,16 @@ class SimOperations:
             err = errno.EDQUOT if led.quota is not None else errno.ENOSPC
             raise OSError(err, os.strerror(err))
         try:
-            zeros = bytes(min(gap, 1 << 20))
-            pos = size
-            while pos < off:
-                pos += os.pwrite(h.fd, zeros[:off - pos], pos)
+            if gap > GAP_ZEROS:
+                # allocated at once, not written: a request of a few system
+                # calls however large the gap (zeros would hold the request
+                # loop for as long as writing them takes)
+                lower.fallocate(h.fd, 0, size, gap)
+            else:
+                zeros = bytes(gap)
+                pos = size
+                while pos < off:
+                    pos += os.pwrite(h.fd, zeros[pos - size:], pos)
             written = os.pwrite(h.fd, buf if n - gap == len(buf) else buf[:n - gap], off)
         except BaseException:
             led.failed_write(h, res)

@@ -506,6 +506,30 @@ def test_a_gap_that_does_not_fit_is_refused_whole(backing, backing_quota):
     qm.assert_exact()
 
 
+def test_a_large_gap_is_allocated_not_written(backing, backing_quota):
+    # a write 100 MiB past the end of a file kept without holes: the gap is
+    # allocated at once (fallocate), not written with zeros by the request
+    # loop, and charged exactly; the file reads zeros there
+    qm = backing_quota(B=256 << 10, opts=())
+    root = qm.root
+    write_through(root / "f", os.urandom(BIG))
+    r = open(root / "f", "rb")
+    try:
+        r.read(1)
+        fd = os.open(root / "f", os.O_RDWR)     # marks the file
+        try:
+            assert os.pwrite(fd, b"T" * 10, BIG + (100 << 20)) == 10
+            assert os.fstat(fd).st_size == BIG + (100 << 20) + 10
+        finally:
+            os.close(fd)
+        assert os.pread(r.fileno(), 4096, BIG + (50 << 20)) == bytes(4096)
+    finally:
+        r.close()
+    st = os.stat(qm.private / "f")
+    assert st.st_blocks * 512 >= BIG + (100 << 20)    # allocated, not a hole
+    qm.assert_exact()
+
+
 def lower_fallocate(fd: int, mode: int, off: int, length: int) -> None:
     from simfs import lower
     lower.fallocate(fd, mode, off, length)
