@@ -77,6 +77,8 @@ class BasicContext(RequestContext):
 
 
 _SPLIT: dict[float, tuple[int, int]] = {}
+_NEGATIVE: dict[float, "EntryAttributes"] = {}     # EntryAttributes.negative's
+_NEGATIVE_OUT: dict[float, bytes] = {}              # and their encoding
 
 
 def _split(t: float) -> tuple[int, int]:
@@ -129,6 +131,21 @@ class EntryAttributes:
         a.entry_timeout = a.attr_timeout = timeout
         return a
 
+    @classmethod
+    def negative(cls, timeout: float) -> "EntryAttributes":
+        """A negative entry (``st_ino`` 0) the kernel caches for ``timeout``
+        seconds: one shared instance per timeout, made and encoded once (a
+        lookup of a missing name is common: an exclusive create starts with
+        one), not to be changed."""
+        a = _NEGATIVE.get(timeout)
+        if a is None:
+            a = cls()
+            a.entry_timeout = timeout
+            if len(_NEGATIVE) < 64:
+                _NEGATIVE_OUT[timeout] = a.entry_out()
+                _NEGATIVE[timeout] = a
+        return a
+
     def __getattr__(self, name: str):
         # an st_* field of one made by from_stat: read from its stat
         st = object.__getattribute__(self, "_st")
@@ -152,18 +169,25 @@ class EntryAttributes:
 
     def entry_out(self) -> bytes:
         """struct fuse_entry_out."""
-        et = _SPLIT.get(self.entry_timeout) or _split(self.entry_timeout)
-        at = _SPLIT.get(self.attr_timeout) or _split(self.attr_timeout)
         st = self._st
         if st is not None:
             # from a stat (every answer but a negative entry): its items 7-9
             # are the whole seconds of atime, mtime, ctime; 0, 3-5 mode,
             # nlink, uid, gid
+            et = self.entry_timeout
+            et = _SPLIT.get(et) or _split(et)
+            at = self.attr_timeout
+            at = _SPLIT.get(at) or _split(at)
+            ino = self.st_ino
             return _ENTRY_OUT_PACK(
-                self.st_ino, self.generation, et[0], at[0], et[1], at[1],
-                self.st_ino, st.st_size, st.st_blocks, st[7], st[8], st[9],
+                ino, self.generation, et[0], at[0], et[1], at[1],
+                ino, st.st_size, st.st_blocks, st[7], st[8], st[9],
                 st.st_atime_ns % _NS, st.st_mtime_ns % _NS, st.st_ctime_ns % _NS,
                 st[0], st[3], st[4], st[5], st.st_rdev & 0xFFFFFFFF, st.st_blksize, 0)
+        if _NEGATIVE.get(self.entry_timeout) is self:      # negative(): encoded once
+            return _NEGATIVE_OUT[self.entry_timeout]
+        et = _SPLIT.get(self.entry_timeout) or _split(self.entry_timeout)
+        at = _SPLIT.get(self.attr_timeout) or _split(self.attr_timeout)
         return _ENTRY_OUT_PACK(self.st_ino, self.generation, et[0], at[0], et[1], at[1],
                                *self._attr())
 

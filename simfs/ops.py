@@ -73,6 +73,7 @@ from .statfs import host_figures, quota_figures
 log = logging.getLogger(__name__)
 
 _from_stat = fusewire.EntryAttributes.from_stat
+_negative = fusewire.EntryAttributes.negative
 
 QUOTA_XATTR = b"user.vzquota"   # read-only, virtual, on the root only
 COUNTS_XATTR = b"trusted.simfs.requests"   # read-only, virtual, root only: request counts
@@ -340,10 +341,7 @@ class SimOperations:
         except FileNotFoundError:
             # A negative entry the kernel caches as long: a name created
             # through the mount replaces it at once.
-            a = fusewire.EntryAttributes()
-            a.st_ino = 0
-            a.entry_timeout = self.timeout
-            return a
+            return _negative(self.timeout)
         return _from_stat(st, inode.ino, self.timeout, inode._flags >> 4)   # _entry
 
     def forget(self, inode_list):

@@ -188,6 +188,13 @@ def test_negative_lookup(wire):
     wire.ops.answers["lookup"] = neg
     out = wire.ok(k.LOOKUP, b"missing\0")
     assert decode_entry(out)[0] == 0
+    # the shared negative entry (made and encoded once per timeout): the
+    # same bytes as one made by hand
+    shared = EntryAttributes.negative(60)
+    assert EntryAttributes.negative(60) is shared and EntryAttributes.negative(1.5) is not shared
+    wire.ops.answers["lookup"] = shared
+    assert wire.ok(k.LOOKUP, b"missing\0") == out
+    assert wire.ok(k.LOOKUP, b"missing\0") == out
 
 
 def test_getattr_and_setattr(wire):
