@@ -64,6 +64,7 @@ _OUT_HEADER_PACK = k.OUT_HEADER.pack
 _IN_HEADER_UNPACK = k.IN_HEADER.unpack_from
 _READ_IN_UNPACK = k.READ_IN.unpack_from
 _WRITE_IN_UNPACK = k.WRITE_IN.unpack_from
+_CREATE_IN_UNPACK = k.CREATE_IN.unpack_from
 _EMPTY = b""
 _NS = 1_000_000_000
 MAX_WRITE = 1 << 20              # bytes per WRITE (max_pages 256, the kernel's default cap)
@@ -837,9 +838,15 @@ class Session:
         return self._forget_entry(attr)
 
     def _op_create(self, unique, nodeid, uid, gid, pid, buf, off, end, extlen):
-        flags, mode, ctx = self._create_in(uid, gid, pid, buf, off, end, extlen)
+        # _create_in and _name, inlined (an exclusive create is hot)
+        flags, mode, umask, open_flags = _CREATE_IN_UNPACK(buf, off)
+        ctx = RequestContext(uid, gid, pid, umask,
+                             self._groups(buf, end, extlen) if extlen else None, 0,
+                             bool(open_flags & k.OPEN_KILL_SUIDGID))
+        off += 16
+        z = buf.find(b"\0", off, end)
         self._run(unique, self.ops.create,
-                  (nodeid, _name(buf, off + 16, end), mode, flags, ctx),
+                  (nodeid, bytes(buf[off:z if z >= 0 else end]), mode, flags, ctx),
                   _create_out, self._created_undo)
 
     def _op_tmpfile(self, unique, nodeid, uid, gid, pid, buf, off, end, extlen):
