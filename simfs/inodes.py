@@ -58,6 +58,7 @@ import queue
 import resource
 import stat
 import threading
+import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Callable
@@ -276,7 +277,12 @@ class Closer:
     (ext4 truncates and evicts it inside close(2)): about a quarter of the
     daemon's time under ``rm``, serialised with every other request when done on
     the loop.  The thread only ever closes descriptors the table gave up; the
-    queue holds no more of them than the table held."""
+    queue holds no more of them than the table held.  Woken by the first
+    descriptor, it waits ``GATHER`` seconds and closes what came meanwhile
+    too: under ``rm`` one wake-up (two context switches, the GIL handed
+    over and back) per millisecond instead of one per file."""
+
+    GATHER = 0.001
 
     def __init__(self, idle: float = DEFAULT.closer_idle):
         # seconds without work before the thread ends (a process without
@@ -285,6 +291,7 @@ class Closer:
         self._q: queue.SimpleQueue[int] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self.wakeups = 0          # times the thread woke up to close some
 
     def close(self, fd: int) -> None:
         self._q.put(fd)
@@ -295,19 +302,27 @@ class Closer:
                 self._thread.start()
 
     def _run(self) -> None:
+        q = self._q
         while True:
             try:
-                fd = self._q.get(timeout=self.idle)
+                fd = q.get(timeout=self.idle)
             except queue.Empty:
                 with self._lock:
-                    if self._q.empty():
+                    if q.empty():
                         self._thread = None
                         return
                 continue
-            try:
-                os.close(fd)
-            except OSError as e:
-                log.warning("closing the descriptor of an unlinked inode: %s", e)
+            self.wakeups += 1
+            time.sleep(self.GATHER)      # let the next ones come: one wake-up for all
+            while True:
+                try:
+                    os.close(fd)
+                except OSError as e:
+                    log.warning("closing the descriptor of an unlinked inode: %s", e)
+                try:
+                    fd = q.get_nowait()
+                except queue.Empty:
+                    break
 
 
 
