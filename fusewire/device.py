@@ -19,6 +19,7 @@ import ctypes
 import errno
 import fcntl
 import os
+import re
 import stat
 
 from . import kernel as k
@@ -108,6 +109,38 @@ def mount(fd: int, mountpoint: str, opts: MountOptions) -> None:
     data += opts.data
     _check(_libc.mount(opts.fsname.encode(), os.fsencode(mountpoint), opts.fstype.encode(),
                        opts.flags, ",".join(data).encode()), f"mount {mountpoint}")
+
+
+def _unescape(field: str) -> str:
+    """A mountinfo path: spaces, tabs, newlines and backslashes are octal escapes."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def device_of(real: str) -> str | None:
+    """``MAJOR:MINOR`` of the FUSE filesystem mounted last at ``real`` (a path
+    resolved before the mount: resolving it now would stat the mount, which
+    may not be served yet), from /proc/self/mountinfo; None if not found."""
+    found = None
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) < 10 or _unescape(fields[4]) != real:
+                    continue
+                post = line.split(" - ", 1)[1].split()
+                if post[0] == "fuse" or post[0].startswith("fuse."):
+                    found = fields[2]
+    except (OSError, IndexError):
+        return None
+    return found
+
+
+def set_readahead(dev: str, kib: int) -> None:
+    """The kernel's readahead for the filesystem ``dev`` (its backing device
+    info, /sys/class/bdi/MAJOR:MINOR/read_ahead_kb): at most ``kib`` KiB are
+    read ahead per file, in requests of up to the negotiated max_pages."""
+    with open(f"/sys/class/bdi/{dev}/read_ahead_kb", "w") as f:
+        f.write(f"{kib}\n")
 
 
 def unmount(mountpoint: str, lazy: bool = True) -> None:

@@ -129,8 +129,13 @@ class Session:
 
     def __init__(self, ops: Any, mountpoint: str, options, *, want: int = 0,
                  unwant: int = 0, max_write: int = MAX_WRITE,
-                 max_pending: int = MAX_PENDING, default_flags: int | None = None):
+                 max_pending: int = MAX_PENDING, default_flags: int | None = None,
+                 readahead_kb: int = 0):
         self.ops = ops
+        # the kernel's readahead for this mount, set once INIT is answered
+        # (INIT lowers it to the max_readahead answered); 0 leaves its default
+        self.readahead_kb = readahead_kb
+        self.dev: str | None = None      # MAJOR:MINOR of the mount
         self.mountpoint = mountpoint
         self.options = device.MountOptions(
             options, **({} if default_flags is None else {"default_flags": default_flags}))
@@ -163,6 +168,7 @@ class Session:
     # ---- the mount ---------------------------------------------------------
 
     def mount(self) -> None:
+        real = os.path.realpath(self.mountpoint)
         self.fd = device.open_device()
         try:
             device.mount(self.fd, self.mountpoint, self.options)
@@ -172,6 +178,7 @@ class Session:
             raise
         self.mounted = True
         os.set_blocking(self.fd, False)
+        self.dev = device.device_of(real)
 
     def close(self, unmount: bool = True) -> None:
         """Unmount (when ``unmount`` and still mounted) and close the device;
@@ -683,6 +690,13 @@ class Session:
                               1 if want & k.PASSTHROUGH else 0, 0)
         log.info("FUSE %d.%d, negotiated %s", major, self.minor, k.flag_names(want))
         self._reply(unique, out)
+        # (the kernel applied the answer while it was written)
+        if self.readahead_kb and self.dev:
+            try:
+                device.set_readahead(self.dev, self.readahead_kb)
+            except OSError as e:          # e.g. a read-only /sys in a container
+                log.info("readahead of %s left at the kernel's default: %s",
+                         self.mountpoint, e)
 
     def _op_destroy(self, unique, nodeid, uid, gid, pid, buf, off, end, extlen):
         self._reply(unique, _EMPTY)

@@ -80,3 +80,42 @@ def test_close_sends_at_most_one_flush_per_mount(mounted):
     assert c.get("flush", 0) <= 1
     for i in range(5):
         assert (private / f"f{i}").read_bytes() == b"data %d" % i
+
+
+def _bdi_readahead_kb(root) -> int:
+    st = os.stat(root)
+    with open(f"/sys/class/bdi/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/read_ahead_kb") as f:
+        return int(f.read())
+
+
+def _drop_caches() -> None:
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+def test_cold_sequential_read_costs_one_read_per_mib(mounted):
+    """The mount's readahead is one 1 MiB request (its max_pages), not the
+    kernel's default 128 KiB: a cold sequential read of 1 MiB read(2)s costs
+    one READ per MiB (it cost eight)."""
+    if os.environ.get("SIMFS_TEST_FUSE", "builtin") != "builtin":
+        pytest.skip("the readahead is set by fusewire (the pyfuse3 fallback keeps 128 KiB)")
+    private, root, m = mounted
+    assert _bdi_readahead_kb(root) == 1024
+    mib = 1 << 20
+    data = os.urandom(mib) * 16
+    (private / "big").write_bytes(data)
+    _drop_caches()
+    if "passthrough" in os.environ.get("SIMFS_TEST_OPTIONS", ""):
+        pytest.skip("a passthrough read sends no READ at all")
+    before = counts(root).get("read", 0)
+    fd = os.open(root / "big", os.O_RDONLY)
+    try:
+        got = bytearray()
+        while chunk := os.read(fd, mib):
+            got += chunk
+    finally:
+        os.close(fd)
+    assert got == data
+    reads = counts(root).get("read", 0) - before
+    assert 16 <= reads <= 18, reads      # 16 MiB: one READ per MiB (the first may split)
