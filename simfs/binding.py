@@ -27,9 +27,6 @@ import fusewire
 log = logging.getLogger(__name__)
 
 BINDINGS = ("builtin", "pyfuse3")          # the first is the default
-# the kernel's readahead for a fusewire mount (KiB): one 1 MiB request (its
-# max_pages) instead of the default 128 KiB, eight requests per MiB read cold
-READAHEAD_KB = 1024
 
 
 def _anyio_run(serve, runtime: str):
@@ -50,7 +47,7 @@ class Builtin:
         # backing ids, notifications, what was negotiated)
         self.session = fusewire.Session(ops, root, sorted(options),
                                         want=getattr(ops, "fuse_want", 0),
-                                        readahead_kb=READAHEAD_KB)
+                                        readahead_kb=ops.config.readahead_kb)
         if hasattr(ops, "channel"):
             ops.channel = self.session
 

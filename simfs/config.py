@@ -60,6 +60,9 @@ class Config:
     passthrough_min: int = _f(128 << 10, "bytes from which a file opened for reading only is "
                               "read by passthrough when no open of it is already (a smaller "
                               "one stays in the FUSE page cache; -o passthrough: 0)")
+    readahead_kb: int = _f(1024, "KiB the kernel reads ahead in a file of the mount "
+                           "(its read_ahead_kb, set once INIT is answered; default "
+                           "binding only): 1024 is one READ of the largest size")
     # ---- the ledger of charges (simfs.ledger) ----------------------------------------
     write_slack: int = _f(1 << 20, "bytes of room a write needs past itself to be "
                           "reserved without looking at its file; closer to a limit "
