@@ -60,6 +60,9 @@ class Config:
     passthrough_min: int = _f(128 << 10, "bytes from which a file opened for reading only is "
                               "read by passthrough when no open of it is already (a smaller "
                               "one stays in the FUSE page cache; -o passthrough: 0)")
+    gap_zeros: int = _f(1 << 20, "bytes of a gap past the end of a file kept without "
+                        "holes (a shared writer beside passthrough readers) written with "
+                        "zeros; a larger gap is allocated by fallocate")
     readahead_kb: int = _f(1024, "KiB the kernel reads ahead in a file of the mount "
                            "(its read_ahead_kb, set once INIT is answered; default "
                            "binding only): 1024 is one READ of the largest size")

@@ -89,9 +89,6 @@ VIRTUAL_XATTRS = (QUOTA_XATTR, COUNTS_XATTR, OPTIONS_XATTR, INODES_XATTR)
 ACL_ACCESS = b"system.posix_acl_access"
 ACL_DEFAULT = b"system.posix_acl_default"
 ACL_XATTRS = frozenset((ACL_ACCESS, ACL_DEFAULT))
-# A gap past the end of a file kept without holes (simfs.iomode's ``mapped``)
-# up to this is written with zeros; a larger one is allocated by fallocate.
-GAP_ZEROS = 1 << 20
 
 
 @dataclass
@@ -767,7 +764,7 @@ class SimOperations:
         the same reservation, so that the file stays without holes (a shared
         mapping's store into a hole would allocate a block no quota sees).
         EDQUOT when not even the gap and one byte fit; nothing is written
-        then.  A gap of more than ``GAP_ZEROS`` is allocated by fallocate
+        then.  A gap of more than ``config.gap_zeros`` is allocated by fallocate
         instead (every backing filesystem simfs runs on has mode 0): its
         unwritten blocks are allocated, so a store into them allocates
         nothing, and SEEK_HOLE counts them as a hole, so a later O_RDWR open
@@ -780,7 +777,7 @@ class SimOperations:
             err = errno.EDQUOT if led.quota is not None else errno.ENOSPC
             raise OSError(err, os.strerror(err))
         try:
-            if gap > GAP_ZEROS:
+            if gap > self.config.gap_zeros:
                 # allocated at once, not written: a request of a few system
                 # calls however large the gap (zeros would hold the request
                 # loop for as long as writing them takes)

@@ -19,6 +19,7 @@ passthrough.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import mmap
@@ -482,26 +483,34 @@ def test_a_hole_made_beside_a_passthrough_reader_refuses_a_shared_writer(
     os.close(fd)
 
 
-def test_a_gap_that_does_not_fit_is_refused_whole(backing, backing_quota):
-    qm = backing_quota(B=6 << 10, opts=())
-    root = qm.root
-    write_through(root / "f", os.urandom(BIG))
-    r = open(root / "f", "rb")
+@contextlib.contextmanager
+def beside_a_reader(path):
+    """A passthrough reader of ``path`` (read once) and, beside it, an O_RDWR
+    descriptor (a SHARED writer: the file is kept without holes)."""
+    r = open(path, "rb")
     try:
         r.read(1)
-        fd = os.open(root / "f", os.O_RDWR)
+        fd = os.open(path, os.O_RDWR)
         try:
-            size = os.fstat(fd).st_size
-            with pytest.raises(OSError) as e:   # zeros up to 64 MiB do not fit
-                os.pwrite(fd, b"z", 64 << 20)
-            assert e.value.errno == errno.EDQUOT
-            assert os.fstat(fd).st_size == size
-            assert os.pwrite(fd, b"z", size + 8192) == 1     # a small gap does
-            assert os.fstat(fd).st_size == size + 8193
+            yield r, fd
         finally:
             os.close(fd)
     finally:
         r.close()
+
+
+def test_a_gap_that_does_not_fit_is_refused_whole(backing, backing_quota):
+    qm = backing_quota(B=6 << 10, opts=())
+    root = qm.root
+    write_through(root / "f", os.urandom(BIG))
+    with beside_a_reader(root / "f") as (r, fd):
+        size = os.fstat(fd).st_size
+        with pytest.raises(OSError) as e:       # zeros up to 64 MiB do not fit
+            os.pwrite(fd, b"z", 64 << 20)
+        assert e.value.errno == errno.EDQUOT
+        assert os.fstat(fd).st_size == size
+        assert os.pwrite(fd, b"z", size + 8192) == 1     # a small gap does
+        assert os.fstat(fd).st_size == size + 8193
     assert not holes(qm.private / "f")
     qm.assert_exact()
 
@@ -513,18 +522,10 @@ def test_a_large_gap_is_allocated_not_written(backing, backing_quota):
     qm = backing_quota(B=256 << 10, opts=())
     root = qm.root
     write_through(root / "f", os.urandom(BIG))
-    r = open(root / "f", "rb")
-    try:
-        r.read(1)
-        fd = os.open(root / "f", os.O_RDWR)     # marks the file
-        try:
-            assert os.pwrite(fd, b"T" * 10, BIG + (100 << 20)) == 10
-            assert os.fstat(fd).st_size == BIG + (100 << 20) + 10
-        finally:
-            os.close(fd)
+    with beside_a_reader(root / "f") as (r, fd):   # marks the file
+        assert os.pwrite(fd, b"T" * 10, BIG + (100 << 20)) == 10
+        assert os.fstat(fd).st_size == BIG + (100 << 20) + 10
         assert os.pread(r.fileno(), 4096, BIG + (50 << 20)) == bytes(4096)
-    finally:
-        r.close()
     st = os.stat(qm.private / "f")
     assert st.st_blocks * 512 >= BIG + (100 << 20)    # allocated, not a hole
     qm.assert_exact()
