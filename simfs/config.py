@@ -60,6 +60,9 @@ class Config:
     passthrough_min: int = _f(128 << 10, "bytes from which a file opened for reading only is "
                               "read by passthrough when no open of it is already (a smaller "
                               "one stays in the FUSE page cache; -o passthrough: 0)")
+    acl_negative: int = _f(4096, "directories remembered (for entry_timeout seconds, "
+                           "or until a default ACL is set through the mount) to have no "
+                           "default ACL, so that a create there reads none")
     gap_zeros: int = _f(1 << 20, "bytes of a gap past the end of a file kept without "
                         "holes (a shared writer beside passthrough readers) written with "
                         "zeros; a larger gap is allocated by fallocate")

@@ -49,6 +49,7 @@ import logging
 import os
 import resource
 import stat
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -186,6 +187,8 @@ class SimOperations:
         # the kernel's io mode of each open file: passthrough or caching
         # (simfs.iomode; enabled by the mount unless -o nopassthrough)
         self.iomodes = IoModes()
+        # directories known to have no default ACL: inode -> (its record, until)
+        self._no_default_acl: dict[int, tuple[Inode, float]] = {}
         # Set by the mount while a live recount runs: sees every request before
         # and after (``before(op, args)``, ``after(op, mark)``), to tell whether
         # the recount can be made exact.
@@ -320,7 +323,25 @@ class SimOperations:
         return self.ledger.xattr_cost(acl) * (2 if directory else 1)
 
     def _acl_inherited(self, parent: Inode) -> bytes | None:
-        return inherited_acl(parent, self.acl)
+        """The default ACL a node made in ``parent`` inherits (None: none, or
+        ACLs not enforced).  That a directory has none is remembered for
+        ``entry_timeout`` seconds (as long as the kernel keeps its own
+        attributes), per inode record, and forgotten when a default ACL is
+        set or removed through the mount: the probe, a getxattr through
+        /proc, was most of what a create cost beyond the pyfuse3 mount's."""
+        if not self.acl:
+            return None
+        now = time.monotonic()
+        hit = self._no_default_acl.get(parent.ino)
+        if hit is not None and hit[0] is parent and hit[1] > now:
+            return None
+        acl = inherited_acl(parent, True)
+        if acl is None:
+            cache = self._no_default_acl
+            if len(cache) >= self.config.acl_negative:
+                cache.clear()             # bounded: start over
+            cache[parent.ino] = (parent, now + self.timeout)
+        return acl
 
     # ---- lookup and attributes ---------------------------------------------
 
@@ -1027,6 +1048,8 @@ class SimOperations:
             raise OSError(errno.EPERM, "read-only virtual attribute")
         self._no_acl(name)
         node = self.table.get(inode)
+        if name == ACL_DEFAULT:
+            self._no_default_acl.pop(node.ino, None)
         led = self.ledger
         cost = led.xattr_cost(value)
         led.host_check(ctx.uid, cost)
@@ -1087,6 +1110,8 @@ class SimOperations:
             raise OSError(errno.EPERM, "read-only virtual attribute")
         self._no_acl(name)
         node = self.table.get(inode)
+        if name == ACL_DEFAULT:
+            self._no_default_acl.pop(node.ino, None)
         os.removexattr(self._xattr_path(node), name)
         self.ledger.changed(node)
 

@@ -304,6 +304,32 @@ def test_default_acl_inherited_and_enforced_as_locally(mount, local):
     assert os.stat(root / "plain.d").st_mode & 0o777 == 0o700
 
 
+def test_a_default_acl_set_after_creates_is_inherited_at_once(mount, local):
+    """The daemon remembers that a directory has no default ACL (a create
+    there reads none): setting one through the mount ends that at once (the
+    next create's mode is masked by the ACL, not the umask, as locally), and
+    removing it again brings the umask back."""
+    private, root, _ = mount
+    make = "import os, sys\nos.umask(0o077)\nopen(sys.argv[1], 'w').close()\n"
+    for top in (root, local):
+        d = top / "late"
+        d.mkdir(mode=0o777)
+        os.chmod(d, 0o777)
+        for name in ("a", "b"):                 # remembered: no default ACL
+            assert py_as(1000, 1000, make, str(d / name)).returncode == 0
+        subprocess.run(["setfacl", "-d", "-m", "u:1001:---,g::rwx,m::rwx,o::r-x", str(d)],
+                       check=True)
+        assert py_as(1000, 1000, make, str(d / "c")).returncode == 0
+        subprocess.run(["setfacl", "-k", str(d)], check=True)
+        assert py_as(1000, 1000, make, str(d / "e")).returncode == 0
+    for name in ("a", "b", "c", "e"):
+        m, l = root / "late" / name, local / "late" / name
+        assert os.lstat(m).st_mode == os.lstat(l).st_mode, name
+        assert getfacl(m) == getfacl(l), name
+    assert os.stat(root / "late" / "c").st_mode & 0o777 == 0o664   # the ACL's mask
+    assert os.stat(root / "late" / "e").st_mode & 0o777 == 0o600   # the umask again
+
+
 def test_mode_and_mask_stay_in_sync(mount, local):
     private, root, _ = mount
     for d in (root, local):
