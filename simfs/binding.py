@@ -237,7 +237,12 @@ def adapter(ops):
             return await call(ops.read, fh, off, size)
 
         async def write(self, fh, off, buf):
-            return await call(ops.write, fh, off, buf)
+            # no HANDLE_KILLPRIV_V2 here: the kernel clears set-user-ID and a
+            # group-executable set-group-ID itself (a SETATTR before the
+            # write), not one that is not group-executable when the writer is
+            # outside the file's group, as Linux does locally: the handler
+            # checks that for a file opened by anyone but root
+            return await call(ops.write, fh, off, buf, ops.opened_by_user(fh))
 
         async def flush(self, fh):
             await call(ops.flush, fh)

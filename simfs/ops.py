@@ -426,7 +426,14 @@ class SimOperations:
                     os.ftruncate(fd, attr.st_size)
                 finally:
                     os.close(fd)
-        if getattr(fields, "kill_suidgid", False) and not fields.update_mode:
+        kill = getattr(fields, "kill_suidgid", None)
+        if kill is None or not self._killpriv:
+            # a binding without HANDLE_KILLPRIV_V2 (pyfuse3): the kernel
+            # clears set-user-ID and a group-executable set-group-ID itself;
+            # a truncate or chown by anyone but root is checked for the rest
+            kill = ctx.uid != 0 and (fields.update_size or fields.update_uid
+                                     or fields.update_gid)
+        if kill and not fields.update_mode:
             # a truncate by someone without CAP_FSETID, or a chown
             kill_privs(node, os.fstat(node.fd), (ctx.uid, ctx.gid, ctx.pid),
                              file_gid=file_gid)
@@ -758,6 +765,13 @@ class SimOperations:
         except OSError as e:
             raise FUSEError(e.errno or errno.EIO) from None
         return memoryview(buf)[:n + m]
+
+    def opened_by_user(self, fh) -> bool:
+        """Whether handle ``fh`` was opened by anyone but root: under a binding
+        without HANDLE_KILLPRIV_V2 (pyfuse3), its writes are taken as those of
+        a caller without CAP_FSETID (``write``'s ``kill_suidgid``)."""
+        h = self.handles.get(fh)
+        return h is not None and h.uid != 0
 
     @errno_boundary
     def write(self, fh, off, buf, kill_suidgid: bool = False):
