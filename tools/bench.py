@@ -450,18 +450,23 @@ class Meter:
 
     @contextlib.contextmanager
     def section(self, name: str, unit: str, goal: str, work: float, nops: float,
-                ops: str = "op") -> Iterator[None]:
+                ops: str = "op") -> Iterator[dict]:
         """``work``: amount for the rate (ops, MiB) or the count for "µs"; ``nops``:
-        operations, for CPU and requests per op."""
+        operations, for CPU and requests per op.  The section may put its own
+        figure in the dict it is given (``value``, in ``unit``) in place of
+        the one from its time (dbench's throughput)."""
         r = self.res.row(name, unit, goal, ops)
+        over: dict[str, float] = {}
         c0 = self.t.counts()
         cpu0 = self.t.cpu()
         t0 = time.perf_counter()
-        yield
+        yield over
         dt = time.perf_counter() - t0
         cpu1 = self.t.cpu()
         c1 = self.t.counts()
-        value = {"s": dt, "µs": dt / work * 1e6}.get(unit, work / dt if dt else 0.0)
+        value = over.get("value")
+        if value is None:
+            value = {"s": dt, "µs": dt / work * 1e6}.get(unit, work / dt if dt else 0.0)
         r.values.setdefault(self.t.name, []).append(value)
         r.nops.setdefault(self.t.name, []).append(nops)
         if cpu0 is not None and cpu1 is not None:
@@ -607,14 +612,12 @@ def wl_dbench(m: Meter, d: str, z: Sizes) -> None:
         raise BenchError("dbench is not installed (apt-get install dbench)")
     w = os.path.join(d, "dbench")
     os.mkdir(w)
-    out = ""
-    with m.section("dbench, 2 clients", "MB/s", ">=0.5", 1, z.dbench_s, "second"):
+    with m.section("dbench, 2 clients", "MB/s", ">=0.5", 1, z.dbench_s, "second") as over:
         out = run(["dbench", "-D", w, "-t", str(z.dbench_s), "2"]).stdout
-    hit = re.findall(r"Throughput ([0-9.]+) MB/sec", out)
-    if not hit:
-        raise BenchError("no throughput in dbench's output")
-    # the section recorded 1/dt; put dbench's own figure in its place
-    m.res.rows["dbench, 2 clients"].values[m.t.name][-1] = float(hit[-1])
+        hit = re.findall(r"Throughput ([0-9.]+) MB/sec", out)
+        if not hit:
+            raise BenchError("no throughput in dbench's output")
+        over["value"] = float(hit[-1])          # dbench's own figure, not 1/time
     shutil.rmtree(w, ignore_errors=True)
 
 
