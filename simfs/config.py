@@ -48,6 +48,10 @@ class Config:
                               "kernel lets none go (the gap doubles after each such pass)")
     prune_every: float = _f(1.0, "seconds between the mount's checks of the table "
                             "against its cap")
+    forget_retry: float = _f(0.01, "seconds after the last close of a file kept without "
+                             "holes (a shared writer beside passthrough readers) after which "
+                             "the kernel is asked again to forget it if it has not (then 10 "
+                             "and 100 times that)")
     shared_max: int = _f(4096, "distinct uid, gid, mode and size values inode records "
                          "share (one int object each)")
     shared_space: int = _f(1 << 20, "allocations below this many bytes are shared "

@@ -305,6 +305,28 @@ class SimOperations:
         has it."""
         return self.ledger.busy(inode) or self.iomodes.busy(inode.ino)
 
+    def _unmapped(self, node: Inode) -> bool:
+        """End the ``mapped`` mark of ``node`` (simfs.iomode) if no handle has
+        it and no one holds its backing file open for writing (no shared
+        writable mapping can exist then); whether it is still marked."""
+        if node.ino not in self.iomodes.mapped:
+            return False
+        if node.opens:
+            return True
+        fd = lower.reopen(node.fd, os.O_RDONLY)
+        try:
+            if iomode.written(fd):
+                return True
+        finally:
+            os.close(fd)
+        self.iomodes.mapped.discard(node.ino)
+        return False
+
+    def _unopened_mapped(self, ino: int) -> bool:
+        """Whether inode ``ino`` is still marked ``mapped`` with no handle."""
+        node = self.table.inodes.get(ino)
+        return node is not None and node.opens == 0 and ino in self.iomodes.mapped
+
     def prune(self) -> int:
         """A prune pass now (``Pruner.prune``); how many inodes were asked."""
         return self.pruner.prune()
@@ -396,7 +418,7 @@ class SimOperations:
         node = self.table.get(inode)
         h = self.handles.get(fh) if fh is not None else None
         if (fields.update_size and node.ino in self.iomodes.mapped
-                and attr.st_size > os.fstat(node.fd).st_size):
+                and attr.st_size > os.fstat(node.fd).st_size and self._unmapped(node)):
             # the new range would be a hole in a file a SHARED writer may map
             raise OSError(errno.ETXTBSY, "growing a file mapped by passthrough")
         file_gid = None
@@ -693,6 +715,8 @@ class SimOperations:
     def open(self, inode, flags, ctx):
         node = self.table.get(inode)
         io = self.iomodes
+        if io.mapped and not node.opens and node.ino in io.mapped:
+            self._unmapped(node)          # a mapping left since: the mark stays
         mode = io.decide(node, flags)
         # O_NOFOLLOW would refuse the /proc/self/fd magic link itself (ELOOP):
         # the inode is already resolved without following anything.
@@ -914,6 +938,11 @@ class SimOperations:
             self.iomodes.released(self.channel, h)
             os.close(h.fd)
             self.table.closed(node)
+            if node.opens == 0 and node.ino in self.iomodes.mapped:
+                # no handle of a file a shared writer had: ask the kernel to
+                # forget it, which it does unless a mapping still holds it;
+                # its FORGET ends the mark (IoModes.forgotten)
+                self.pruner.forget_soon(node.ino, self._unopened_mapped)
 
     @errno_boundary
     async def fsync(self, fh, datasync):
