@@ -386,6 +386,9 @@ class Results:
     def __init__(self, targets: list[str]):
         self.targets = targets
         self.rows: dict[str, Row] = {}
+        self.perf: Profiler | None = None
+        # (row, target) -> the profile of its first round (``--perf``)
+        self.profiles: dict[tuple[str, str], Profile] = {}
 
     def row(self, name: str, unit: str, goal: str, ops: str) -> Row:
         r = self.rows.get(name)
@@ -441,6 +444,98 @@ class Results:
         return "\n".join(out)
 
 
+    def profile_table(self) -> str:
+        out = ["| workload | target | daemon samples | Python | kernel | libc | libfuse "
+               "| other | top symbols (self, % of the daemon's samples) |",
+               "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+        for (row, target), p in self.profiles.items():
+            out.append(f"| {row} | {target} | {p.samples:,} | " +
+                       " | ".join(f"{p.share.get(k, 0.0):.0f}%" for k in PROFILE_KINDS) +
+                       " | " + ", ".join(f"{sym} {pct:.0f}%" for sym, pct in p.top) + " |")
+        return "\n".join(out)
+
+
+@dataclass
+class Profile:
+    samples: int
+    share: dict[str, float]               # PROFILE_KINDS -> % of the daemon's samples
+    top: list[tuple[str, float]]          # its heaviest symbols (self)
+
+
+PROFILE_KINDS = ("python", "kernel", "libc", "libfuse", "other")
+
+
+class Profiler:
+    """``--perf``: samples the whole machine (``perf record -a``, or the one
+    ``--cpu``) during each section of the chosen targets' first round and
+    keeps what the target's daemon (every thread of its process) spent its
+    samples in: the Python interpreter (libpython and extension modules),
+    the kernel, libc, libfuse, the rest; and its heaviest symbols.  perf
+    costs every target it watches, so a run with ``--perf`` gives profiles,
+    not figures for the table."""
+
+    def __init__(self, targets: set[str], cpu: int | None, where: str):
+        self.targets, self.cpu, self.where = targets, cpu, where
+        self.n = 0
+
+    def start(self) -> tuple[subprocess.Popen, str]:
+        self.n += 1
+        path = os.path.join(self.where, f"perf-{self.n}.data")
+        cmd = ["perf", "record", "-q", "-F", "2000", "-o", path]
+        cmd += ["-C", str(self.cpu)] if self.cpu is not None else ["-a"]
+        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+        time.sleep(0.5)                   # perf's buffers mapped, counters on
+        return p, path
+
+    @staticmethod
+    def stop(p: subprocess.Popen, path: str, pid: int) -> Profile | None:
+        try:
+            tids = {int(t) for t in os.listdir(f"/proc/{pid}/task")}
+        except OSError:
+            tids = {pid}
+        p.send_signal(signal.SIGINT)
+        try:
+            p.wait(60)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+        try:
+            def report(key: str) -> list[tuple[int, str]]:
+                """(samples, key) of the daemon's threads, heaviest first."""
+                out = subprocess.run(
+                    ["perf", "report", "-i", path, "--stdio", "-q", "-g", "none",
+                     "-F", f"sample,pid,{key}"],
+                    capture_output=True, text=True, timeout=120).stdout
+                got: dict[str, int] = {}
+                for line in out.splitlines():
+                    m = re.match(r"\s*(\d+)\s+(\d+):\S*\s+(.*\S)", line)
+                    if m and int(m.group(2)) in tids:
+                        got[m.group(3)] = got.get(m.group(3), 0) + int(m.group(1))
+                return sorted(((n, k) for k, n in got.items()), reverse=True)
+            dsos = report("dso")
+            syms = report("sym")
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        samples = sum(n for n, _ in dsos)
+        if not samples:
+            return Profile(0, {}, [])
+        share = dict.fromkeys(PROFILE_KINDS, 0.0)
+        for n, dso in dsos:
+            kind = ("kernel" if "kernel" in dso else
+                    "python" if "python" in dso or ".cpython-" in dso or dso.startswith(
+                        ("_", "libffi")) else
+                    "libc" if dso.startswith(("libc.", "libc-", "ld-linux")) else
+                    "libfuse" if "libfuse" in dso else "other")
+            share[kind] += 100.0 * n / samples
+        top = [(re.sub(r"^\[[k.]\]\s+", "", sym)[:40], 100.0 * n / samples)
+               for n, sym in syms[:6]]
+        return Profile(samples, share, top)
+
+
 class Meter:
     """Times one section of a workload on one target, with the daemon's CPU
     and request counts over the same section."""
@@ -457,6 +552,11 @@ class Meter:
         the one from its time (dbench's throughput)."""
         r = self.res.row(name, unit, goal, ops)
         over: dict[str, float] = {}
+        prof = self.res.perf
+        watch = None
+        if (prof is not None and self.t.name in prof.targets and self.t.proc is not None
+                and (name, self.t.name) not in self.res.profiles):
+            watch = prof.start()
         c0 = self.t.counts()
         cpu0 = self.t.cpu()
         t0 = time.perf_counter()
@@ -464,6 +564,10 @@ class Meter:
         dt = time.perf_counter() - t0
         cpu1 = self.t.cpu()
         c1 = self.t.counts()
+        if watch is not None:
+            p = prof.stop(*watch, self.t.proc.pid)
+            if p is not None:
+                self.res.profiles[(name, self.t.name)] = p
         value = over.get("value")
         if value is None:
             value = {"s": dt, "µs": dt / work * 1e6}.get(unit, work / dt if dt else 0.0)
@@ -880,8 +984,16 @@ def main() -> int:
                     help="run every daemon and workload on CPU N only (all targets "
                          "alike): measures the cost per request without the cost of "
                          "waking another, idle CPU, which dominates in some VMs")
+    ap.add_argument("--perf", metavar="TARGETS",
+                    help="comma-separated targets (e.g. C-ll,simfs+quota) whose daemons "
+                         "perf samples in each section of the first round: a third table "
+                         "of where their time goes (perf slows what it watches: the "
+                         "figures of such a run are not for comparison)")
     a = ap.parse_args()
     q = a.quick
+    if a.perf and not shutil.which("perf"):
+        log("--perf needs perf (apt-get install linux-perf)")
+        return 2
     rounds = a.rounds or (1 if q else 3)
     tree = a.tree or default_tree()
     if q and not a.tree:
@@ -1016,6 +1128,8 @@ def main() -> int:
                   tree=tree, tree_label=f"{tree} ({files:,} entries, {mib:.0f} MiB)",
                   smallreads=2000 if q else 20000)
         res = Results([t.name for t in targets])
+        if a.perf:
+            res.perf = Profiler({x.strip() for x in a.perf.split(",")}, a.cpu, base)
         for rnd in range(rounds):
             for w in only:
                 log(f"round {rnd + 1}/{rounds}: {w}")
@@ -1084,6 +1198,10 @@ def main() -> int:
     print("Daemon cost per operation (medians; CPU = user+system of the daemon's "
           "process tree; requests = simfs's own counts):\n")
     print(res.cost_table())
+    if res.profiles:
+        print("\nWhere the daemons' time goes (perf, first round; Python = the "
+              "interpreter and extension modules):\n")
+        print(res.profile_table())
     print(f"\nQuota: id {qid}, both levels on, limits 1T / 1e8 inodes (never reached); "
           f"vzquota stat -t at the end:\n```\n{quota_usage.rstrip()}\n```")
     print("\nMachine:")

@@ -21,7 +21,8 @@
 #       under DIR (DIR/usr/local/sbin, DIR/etc/logrotate.d...).
 #   bash tools/setup.sh --test   also what the tests need:
 #     - e2fsprogs, xfsprogs, btrfs-progs (loop-image backings), busybox and wrk
-#       (tools/webbench), dbench (tools/bench.py's dbench row), and libfuse3-dev,
+#       (tools/webbench), dbench (tools/bench.py's dbench row), linux-perf
+#       (bench.py --perf), and libfuse3-dev,
 #       pkg-config, gcc (the pyfuse3 fallback
 #       binding is built from source for the tests that run on it);
 #     - systemd-container (systemd-nspawn) and debootstrap, without their
@@ -37,7 +38,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 base_pkgs=(fuse3 attr acl groff-base man-db logrotate)
-test_pkgs=(e2fsprogs xfsprogs btrfs-progs wrk dbench libfuse3-dev pkg-config gcc)
+test_pkgs=(e2fsprogs xfsprogs btrfs-progs wrk dbench linux-perf libfuse3-dev pkg-config gcc)
 nspawn_pkgs=(systemd-container debootstrap)     # installed without recommends
 python_pkgs=(python3 python3-venv)              # only when no Python >= 3.11 with venv
 
