@@ -44,6 +44,13 @@ and closed (a web server's request), the page cache grown per byte read cold
 FUSE copy and the backing file's; the file's own pages, by cachestat(2)),
 fallocate and punch, and copy_file_range.
 
+The ``writes`` workload counts the FUSE requests per ``pwrite(2)`` of 4 KiB
+(simfs: its own counts; another FUSE mount: the kernel's
+``fuse:fuse_request_send`` tracepoint on its connection; the goal is 1).  The
+``web`` workload is tools/webbench's fleet (loaded as a module, as webbench loads
+tools/density), once per round: native, passthrough_ll, simfs+quota, simfs+pt,
+requests/min against native (goal >= 0.95x), the quotas checked exact.
+
 ``--image MIB`` runs everything on a fresh journaled ext4 in a loop image: on an
 ext4 without a journal (this machine's /) every create looks up each inode freed
 in the last minutes (``recently_deleted``), which the rows before and other jobs
@@ -311,6 +318,9 @@ class Target:
 
 # ---- results -----------------------------------------------------------------
 
+LOWER = ("s", "µs", "x", "requests")      # units where lower is better
+
+
 @dataclass
 class Row:
     name: str
@@ -322,6 +332,9 @@ class Row:
     reqs: dict[str, list[dict]] = field(default_factory=dict)      # requests per section
     nops: dict[str, list[float]] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)   # why a target has no figure
+    ref: str = REF       # the goal's reference: C-ll, or "native" (the web row)
+    absolute: bool = False   # the goal is simfs+quota's own figure (requests per write)
 
     def median(self, target: str) -> float | None:
         v = self.values.get(target)
@@ -332,7 +345,9 @@ class Row:
             return f"FAIL ({self.failed[target]})"
         v = self.median(target)
         if v is None:
-            return "—"
+            return f"— ({self.notes[target]})" if target in self.notes else "—"
+        if self.unit == "requests":
+            return f"{v:.2f}"
         if self.unit == "s":
             return f"{v:.2f} s"
         if self.unit == "µs":
@@ -350,7 +365,7 @@ class Row:
         a, b = self.median(target), self.median(ref)
         if not a or not b:
             return "—"
-        return f"{(b / a if self.unit in ('s', 'µs', 'x') else a / b):.2f}x"
+        return f"{(b / a if self.unit in LOWER else a / b):.2f}x"
 
     def meets(self, r: float | None) -> str:
         if r is None:
@@ -365,7 +380,7 @@ class Row:
             return None
         if not a or not b:
             return None
-        return b / a if self.unit in ("ops/s", "MiB/s", "MB/s") else a / b
+        return a / b if self.unit in LOWER else b / a
 
     def per_op_requests(self, target: str) -> tuple[float, str] | None:
         samples = self.reqs.get(target)
@@ -409,12 +424,20 @@ class Results:
                + (" pt / native | pt / daemon |" if pt else ""),
                "|---|---|" + "---:|" * len(cols) + "---:|---|---:|" + ("---:|---:|" if pt else "")]
         for r in self.rows.values():
-            ratio = None if r.unit == "x" else r.ratio("simfs+quota")
+            ratio = None if r.unit == "x" else r.ratio("simfs+quota", r.ref)
             qc = r.quota_cost()
+            goal = f"{r.goal[:2].replace('>=', '≥ ').replace('<=', '≤ ')}{r.goal[2:]}"
+            if r.absolute:            # the goal is simfs+quota's own figure, as shown
+                v = r.median("simfs+quota")
+                cell = "—" if ratio is None else f"{ratio:.2f}x"
+                goal += f" {r.unit}{r.meets(None if v is None else round(v, 2))}"
+            else:
+                cell = ("—" if ratio is None else f"{ratio:.2f}x") + r.meets(ratio)
+                goal += "x" + ("" if r.ref == REF else f" {r.ref}")
+                if r.ref != REF and ratio is not None:
+                    cell += f" (of {r.ref})"
             out.append(f"| {r.name} | {r.unit} | " + " | ".join(r.fmt(t) for t in cols) +
-                       f" | {'—' if ratio is None else f'{ratio:.2f}x'}{r.meets(ratio)} | "
-                       f"{r.goal[:2].replace('>=', '≥ ').replace('<=', '≤ ')}"
-                       f"{r.goal[2:]}x | {'—' if qc is None else f'{qc:.2f}x'} |"
+                       f" | {cell} | {goal} | {'—' if qc is None else f'{qc:.2f}x'} |"
                        + (f" {r.speed(PT, 'native')} | {r.speed(PT, 'simfs+quota')} |"
                           if pt else ""))
         return "\n".join(out)
@@ -545,7 +568,7 @@ class Meter:
 
     @contextlib.contextmanager
     def section(self, name: str, unit: str, goal: str, work: float, nops: float,
-                ops: str = "op") -> Iterator[dict]:
+                ops: str = "op", quiet: bool = False) -> Iterator[dict]:
         """``work``: amount for the rate (ops, MiB) or the count for "µs"; ``nops``:
         operations, for CPU and requests per op.  The section may put its own
         figure in the dict it is given (``value``, in ``unit``) in place of
@@ -580,7 +603,8 @@ class Meter:
             if d.get("getxattr"):
                 d["getxattr"] -= 1            # our own reading of the counts
             r.reqs.setdefault(self.t.name, []).append({k: v for k, v in d.items() if v})
-        log(f"  {name:<46} {self.t.name:<12} {value:,.2f} {unit}")
+        if not quiet:                     # (else the caller logs its own figure)
+            log(f"  {name:<46} {self.t.name:<12} {value:,.2f} {unit}")
 
 
 # ---- workloads -------------------------------------------------------------------
@@ -606,6 +630,11 @@ class Sizes:
     tree: str
     tree_label: str
     smallreads: int = 20000
+    writes: int = 1000
+    web_n: int = 20
+    web_s: int = 5
+    cpu: int | None = None          # --cpu
+    c_exe: str | None = None        # the compiled passthrough_ll (None: --no-c)
 
 
 def wl_files(m: Meter, d: str, z: Sizes) -> None:
@@ -911,9 +940,251 @@ def wl_kernel(m: Meter, d: str, z: Sizes) -> None:
     os.unlink(path)
 
 
+TRACEFS = "/sys/kernel/tracing"
+
+
+@contextlib.contextmanager
+def fuse_requests_traced(path: str) -> Iterator[dict[str, int]]:
+    """Counts the requests the kernel sends to the FUSE connection of the mount
+    at ``path`` while the block runs, by opcode, with the ``fuse:fuse_request_send``
+    tracepoint in a tracefs instance of our own (filtered on the connection, so
+    other mounts do not count; the global trace is not touched).  Raises
+    BenchError where the kernel has no such tracepoint or events were lost."""
+    ev = os.path.join(TRACEFS, "events", "fuse", "fuse_request_send")
+    if not os.path.isdir(ev):
+        raise BenchError(f"no fuse:fuse_request_send tracepoint in {TRACEFS}")
+    dev = os.stat(path).st_dev
+    kdev = (os.major(dev) << 20) | os.minor(dev)         # the kernel's dev_t
+    inst = os.path.join(TRACEFS, "instances", f"simfs-bench-{os.getpid()}")
+    os.mkdir(inst)
+    out: dict[str, int] = {}
+    try:
+        iev = os.path.join(inst, "events", "fuse", "fuse_request_send")
+        with open(os.path.join(iev, "filter"), "w") as f:
+            f.write(f"connection == {kdev}\n")
+        with open(os.path.join(iev, "enable"), "w") as f:
+            f.write("1\n")
+        try:
+            yield out
+        finally:
+            with open(os.path.join(iev, "enable"), "w") as f:
+                f.write("0\n")
+        with open(os.path.join(inst, "trace")) as f:
+            text = f.read()
+        m = re.search(r"entries-in-buffer/entries-written: (\d+)/(\d+)", text)
+        if m and m.group(1) != m.group(2):
+            raise BenchError(f"tracing lost events ({m.group(1)} of {m.group(2)} kept)")
+        for op in re.findall(r"fuse_request_send: .*? opcode \d+ \(FUSE_(\w+)\)", text):
+            out[op.lower()] = out.get(op.lower(), 0) + 1
+    finally:
+        os.rmdir(inst)
+
+
+def wl_writes(m: Meter, d: str, z: Sizes) -> None:
+    """FUSE requests per write(2): --writes pwrite(2) of 4 KiB, each extending
+    a new file.  simfs: its own counts (``trusted.simfs.requests``); another
+    FUSE mount (C-ll): the kernel's ``fuse:fuse_request_send`` tracepoint,
+    filtered to its connection; native: none.  Issue 17's goal is 1."""
+    t = m.t
+    path = os.path.join(d, "writes.dat")
+    n = z.writes
+    name = f"requests per write(2) ({n:,} pwrite of 4 KiB)"
+    r = m.res.row(name, "requests", "<=1", "write(2)")
+    r.absolute = True
+    had = len(r.values.get(t.name, []))
+    block = aligned(4096, fill=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        got: dict[str, int] | None = None
+        why = None
+        if t.has_counts:
+            a, b = t.counts(), t.counts()    # what one reading of the counts costs
+            own = {k: v - a.get(k, 0) for k, v in b.items() if v - a.get(k, 0)}
+            with m.section(name, "requests", "<=1", n, n, "write(2)", quiet=True):
+                c0 = t.counts()
+                for i in range(n):
+                    os.pwritev(fd, [block], i * 4096)
+                c1 = t.counts()
+            got = {k: v - c0.get(k, 0) - own.get(k, 0) for k, v in c1.items()}
+        elif t.src is not None:
+            try:
+                with fuse_requests_traced(t.root) as traced:
+                    with m.section(name, "requests", "<=1", n, n, "write(2)", quiet=True):
+                        for i in range(n):
+                            os.pwritev(fd, [block], i * 4096)
+                got = traced
+            except (BenchError, OSError) as e:
+                why = short(e) if isinstance(e, OSError) else str(e)
+        else:
+            with m.section(name, "requests", "<=1", n, n, "write(2)", quiet=True):
+                for i in range(n):
+                    os.pwritev(fd, [block], i * 4096)
+            got = {}                        # no FUSE: no request
+    finally:
+        os.close(fd)
+    if got is None:                         # no figure: "—" and why
+        for data in (r.values, r.nops, r.cpu):
+            del data.get(t.name, [])[had:]
+        r.notes[t.name] = why or "not counted"
+        log(f"  {name:<46} {t.name:<12} not counted: {r.notes[t.name]}")
+    else:
+        got = {k: v for k, v in got.items() if v}
+        r.values[t.name][-1] = sum(got.values()) / n
+        if t.name in r.reqs:
+            r.reqs[t.name][-1] = got
+        elif t.src is not None:
+            r.reqs.setdefault(t.name, []).append(got)
+        log(f"  {name:<46} {t.name:<12} {sum(got.values()) / n:.3f} requests "
+            f"({', '.join(f'{k} {v}' for k, v in sorted(got.items())) or 'none'})")
+    os.unlink(path)
+
+
+_webbench = None
+
+
+def webbench_module():
+    """tools/webbench, loaded as webbench loads tools/density."""
+    global _webbench
+    if _webbench is None:
+        from importlib.machinery import SourceFileLoader
+        _webbench = SourceFileLoader("webbench", os.path.join(HERE, "webbench")).load_module()
+    return _webbench
+
+
+WEB_TARGETS = ("native", REF, "simfs+quota", PT)
+
+
+def web_row(z: Sizes) -> str:
+    where = f"CPU {z.cpu}" if z.cpu is not None else "all CPUs"
+    return f"web: {z.web_n} busybox httpd containers, wrk {z.web_s} s ({where})"
+
+
+def run_web(res: Results, targets: list[Target], z: Sizes, rnd: int) -> None:
+    """tools/webbench's fleet, once per round: ``--web-n`` containers, each a
+    private area with its quota (both levels) and its own busybox httpd, loaded
+    by wrk for ``--web-s`` seconds: natively (the servers on the private areas),
+    through one passthrough_ll per area (C-ll), one simfs mount per area with
+    its quota (simfs+quota) and the same with ``-o passthrough`` (simfs+pt), in
+    an order rotated each round.  After each simfs load every quota must be
+    exact against du/find, live and in the quota file after unmount (else the
+    cell is FAIL).  Requests/min; the goal is >= 0.95x native."""
+    name = web_row(z)
+    r = res.row(name, "req/min", ">=0.95", "HTTP request")
+    r.ref = "native"
+    have = {t.name for t in targets}
+    cfgs = [c for c in WEB_TARGETS if c in have and (c != REF or z.c_exe)]
+    for c in have - set(cfgs):
+        r.notes.setdefault(c, "quota mounts only" if c == "simfs" else "not run")
+    missing = [p for p in ("wrk", "busybox") if not shutil.which(p)]
+    if missing:
+        for c in cfgs:
+            res.fail(name, c, f"needs {' and '.join(missing)}")
+        return
+    cfgs = cfgs[rnd % len(cfgs):] + cfgs[:rnd % len(cfgs)]
+    wb = webbench_module()
+    args = argparse.Namespace(n=z.web_n, duration=z.web_s, connections=1,
+                              jobs=min(10, z.web_n), server="busybox", mode="service",
+                              passthrough=False, keep=False, json=True)
+    saved = {k: os.environ.get(k) for k in ("VZQUOTA_DIR", "VZQUOTA_RUNDIR")}
+    w = None
+    cs: list[Target] = []
+    ok = False
+    try:
+        w = wb.WebBench(args)        # its own temp tree under /tmp, its own VZQUOTA_*
+        log(f"  web: {z.web_n} containers in {w.tmp}, order {', '.join(cfgs)}")
+        w.setup()
+        w.start_service()
+        ids = range(1, z.web_n + 1)
+        for cfg in cfgs:
+            mounted = False
+            try:
+                w.failed = False
+                if cfg == "native":
+                    w.serve(w.private)
+                elif cfg == REF:
+                    cs = [Target(f"{REF}-{i}", w.root(i),
+                                 [z.c_exe, "-f", "-o", f"source={w.private(i)},{C_OPTIONS}",
+                                  w.root(i)], os.path.join(w.tmp, f"c{i}.log"), w.private(i))
+                          for i in ids]
+                    for t in cs:
+                        t.start()
+                    w.serve(w.root)
+                else:
+                    w.options = "passthrough" if cfg == PT else ""
+                    mounted = True
+                    w.pool(w.mount_one, ids)
+                    w.serve(w.root)
+                if cfg == REF:
+                    procs = [t.proc.pid for t in cs if t.proc]
+                else:
+                    procs = [w.pids[i] for i in ids] if mounted else []
+                counting = mounted
+                c0 = [json.loads(os.getxattr(w.root(i), COUNTS_XATTR)) for i in ids] \
+                    if counting else []
+                cpu0 = sum(tree_cpu(p) for p in procs)
+                t0 = time.perf_counter()
+                rpm = w.load(cfg)
+                dt = time.perf_counter() - t0
+                cpu1 = sum(tree_cpu(p) for p in procs)
+                c1 = [json.loads(os.getxattr(w.root(i), COUNTS_XATTR)) for i in ids] \
+                    if counting else []
+                w.stop_servers()
+                if w.failed:
+                    raise BenchError("a server answered non-2xx")
+                nreq = rpm * min(dt, z.web_s) / 60         # wrk's count, about
+                r.values.setdefault(cfg, []).append(rpm)
+                r.nops.setdefault(cfg, []).append(nreq)
+                if procs:
+                    r.cpu.setdefault(cfg, []).append((cpu1 - cpu0) / nreq)
+                if counting:
+                    d: dict[str, int] = {}
+                    for a, b in zip(c0, c1):
+                        for k, v in b.items():
+                            d[k] = d.get(k, 0) + v - a.get(k, 0)
+                    d["getxattr"] = d.get("getxattr", 0) - z.web_n   # our own readings
+                    r.reqs.setdefault(cfg, []).append({k: v for k, v in d.items() if v})
+                per = "".join(f", {k} {v / nreq:.2g}" for k, v in sorted(
+                    r.reqs[cfg][-1].items(), key=lambda kv: -kv[1])[:5]) if counting else ""
+                log(f"  {name:<46} {cfg:<12} {rpm:,.0f} req/min"
+                    + (f" (per HTTP request{per})" if per else ""))
+                if mounted:
+                    bad = w.check("live", live=True)
+                    w.pool(w.unmount_one, ids)
+                    mounted = False
+                    bad += w.check("in the quota files after unmount", live=False)
+                    if bad:
+                        raise BenchError(f"{bad} quota(s) not exact (du/find)")
+            except (BenchError, OSError, RuntimeError) as e:
+                res.fail(name, cfg, short(e) if isinstance(e, OSError) else str(e)[:80])
+            finally:
+                w.stop_servers()
+                for t in cs:
+                    t.stop()
+                cs = []
+                if mounted:
+                    for i in ids:
+                        subprocess.run(["umount", w.root(i)], capture_output=True)
+        ok = True
+    except (BenchError, OSError, RuntimeError) as e:
+        for c in cfgs:
+            if c not in r.values:
+                res.fail(name, c, str(e)[:80])
+    finally:
+        for t in cs:
+            t.stop()
+        if w is not None:
+            w.cleanup(ok)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 WORKLOADS: dict[str, Callable[[Meter, str, Sizes], None]] = {
     "files": wl_files, "random": wl_random, "seq": wl_seq, "statfs": wl_statfs,
-    "dbench": wl_dbench, "tree": wl_tree, "kernel": wl_kernel,
+    "dbench": wl_dbench, "tree": wl_tree, "kernel": wl_kernel, "writes": wl_writes,
+    "web": None,                      # run_web: once per round, every target in it
 }
 
 
@@ -972,6 +1243,12 @@ def main() -> int:
     ap.add_argument("--files", type=int, help="small files (default 5000, quick 500)")
     ap.add_argument("--statfs", type=int, help="statfs calls (default 20000, quick 2000)")
     ap.add_argument("--dbench-s", type=int, help="dbench seconds (default 10, quick 3)")
+    ap.add_argument("--writes", type=int,
+                    help="4 KiB pwrite(2) calls of the requests-per-write row (default 1000)")
+    ap.add_argument("--web-n", type=int,
+                    help="containers of the web row (tools/webbench; default 20, quick 4)")
+    ap.add_argument("--web-s", type=int,
+                    help="seconds of wrk load per target of the web row (default 5, quick 2)")
     ap.add_argument("--tree", help="tree to copy (default /usr/lib/python3.11 or the stdlib)")
     ap.add_argument("--tmp", default="/tmp", help="where to make the temp dir (default /tmp)")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs)")
@@ -998,6 +1275,11 @@ def main() -> int:
     tree = a.tree or default_tree()
     if q and not a.tree:
         tree = os.path.join(tree, "email")      # a small subtree for the smoke run
+    if (a.web_n is not None and not 2 <= a.web_n <= 1000) or \
+            (a.web_s is not None and not 1 <= a.web_s <= 600) or \
+            (a.writes is not None and a.writes < 1):
+        log("--web-n must be 2..1000, --web-s 1..600, --writes at least 1")
+        return 2
     only = [w.strip() for w in a.only.split(",")] if a.only else list(WORKLOADS)
     for w in only:
         if w not in WORKLOADS:
@@ -1074,8 +1356,9 @@ def main() -> int:
     try:
         log(f"temp dir {base}; tree {tree}; drop_caches {'yes' if CAN_DROP else 'NO'}; "
             f"{rounds} round(s)")
+        c_exe = None
         if not a.no_c:
-            exe = build_c_reference(base)
+            exe = c_exe = build_c_reference(base)
             src, mnt = area("c")
             targets.append(Target(REF, mnt, [exe, "-f", "-o",
                                              f"source={src},{C_OPTIONS}", mnt],
@@ -1126,13 +1409,19 @@ def main() -> int:
                   statfs=a.statfs or (2000 if q else 20000),
                   dbench_s=a.dbench_s or (3 if q else 10),
                   tree=tree, tree_label=f"{tree} ({files:,} entries, {mib:.0f} MiB)",
-                  smallreads=2000 if q else 20000)
+                  smallreads=2000 if q else 20000,
+                  writes=a.writes or 1000,
+                  web_n=a.web_n or (4 if q else 20), web_s=a.web_s or (2 if q else 5),
+                  cpu=a.cpu, c_exe=c_exe)
         res = Results([t.name for t in targets])
         if a.perf:
             res.perf = Profiler({x.strip() for x in a.perf.split(",")}, a.cpu, base)
         for rnd in range(rounds):
             for w in only:
                 log(f"round {rnd + 1}/{rounds}: {w}")
+                if w == "web":
+                    run_web(res, targets, z, rnd)
+                    continue
                 order = targets[rnd % len(targets):] + targets[:rnd % len(targets)]
                 for t in order:
                     try:
@@ -1189,11 +1478,31 @@ def main() -> int:
           f"medians; {time.monotonic() - t_start:.0f} s)\n")
     print(res.table())
     print()
-    print(f"Units: ops/s, MiB/s, MB/s higher is better; s and µs lower.  "
+    print(f"Units: ops/s, MiB/s, MB/s, req/min higher is better; s, µs, x and requests "
+          f"lower.  "
           f"\"simfs+quota / C\" = simfs+quota's figure / {REF}'s (passthrough_ll -o "
           f"{C_OPTIONS}); \"quota on/off\" = how many times slower quota on is.  "
           f"cold = after sync + drop_caches.  Each round runs every target back to back, "
           f"in an order rotated each round.")
+    notes = []
+    if any(r.absolute for r in res.rows.values()):
+        notes.append("\"requests per write(2)\": the FUSE requests per pwrite(2) of 4 KiB "
+                     "(simfs: the daemon's own counts; other FUSE mounts: the kernel's "
+                     "fuse:fuse_request_send tracepoint on that connection; native: none); "
+                     "the goal (issue 17 item 9) is 1 request per write(2) on simfs+quota, "
+                     "the ratio column is against C-ll's.")
+    if any(r.ref == "native" for r in res.rows.values()):
+        notes.append("\"web\": tools/webbench's fleet (one busybox httpd per container, "
+                     "each on its own private area, wrk one thread per server), served "
+                     "natively, through one passthrough_ll per area (C-ll), one simfs mount "
+                     "per area with its quota (simfs+quota) and the same -o passthrough "
+                     "(simfs+pt); in its own temp tree under /tmp (not --image); the quotas "
+                     "checked exact after each simfs load (else FAIL).  Its ratio is against "
+                     "native; the goal (issue 17 item 9) is >= 0.95x native on one CPU "
+                     "(--cpu).  Per op in the second table: per HTTP request, all daemons.")
+    if notes:
+        print()
+        print("\n".join(notes))
     print()
     print("Daemon cost per operation (medians; CPU = user+system of the daemon's "
           "process tree; requests = simfs's own counts):\n")
