@@ -99,3 +99,22 @@ def test_web_row(fuse, quick_run):
     with open("/proc/self/mountinfo") as f:
         assert tree not in f.read()
     assert not os.path.exists(tree)
+
+
+def test_web_row_profile(fuse):
+    """``--perf simfs+quota``: the web row's profile sums all the fleet's daemons
+    (whose names, "quota N", hold a space) by symbol."""
+    if os.geteuid() != 0 or not shutil.which("perf"):
+        pytest.skip("needs root and perf")
+    r = subprocess.run([sys.executable, str(TOOLS / "bench.py"), "--quick", "--only", "web",
+                        "--web-n", "3", "--web-s", "1", "--no-c", "--no-pt", "--cpu", "0",
+                        "--perf", "simfs+quota"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr[-4000:]
+    prof = [line for line in r.stdout.splitlines()
+            if line.startswith("| web: 3 busybox httpd containers, wrk 1 s (CPU 0) | simfs+quota |")]
+    assert len(prof) == 1, r.stdout
+    cells = [c.strip() for c in prof[0].strip("|").split("|")]
+    assert int(cells[2].replace(",", "")) > 0                 # daemon samples
+    assert float(cells[3].rstrip("%")) > 0                    # Python
+    assert "quota " not in cells[-1] and "[.]" not in cells[-1], cells[-1]

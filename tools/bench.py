@@ -512,11 +512,14 @@ class Profiler:
         return p, path
 
     @staticmethod
-    def stop(p: subprocess.Popen, path: str, pid: int) -> Profile | None:
-        try:
-            tids = {int(t) for t in os.listdir(f"/proc/{pid}/task")}
-        except OSError:
-            tids = {pid}
+    def stop(p: subprocess.Popen, path: str, pid: int | list[int]) -> Profile | None:
+        """``pid``: the daemon, or all the daemons of a row (the web fleet's)."""
+        tids: set[int] = set()
+        for one in ([pid] if isinstance(pid, int) else pid):
+            try:
+                tids |= {int(t) for t in os.listdir(f"/proc/{one}/task")}
+            except OSError:
+                tids.add(one)
         p.send_signal(signal.SIGINT)
         try:
             p.wait(60)
@@ -528,13 +531,17 @@ class Profiler:
                 """(samples, key) of the daemon's threads, heaviest first."""
                 out = subprocess.run(
                     ["perf", "report", "-i", path, "--stdio", "-q", "-g", "none",
-                     "-F", f"sample,pid,{key}"],
+                     "-F", f"sample,pid,{key}", "-t", ";"],
                     capture_output=True, text=True, timeout=120).stdout
                 got: dict[str, int] = {}
                 for line in out.splitlines():
-                    m = re.match(r"\s*(\d+)\s+(\d+):\S*\s+(.*\S)", line)
-                    if m and int(m.group(2)) in tids:
-                        got[m.group(3)] = got.get(m.group(3), 0) + int(m.group(1))
+                    # "  47 ;  27037:quota 4 ;[.] sym": a comm may hold spaces
+                    f = line.split(";", 2)
+                    m = re.match(r"\s*(\d+)\s*$", f[0]) if len(f) == 3 else None
+                    t = re.match(r"\s*(\d+):", f[1]) if m else None
+                    if m and t and int(t.group(1)) in tids and f[2].strip():
+                        k = f[2].strip()
+                        got[k] = got.get(k, 0) + int(m.group(1))
                 return sorted(((n, k) for k, n in got.items()), reverse=True)
             dsos = report("dso")
             syms = report("sym")
@@ -1121,11 +1128,20 @@ def run_web(res: Results, targets: list[Target], z: Sizes, rnd: int) -> None:
                 counting = mounted
                 c0 = [json.loads(os.getxattr(w.root(i), COUNTS_XATTR)) for i in ids] \
                     if counting else []
+                prof = res.perf
+                watch = None
+                if (prof is not None and cfg in prof.targets and procs
+                        and (name, cfg) not in res.profiles):
+                    watch = prof.start()          # the first round: all the daemons
                 cpu0 = sum(tree_cpu(p) for p in procs)
                 t0 = time.perf_counter()
                 rpm = w.load(cfg)
                 dt = time.perf_counter() - t0
                 cpu1 = sum(tree_cpu(p) for p in procs)
+                if watch is not None:
+                    got = prof.stop(*watch, procs)
+                    if got is not None:
+                        res.profiles[(name, cfg)] = got
                 c1 = [json.loads(os.getxattr(w.root(i), COUNTS_XATTR)) for i in ids] \
                     if counting else []
                 w.stop_servers()
