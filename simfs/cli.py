@@ -61,7 +61,7 @@ def remount(root: str, words: list[str]) -> int:
 
     from .mountpoint import mountinfo_path
     from .options import IGNORED, SIMFS_FLAGS, SIMFS_OPTIONAL, SIMFS_VALUED, changed_options
-    from .options import REMOUNT_FLAGS as SIMFS_REMOUNT_FLAGS
+    from .options import REMOUNT_COMPARED
     real = os.path.realpath(root)
     current = None
     with open("/proc/self/mountinfo") as f:
@@ -86,7 +86,7 @@ def remount(root: str, words: list[str]) -> int:
             asked[key] = val            # the last one counts, as for a mount
         elif key in SIMFS_OPTIONAL:
             asked[key] = val if eq else SIMFS_OPTIONAL[key]
-        elif key in SIMFS_REMOUNT_FLAGS and not eq:
+        elif key in REMOUNT_COMPARED and not eq:
             asked[key] = None           # compared: passthrough is fixed at the mount
         elif key not in REMOUNT_KEEPS and key not in IGNORED and key not in SIMFS_FLAGS \
                 and not key.startswith("x-"):

@@ -231,12 +231,12 @@ def option_values(own: dict[str, str]) -> dict:
 
 # Flags a remount compares with the running mount (quota_off_ok only matters
 # when a mount starts: a remount may pass it, as fstab lines do, freely).
-REMOUNT_FLAGS = ("passthrough", "nopassthrough")
+REMOUNT_COMPARED = ("passthrough", "nopassthrough")
 
 
 def changed_options(root: str, asked: dict[str, str]) -> str | None:
     """The first of ``asked`` (simfs's own options of a remount; a flag of
-    ``REMOUNT_FLAGS`` as ``flag: None``) whose value differs from the one the
+    ``REMOUNT_COMPARED`` as ``flag: None``) whose value differs from the one the
     mount at ``root`` runs with, as ``key=value (the mount runs with ...)``;
     None when all are the same."""
     words = [k if v is None else f"{k}={v}" for k, v in asked.items()]
