@@ -117,10 +117,15 @@ def written(fd: int) -> bool:
     open for writing, a shared writable mapping included (it holds a writable
     open of the file: for a passthrough one, the kernel's backing file): a
     read lease cannot be taken then (fs/locks.c, check_conflicting_open).
-    The lease is given up at once.  True when no lease can be taken at all
-    (leases disabled, a filesystem without them): conservative."""
+    The lease is given up at once; an open for writing that comes meanwhile
+    (a host process's) waits for that, and its break signal is SIGURG,
+    ignored (not SIGIO, which would end the daemon).  True when no lease
+    can be taken at all (leases disabled, a filesystem without them):
+    conservative."""
     import fcntl
+    import signal
     try:
+        fcntl.fcntl(fd, fcntl.F_SETSIG, signal.SIGURG)
         fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
     except OSError:
         return True

@@ -313,7 +313,10 @@ class SimOperations:
             return False
         if node.opens:
             return True
-        fd = lower.reopen(node.fd, os.O_RDONLY)
+        try:
+            fd = lower.reopen(node.fd, os.O_RDONLY)
+        except OSError:
+            return True                   # cannot tell: it stays
         try:
             if iomode.written(fd):
                 return True

@@ -819,3 +819,61 @@ async def test_the_table_lets_an_inode_go_when_nothing_refers_to_it(ops, backing
     assert ops.table.inodes.get(a.st_ino) is node          # still held
     ops.table.unhold(node)
     assert a.st_ino not in ops.table.inodes
+
+
+def test_written_sees_a_writable_open_and_a_shared_mapping(tmp_path):
+    # simfs.iomode.written: whether anyone holds a file open for writing, a
+    # shared writable mapping included (a read lease cannot be taken then)
+    import ctypes
+    import mmap
+    import signal
+    from simfs import iomode
+    p = tmp_path / "f"
+    p.write_bytes(b"x" * 8192)
+
+    def probe() -> bool:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            return iomode.written(fd)
+        finally:
+            os.close(fd)
+
+    assert probe() is False
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long)
+    libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+    w = os.open(p, os.O_RDWR)
+    assert probe() is True
+    addr = libc.mmap(None, 8192, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, w, 0)
+    assert addr not in (None, ctypes.c_void_p(-1).value)
+    os.close(w)
+    assert probe() is True                  # the mapping holds a writable open
+    assert libc.munmap(addr, 8192) == 0
+    assert probe() is False
+    # a host process opening the file for writing while the lease is held
+    # waits until it is given up, and its break signal does not end the
+    # daemon (SIGIO would)
+    import fcntl
+    import subprocess
+    import sys
+    import time
+    real = fcntl.fcntl
+    writer = []
+
+    def fcntl_then_break(fd, cmd, arg=0):
+        r = real(fd, cmd, arg)
+        if cmd == fcntl.F_SETLEASE and arg == fcntl.F_RDLCK:
+            writer.append(subprocess.Popen(
+                [sys.executable, "-c", f"import os; os.close(os.open({str(p)!r}, os.O_WRONLY))"]))
+            time.sleep(0.3)
+            assert writer[0].poll() is None     # it waits for the lease
+        return r
+
+    fcntl.fcntl = fcntl_then_break
+    try:
+        assert probe() is False
+    finally:
+        fcntl.fcntl = real
+    assert writer[0].wait(10) == 0
