@@ -64,6 +64,9 @@ class Config:
     passthrough_min: int = _f(128 << 10, "bytes from which a file opened for reading only is "
                               "read by passthrough when no open of it is already (a smaller "
                               "one stays in the FUSE page cache; -o passthrough: 0)")
+    backing_parked: int = _f(1024, "passthrough backing ids kept registered after their "
+                             "file's last close, so that its next passthrough open needs "
+                             "no ioctl (the least recently closed go first; 0: none)")
     acl_negative: int = _f(4096, "directories remembered (for entry_timeout seconds, "
                            "or until a default ACL is set through the mount) to have no "
                            "default ACL, so that a create there reads none")

@@ -392,6 +392,12 @@ class InodeTable:
         self.on_leave: Callable[[Inode], bool] | None = None
         self.on_dropped: Callable[[Inode], None] | None = None
         self.on_reused: Callable[[Inode], None] | None = None
+        # Inodes with something the operations keep only while the record
+        # holds its descriptor (a parked passthrough backing id,
+        # simfs.iomode): ``on_unpark`` is told before that descriptor closes
+        # (the record leaves the table or its descriptor the LRU).
+        self.parked: dict[int, object] = {}
+        self.on_unpark: Callable[[Inode], None] | None = None
         self._warned_pins = False
         # open_by_handle_at wants an open (not O_PATH) descriptor of the filesystem
         self.mount_fd = lower.reopen(root_fd, os.O_RDONLY | os.O_DIRECTORY)
@@ -530,6 +536,8 @@ class InodeTable:
                     return
                 log.warning("inode %d: no file handle (%s): its descriptor is closed, "
                             "ESTALE from now on", old.ino, e)
+        if self.parked and old.ino in self.parked and self.on_unpark is not None:
+            self.on_unpark(old)
         os.close(old._fd)
         old._fd = -1
 
@@ -742,6 +750,8 @@ class InodeTable:
         return inode
 
     def drop(self, inode: Inode) -> None:
+        if self.parked and inode.ino in self.parked and self.on_unpark is not None:
+            self.on_unpark(inode)
         del self.inodes[inode.ino]
         self.dropped += 1
         flags = inode._flags              # the flags read and written directly: hot
@@ -758,6 +768,7 @@ class InodeTable:
             inode._fd = -1
 
     def close_all(self) -> None:
+        self.on_unpark = None     # the kernel frees backing ids with the connection
         for inode in list(self.inodes.values()):
             if inode.ino != ROOT:
                 self.drop(inode)

@@ -21,9 +21,9 @@ writable mapping writes the backing file unseen.  A write through a mapping
 can never grow a file (past the end it is SIGBUS); it can only allocate
 blocks where the file has holes.  So, per open of a regular file:
 
-* while the inode has a backing id (passthrough opens), every open is
-  passthrough: a read-only one plainly, an open for writing (or with
-  O_TRUNC) as PASSTHROUGH|DIRECT_IO (``WRITE``).  An open for reading and
+* while the inode has passthrough opens, every open is passthrough: a
+  read-only one plainly, an open for writing (or with O_TRUNC) as
+  PASSTHROUGH|DIRECT_IO (``WRITE``).  An open for reading and
   writing may map the file shared and writable (``SHARED``; an O_WRONLY
   descriptor cannot be mapped at all, mmap needs FMODE_READ): it is refused
   with ETXTBSY if the file has a hole (SEEK_HOLE before its size; unwritten
@@ -55,21 +55,42 @@ blocks where the file has holes.  So, per open of a regular file:
 * otherwise a read-only open is passthrough unless the inode has a caching
   open (then it is one itself, coherent with the writer), the file is smaller
   than ``min_size`` (small hot files stay in the FUSE page cache with
-  keep_cache, where a hot read costs no request and the open no backing-id
-  ioctls) or it has a hole (``stay_cached``); an open for writing is a
-  caching one, as without passthrough.
+  keep_cache, where a hot read costs no request) or it has a hole
+  (``stay_cached``); an open for writing is a caching one, as without
+  passthrough.
 
 Any user's read-only open may be passthrough: a passthrough reader holds off
 no writer.  A file with a hole is never made passthrough by a reader, so
 that an O_RDWR open is refused only if a writer (who may write the file
 anyway) made the hole while passthrough readers had it.
 
-Concurrency: called from the plain (never awaiting) open, create, tmpfile and
-release handlers on the request loop's thread, so a decision and the reply
-that carries it are one step: the counts here and the kernel's modes never
-disagree, except that the kernel leaves a mode before it sends RELEASE, so the
-counts can only lag on the side of a passthrough answer, whose backing id is
-still registered.
+Backing ids: one per inode, registered (FUSE_DEV_IOC_BACKING_OPEN) with the
+descriptor of its first passthrough open.  At the last passthrough release
+it is not closed but *parked* on the inode's record, so that the next
+passthrough open of the file reuses it without an ioctl (an open and a close
+cost two ioctls less).  A parked id is only a registration: the kernel ends
+the inode's passthrough mode at its last passthrough close whatever the
+daemon keeps, so every decision here counts handles (``passthrough``,
+``cached``), never ids: a file with only a parked id is a file without
+passthrough readers (a writer's open of it is a caching one, as before).  A
+parked id holds a kernel reference to the backing file (not a descriptor of
+the daemon's: RLIMIT_NOFILE does not see it), so it is closed (``unpark``)
+when ``max_parked`` are parked (the least recently released first), when the
+file loses its last link through the mount (unlink, a rename over it; and a
+release of a file without links does not park), and when the record's
+O_PATH descriptor is closed (the record leaves the table, or its descriptor
+leaves the table's LRU: ``InodeTable.on_unpark``).  So a parked id never
+keeps a backing inode the daemon would not keep anyway, never outlives its
+record (it is kept with the record and its generation: a number the backing
+filesystem reused can never get an old file's id), and is never the last
+reference to an unlinked file.
+
+Concurrency: called from the plain (never awaiting) open, create, tmpfile,
+release, unlink and rename handlers and the inode table's drop and eviction
+on the request loop's thread, so a decision and the reply that carries it are
+one step: the counts here and the kernel's modes never disagree, except that
+the kernel leaves a mode before it sends RELEASE, so the counts can only lag
+on the side of a passthrough answer, whose backing id is still registered.
 """
 
 from __future__ import annotations
@@ -79,6 +100,7 @@ import errno
 import logging
 import os
 import stat
+from collections import OrderedDict
 
 from fusewire import kernel
 
@@ -139,30 +161,41 @@ class IoModes:
     ``enabled`` is set by the mount when it asks the kernel for passthrough
     (the default; not with ``-o nopassthrough``); it goes off again if the
     kernel cannot do it at all.  ``min_size``: a read-only open of a smaller
-    file is passthrough only if the inode has a backing id already.
+    file is passthrough only if the inode has passthrough handles already.
+    ``max_parked``: backing ids kept between opens at most (Config
+    ``backing_parked``; 0: each is closed at its inode's last release).
     Handles carry ``backing`` (their backing id, 0 if none) and ``cached``
-    (in the caching mode)."""
+    (in the caching mode).  ``opened`` and ``closed`` count the
+    registrations and closes of backing ids (ioctls) so far."""
 
-    __slots__ = ("enabled", "min_size", "passthrough", "backing", "cached", "mapped")
+    __slots__ = ("enabled", "min_size", "max_parked", "passthrough", "backing", "parked",
+                 "cached", "mapped", "opened", "closed")
 
-    def __init__(self) -> None:
+    def __init__(self, max_parked: int = 0) -> None:
         self.enabled = False
         self.min_size = 0
+        self.max_parked = max_parked
         self.passthrough: dict[int, int] = {}   # inode -> its passthrough handles
-        self.backing: dict[int, int] = {}       # inode -> its backing id
+        self.backing: dict[int, int] = {}       # inode -> its backing id, while it has some
+        # inode -> (its record, the record's generation, its backing id), of
+        # inodes without passthrough handles; least recently released first
+        self.parked: OrderedDict[int, tuple[object, int, int]] = OrderedDict()
         self.cached: dict[int, int] = {}        # inode -> its caching-mode handles
         self.mapped: set[int] = set()           # inodes a SHARED writer had open
+        self.opened = 0                         # backing ids registered so far
+        self.closed = 0                         # and closed
 
     def busy(self, ino: int) -> bool:
         """Whether a passthrough handle has inode ``ino`` (the kernel must not
-        be asked to forget it)."""
+        be asked to forget it; a parked backing id does not count)."""
         return ino in self.passthrough
 
     def decide(self, node, flags: int) -> int:
         """How an open of ``node`` with ``flags`` is answered (CACHING, READ,
         WRITE or SHARED); READ may still become CACHING for a small or
         sparse file (``stay_cached``) and SHARED is refused for a sparse one (``refuse_sparse``),
-        once the open has its descriptor."""
+        once the open has its descriptor.  By handle counts only: a parked
+        backing id changes nothing."""
         if not self.enabled or not stat.S_ISREG(node.mode):
             return CACHING
         acc = flags & os.O_ACCMODE
@@ -211,23 +244,33 @@ class IoModes:
         """The backing id of ``h``'s inode for one more passthrough handle
         ``h``: one per inode (the kernel refuses a second backing file for an
         inode, EBUSY), registered at its first passthrough open with that
-        open's descriptor and closed at its last release.  0 if the kernel
-        refuses it: this file is then served by the daemon (per file: a
-        backing it cannot stack on, ELOOP; or passthrough off altogether)."""
-        ino = h.inode.ino
+        open's descriptor, or the one parked on its record since its last
+        release.  0 if the kernel refuses it: this file is then served by the
+        daemon (per file: a backing it cannot stack on, ELOOP; or passthrough
+        off altogether)."""
+        node = h.inode
+        ino = node.ino
         bid = self.backing.get(ino, 0)
         if not bid:
-            if channel is None or not channel.negotiated & kernel.PASSTHROUGH:
-                self.enabled = False              # not offered (or another binding)
-                return 0
-            try:
-                bid = channel.backing_open(h.fd)
-            except OSError as e:
-                log.warning("passthrough refused by the kernel (%s): reads go through "
-                            "the daemon", e.strerror or e)
-                if e.errno in (errno.EPERM, errno.ENOTTY, errno.EOPNOTSUPP, errno.ENOSYS):
-                    self.enabled = False          # never, on this kernel or device
-                return 0
+            parked = self.parked.pop(ino, None) if self.parked else None
+            if parked is not None:
+                if parked[0] is node and parked[1] == node._flags >> 4:
+                    bid = parked[2]           # no ioctl
+                else:                         # another file's (cannot happen: unpark)
+                    self._close(channel, parked[2])
+            if not bid:
+                if channel is None or not channel.negotiated & kernel.PASSTHROUGH:
+                    self.enabled = False              # not offered (or another binding)
+                    return 0
+                try:
+                    bid = channel.backing_open(h.fd)
+                except OSError as e:
+                    log.warning("passthrough refused by the kernel (%s): reads go through "
+                                "the daemon", e.strerror or e)
+                    if e.errno in (errno.EPERM, errno.ENOTTY, errno.EOPNOTSUPP, errno.ENOSYS):
+                        self.enabled = False          # never, on this kernel or device
+                    return 0
+                self.opened += 1
             self.backing[ino] = bid
         h.backing = bid
         self.passthrough[ino] = self.passthrough.get(ino, 0) + 1
@@ -237,19 +280,42 @@ class IoModes:
 
     def released(self, channel, h) -> None:
         """Handle ``h`` was released: the last passthrough handle of an inode
-        closes its backing id."""
+        parks its backing id on the inode's record (closes it if the file has
+        no link left, or parking is off)."""
         ino = h.inode.ino
         if h.backing:
             left = self.passthrough.pop(ino) - 1
             if left:
                 self.passthrough[ino] = left
                 return
-            bid = self.backing.pop(ino)           # the last one: its backing id goes
-            try:
-                channel.backing_close(bid)
-            except OSError as e:
-                log.warning("closing passthrough backing id %d: %s", bid, e)
+            bid = self.backing.pop(ino)           # the last one
+            node = h.inode
+            if (self.max_parked > 0 and not node.unlinked
+                    and os.fstat(h.fd).st_nlink > 0):
+                parked = self.parked
+                parked[ino] = (node, node._flags >> 4, bid)
+                if len(parked) > self.max_parked:
+                    self._close(channel, parked.popitem(last=False)[1][2])
+                return
+            self._close(channel, bid)
         elif h.cached:
             left = self.cached.pop(ino) - 1
             if left:
                 self.cached[ino] = left
+
+    def unpark(self, channel, ino: int) -> None:
+        """Close the backing id parked on inode ``ino``, if any: the file lost
+        its last link through the mount, or its record's descriptor is being
+        closed (``InodeTable.on_unpark``)."""
+        parked = self.parked.pop(ino, None)
+        if parked is not None:
+            self._close(channel, parked[2])
+
+    def _close(self, channel, bid: int) -> None:
+        self.closed += 1
+        if channel is None:
+            return
+        try:
+            channel.backing_close(bid)
+        except OSError as e:
+            log.warning("closing passthrough backing id %d: %s", bid, e)

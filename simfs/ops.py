@@ -186,7 +186,10 @@ class SimOperations:
         self.mount_options: dict = {}
         # the kernel's io mode of each open file: passthrough or caching
         # (simfs.iomode; enabled by the mount unless -o nopassthrough)
-        self.iomodes = IoModes()
+        self.iomodes = IoModes(config.backing_parked)
+        # a parked backing id lives no longer than its record's descriptor
+        self.table.parked = self.iomodes.parked
+        self.table.on_unpark = lambda node: self.iomodes.unpark(self.channel, node.ino)
         # directories known to have no default ACL: inode -> (its record, until)
         self._no_default_acl: dict[int, tuple[Inode, float]] = {}
         # Set by the mount while a live recount runs: sees every request before
@@ -336,9 +339,12 @@ class SimOperations:
 
     def inodes_report(self) -> dict:
         t = self.table
+        io = self.iomodes
         return {"inodes": len(t.inodes) - 1, "peak": t.peak, "max": t.max_inodes,
                 "pruned": t.pruned, "held": len(self.ledger.held),
-                "unsettled": len(self.ledger.followed), "descriptors": t.open_fds()}
+                "unsettled": len(self.ledger.followed), "descriptors": t.open_fds(),
+                "backing": {"active": len(io.backing), "parked": len(io.parked),
+                            "opened": io.opened, "closed": io.closed}}
 
     def _acl_cost(self, acl: bytes | None, directory: bool) -> int:
         """What inheriting default ACL ``acl`` may allocate: its blocks as an
@@ -638,6 +644,8 @@ class SimOperations:
         os.unlink(name, dir_fd=pfd)
         if st.st_nlink <= 1 or stat.S_ISDIR(st.st_mode):     # _last_link
             self.ledger.unlinked(st)
+            if self.iomodes.parked:       # its blocks go when nothing has it open
+                self.iomodes.unpark(self.channel, table.fuse_ino(st.st_ino))
         self.ledger.dir_changed(parent)
 
     @errno_boundary
@@ -681,6 +689,8 @@ class SimOperations:
             self._whiteout(old, name_old, owner, wres)
         if victim is not None and self._last_link(victim):
             led.unlinked(victim)
+            if self.iomodes.parked:
+                self.iomodes.unpark(self.channel, self.table.fuse_ino(victim.st_ino))
         led.after_name(new, dres)
         if new is not old:
             led.dir_changed(old)

@@ -114,7 +114,7 @@ def test_two_readers_of_one_file_at_once(ro_mount):
         assert a.read() == b.read() == b"hello\n"
         with open(root / "small", "rb") as c:
             assert c.read() == b"hello\n"
-    with open(root / "small", "rb") as d:          # its id was closed and a new one made
+    with open(root / "small", "rb") as d:          # its id, parked at the last close, again
         assert d.read() == b"hello\n"
     after = counts(root)
     assert after.get("read", 0) == before.get("read", 0)

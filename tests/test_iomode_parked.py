@@ -1,0 +1,192 @@
+"""Parked passthrough backing ids at the unit level: the real handlers
+(``SimOperations`` open, release, unlink, rename, forget) and the inode table
+over a real directory, with a channel that stands in for /dev/fuse and
+counts the backing ids registered and closed.  What needs a small
+configuration (the LRU of descriptors, the bound) is checked here; the
+mounted behaviour on the four backings in test_passthrough_parked.py."""
+
+from __future__ import annotations
+
+import os
+import stat
+from types import SimpleNamespace
+
+import pytest
+
+from fusewire import kernel
+from simfs import iomode
+from simfs.config import Config
+from simfs.inodes import ROOT
+from simfs.ops import SimOperations
+
+CTX = SimpleNamespace(uid=0, gid=0, pid=os.getpid(), umask=0o022)
+
+
+class Channel:
+    """The kernel's side of backing ids: registered ones, by id."""
+    negotiated = kernel.PASSTHROUGH
+
+    def __init__(self):
+        self.next = 1
+        self.live: dict[int, int] = {}      # backing id -> st_ino of its file
+        self.opened = self.closed = 0
+
+    def backing_open(self, fd: int) -> int:
+        bid = self.next
+        self.next += 1
+        self.live[bid] = os.fstat(fd).st_ino
+        self.opened += 1
+        return bid
+
+    def backing_close(self, bid: int) -> None:
+        del self.live[bid]
+        self.closed += 1
+
+    def invalidate_inode(self, *a) -> None:
+        pass
+
+
+@pytest.fixture
+def area(world_tmp):
+    d = world_tmp / "area"
+    d.mkdir()
+    return d
+
+
+def make(area, config: Config) -> tuple[SimOperations, Channel]:
+    fd = os.open(area, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    ops = SimOperations(fd, config)
+    ops.channel = ch = Channel()
+    ops.iomodes.enabled = True
+    ops.iomodes.min_size = 0
+    return ops, ch
+
+
+def close(ops) -> None:
+    ops.table.close_all()
+
+
+def read_once(ops, name: bytes) -> tuple[int, int]:
+    """A lookup, a read-only open and its release; (inode, backing id)."""
+    ino = ops.lookup(ROOT, name, CTX).st_ino
+    fi = ops.open(ino, os.O_RDONLY, CTX)
+    bid = fi.backing_id
+    ops.release(fi.fh)
+    return ino, bid
+
+
+def test_reopens_reuse_the_parked_id_and_writers_are_not_readers(area):
+    (area / "f").write_bytes(b"x" * 8192)
+    ops, ch = make(area, Config())
+    io = ops.iomodes
+    try:
+        ino, bid = read_once(ops, b"f")
+        assert bid and ch.opened == 1 and list(io.parked) == [ino]
+        for _ in range(10):
+            fi = ops.open(ino, os.O_RDONLY, CTX)
+            assert fi.backing_id == bid
+            ops.release(fi.fh)
+        assert (ch.opened, ch.closed) == (1, 0)
+        # a parked id is not a reader: not busy, and a writer is a caching open
+        assert not io.busy(ino) and not io.passthrough
+        node = ops.table.get(ino)
+        assert io.decide(node, os.O_RDWR) == iomode.CACHING
+        assert io.decide(node, os.O_WRONLY) == iomode.CACHING
+        w = ops.open(ino, os.O_RDWR, CTX)
+        assert not w.backing_id and not w.direct_io and io.cached == {ino: 1}
+        r = ops.open(ino, os.O_RDONLY, CTX)        # beside a writer: caching too
+        assert not r.backing_id
+        ops.release(r.fh)
+        ops.release(w.fh)
+        assert list(io.parked) == [ino] and ch.live == {bid: os.stat(area / "f").st_ino}
+        assert ops.pruner is not None and ops._kept(node) is False
+    finally:
+        close(ops)
+
+
+def test_the_bound_closes_the_least_recently_released_first(area):
+    for i in range(6):
+        (area / f"f{i}").write_bytes(b"%d" % i)
+    ops, ch = make(area, Config(backing_parked=3))
+    io = ops.iomodes
+    try:
+        inos = [read_once(ops, b"f%d" % i)[0] for i in range(6)]
+        assert (ch.opened, ch.closed) == (6, 3)
+        assert list(io.parked) == inos[3:]
+        read_once(ops, b"f3")                      # the oldest parked, used again: no ioctl
+        assert ch.opened == 6 and list(io.parked) == inos[4:] + inos[3:4]
+        read_once(ops, b"f0")                      # pushes out f4
+        assert (ch.opened, ch.closed) == (7, 4)
+        assert list(io.parked) == [inos[5], inos[3], inos[0]]
+        assert len(ch.live) == 3
+    finally:
+        close(ops)
+
+
+def test_a_record_that_leaves_the_table_or_the_lru_closes_its_parked_id(area):
+    for i in range(40):
+        (area / f"f{i}").write_bytes(b"%d" % i)
+    ops, ch = make(area, Config(cached_fds=16))
+    io = ops.iomodes
+    try:
+        assert ops.table.budget.cached == 16
+        # FORGET to zero: the record leaves, its id is closed
+        ino, bid = read_once(ops, b"f0")
+        ops.forget([(ino, 1)])
+        assert ino not in ops.table.inodes and not io.parked and ch.live == {}
+        # the record's descriptor leaves the LRU: its id is closed (the
+        # daemon no longer keeps the file; neither does a parked id)
+        ino, bid = read_once(ops, b"f1")
+        assert ops.table.get(ino)._fd >= 0 and list(io.parked) == [ino]
+        for i in range(2, 40):
+            ops.lookup(ROOT, b"f%d" % i, CTX)
+        assert ops.table.get(ino)._fd < 0 and not io.parked and ch.live == {}
+        # back in the LRU: a new registration
+        fi = ops.open(ino, os.O_RDONLY, CTX)
+        assert fi.backing_id not in (0, bid) and ch.opened == 3
+        ops.release(fi.fh)
+        assert list(io.parked) == [ino]
+    finally:
+        close(ops)
+
+
+def test_the_last_link_gone_through_the_mount_closes_the_parked_id(area):
+    for name in ("a", "b", "c"):
+        (area / name).write_bytes(name.encode() * 4096)
+    ops, ch = make(area, Config())
+    io = ops.iomodes
+    try:
+        ino_a, _ = read_once(ops, b"a")
+        ops.link(ino_a, ROOT, b"a2", CTX)          # two links: the first unlink keeps it
+        ops.unlink(ROOT, b"a", CTX)
+        assert list(io.parked) == [ino_a]
+        ops.unlink(ROOT, b"a2", CTX)
+        assert not io.parked and ch.live == {}
+        ino_b, _ = read_once(ops, b"b")
+        ops.rename(ROOT, b"c", ROOT, b"b", 0, CTX)   # over it
+        assert ino_b not in io.parked and ch.live == {}
+        # a release of a file without links does not park it
+        ino_c = ops.lookup(ROOT, b"b", CTX).st_ino
+        fi = ops.open(ino_c, os.O_RDONLY, CTX)
+        os.unlink(area / "b")                        # behind the mount
+        ops.release(fi.fh)
+        assert not io.parked and ch.live == {} and ch.opened == ch.closed == 3
+    finally:
+        close(ops)
+
+
+def test_a_new_generation_of_a_number_never_gets_the_old_id(area):
+    (area / "f").write_bytes(b"f" * 4096)
+    ops, ch = make(area, Config())
+    io = ops.iomodes
+    try:
+        ino, bid = read_once(ops, b"f")
+        node = ops.table.get(ino)
+        node._flags += 16                            # as InodeTable.adopt does at a reuse
+        fi = ops.open(ino, os.O_RDONLY, CTX)
+        assert fi.backing_id != bid and bid not in ch.live
+        ops.release(fi.fh)
+        assert io.parked[ino][1] == node._flags >> 4
+        assert stat.S_ISREG(node.mode)
+    finally:
+        close(ops)
