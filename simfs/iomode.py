@@ -281,7 +281,7 @@ class IoModes:
     def released(self, channel, h) -> None:
         """Handle ``h`` was released: the last passthrough handle of an inode
         parks its backing id on the inode's record (closes it if the file has
-        no link left, or parking is off)."""
+        no link left, the record no descriptor, or parking is off)."""
         ino = h.inode.ino
         if h.backing:
             left = self.passthrough.pop(ino) - 1
@@ -290,7 +290,10 @@ class IoModes:
                 return
             bid = self.backing.pop(ino)           # the last one
             node = h.inode
-            if (self.max_parked > 0 and not node.unlinked
+            # parked only while the record holds its descriptor (one evicted
+            # from the LRU while the file was open is not: a parked id must
+            # not keep a file the daemon does not)
+            if (self.max_parked > 0 and node._fd >= 0 and not node.unlinked
                     and os.fstat(h.fd).st_nlink > 0):
                 parked = self.parked
                 parked[ino] = (node, node._flags >> 4, bid)

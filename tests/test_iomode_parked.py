@@ -146,6 +146,13 @@ def test_a_record_that_leaves_the_table_or_the_lru_closes_its_parked_id(area):
         assert fi.backing_id not in (0, bid) and ch.opened == 3
         ops.release(fi.fh)
         assert list(io.parked) == [ino]
+        # a record whose descriptor left the LRU while the file was open
+        # does not park its id at the last close
+        fi = ops.open(ino, os.O_RDONLY, CTX)
+        assert ch.opened == 3 and not io.parked
+        ops.table.evict(ops.table.get(ino))
+        ops.release(fi.fh)
+        assert not io.parked and ch.live == {} and ch.opened == ch.closed == 3
     finally:
         close(ops)
 
