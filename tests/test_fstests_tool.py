@@ -1,7 +1,8 @@
 """tools/fstests (the outside suites through a quota mount): its usage errors
 exit 2 before anything is mounted, and its reading of prove's summary finds
 the failed tests (ranges and lists, a non-zero exit status) that it compares
-with the backing's own failures.  The suites themselves are not the
+with the backing's own failures; SIGTERM ends a run with nothing left behind
+(a real mount, a stand-in suite).  The suites themselves are not the
 project's and are run by hand (README, "The outside suites")."""
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import importlib.machinery
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -85,3 +87,71 @@ def test_usage_errors_exit_2(tmp_path):
         assert r.returncode == 2, (args, r)
         assert says in r.stderr, (args, r.stderr)
         assert "fstests: --fs" not in r.stdout       # nothing was started
+
+
+def test_sigterm_stops_the_suite_and_cleans_up(fuse, tmp_path):
+    """SIGTERM during a suite ends the run at once and leaves nothing behind:
+    exit 143, the suite it interrupted has no row, its test scripts (prove's
+    children, which sit in the mount) are killed, the simfs mount, its daemon,
+    the backing and the temp dir are gone.  It used to die where it stood,
+    leaving the daemon, the mounts, the quota and prove's scripts running.  The
+    "pjdfstest" here is a stand-in whose one test script sleeps in the mount."""
+    import select
+    import signal
+    import time
+    fake = tmp_path / "pjd"
+    (fake / "tests" / "slow").mkdir(parents=True)
+    (fake / "pjdfstest").write_text("#!/bin/sh\n")
+    (fake / "pjdfstest").chmod(0o755)
+    started = tmp_path / "started"
+    script = fake / "tests" / "slow" / "00.t"
+    script.write_text(f"#!/bin/sh\necho 1..1\necho $$ > {started}.tmp\n"
+                      f"pwd >> {started}.tmp\nmv {started}.tmp {started}\n"
+                      "sleep 300\necho ok 1\n")
+    script.chmod(0o755)
+    env = dict(os.environ, FSTESTS_REEXEC="1")
+    p = subprocess.Popen([sys.executable, str(TOOL), "--fs", "tmpfs", "--pjdfstest",
+                          str(fake)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=env)
+    out = ""
+    try:
+        deadline = time.monotonic() + 120
+        while not started.exists():
+            assert time.monotonic() < deadline, out
+            assert p.poll() is None, out + p.stdout.read() + p.stderr.read()
+            if select.select([p.stdout], [], [], 0.2)[0]:
+                out += p.stdout.readline()
+        pid, cwd = started.read_text().split()
+        tmp = re.search(r"\(temp dir (\S+)\)", out).group(1)
+        assert cwd.startswith(tmp), (cwd, tmp)
+        p.send_signal(signal.SIGTERM)
+        rest, err = p.communicate(timeout=90)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    out += rest
+    assert p.returncode == 143, out + err
+    assert "stopped by SIGTERM" in err, err
+    assert "tmpfs    pjdfstest" not in out, out          # no row for the interrupted suite
+    for _ in range(50):                                  # the script (and its sleep) died
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"the suite's script {pid} still runs")
+    assert not os.path.exists(tmp), f"{tmp} was left behind"
+    with open("/proc/self/mountinfo") as f:
+        left = [l.split()[4] for l in f if tmp in l]
+    assert not left, f"still mounted: {left}"
+    procs = []
+    for d in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                if tmp.encode() in f.read():
+                    procs.append(d)
+        except OSError:
+            pass
+    assert not procs, f"processes of the run left: {procs}"
