@@ -877,3 +877,35 @@ def test_written_sees_a_writable_open_and_a_shared_mapping(tmp_path):
     finally:
         fcntl.fcntl = real
     assert writer[0].wait(10) == 0
+
+
+def test_reopen_in_a_forked_child_opens_the_childs_own_descriptor(tmp_path):
+    """lower.reopen looks the descriptor up in a held /proc/self/fd; that
+    directory descriptor names one process, so a forked child must open its
+    own: one inheriting the parent's would re-open the parent's descriptor of
+    that number (here: the other file)."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.write_bytes(b"parent's")
+    b.write_bytes(b"child's")
+    pa = os.open(a, os.O_PATH)
+    fd = lower.reopen(pa, os.O_RDONLY)            # the held directory is opened now
+    assert os.read(fd, 100) == b"parent's"
+    os.close(fd)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:                                  # the child: the same number, another file
+        try:
+            pb = os.open(b, os.O_PATH)
+            os.dup2(pb, pa)
+            got = os.read(lower.reopen(pa, os.O_RDONLY), 100)
+            os.write(w, got)
+        finally:
+            os._exit(0)
+    os.close(w)
+    _, status = os.waitpid(pid, 0)
+    assert os.read(r, 100) == b"child's" and status == 0
+    os.close(r)
+    fd = lower.reopen(pa, os.O_RDONLY)            # the parent's still its own
+    assert os.read(fd, 100) == b"parent's"
+    os.close(fd)
+    os.close(pa)
