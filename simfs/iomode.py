@@ -77,7 +77,7 @@ parked id holds a kernel reference to the backing file (not a descriptor of
 the daemon's: RLIMIT_NOFILE does not see it), so it is closed (``unpark``)
 when ``max_parked`` are parked (the least recently released first), when the
 file loses its last link through the mount (unlink, a rename over it; and a
-release of a file without links does not park), and when the record's
+release of a file unlinked through the mount does not park), and when the record's
 O_PATH descriptor is closed (the record leaves the table, or its descriptor
 leaves the table's LRU: ``InodeTable.on_unpark``).  So a parked id never
 keeps a backing inode the daemon would not keep anyway, never outlives its
@@ -280,8 +280,9 @@ class IoModes:
 
     def released(self, channel, h) -> None:
         """Handle ``h`` was released: the last passthrough handle of an inode
-        parks its backing id on the inode's record (closes it if the file has
-        no link left, the record no descriptor, or parking is off)."""
+        parks its backing id on the inode's record (closes it if the file
+        lost its last link through the mount, the record has no descriptor,
+        or parking is off)."""
         ino = h.inode.ino
         if h.backing:
             left = self.passthrough.pop(ino) - 1
@@ -293,8 +294,9 @@ class IoModes:
             # parked only while the record holds its descriptor (one evicted
             # from the LRU while the file was open is not: a parked id must
             # not keep a file the daemon does not)
-            if (self.max_parked > 0 and node._fd >= 0 and not node.unlinked
-                    and os.fstat(h.fd).st_nlink > 0):
+            # (a file removed behind the mount is parked: the record's own
+            # descriptor holds it as long, and both go with the record)
+            if self.max_parked > 0 and node._fd >= 0 and not node.unlinked:
                 parked = self.parked
                 parked[ino] = (node, node._flags >> 4, bid)
                 if len(parked) > self.max_parked:

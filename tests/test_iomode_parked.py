@@ -172,11 +172,15 @@ def test_the_last_link_gone_through_the_mount_closes_the_parked_id(area):
         ino_b, _ = read_once(ops, b"b")
         ops.rename(ROOT, b"c", ROOT, b"b", 0, CTX)   # over it
         assert ino_b not in io.parked and ch.live == {}
-        # a release of a file without links does not park it
+        # a file removed behind the mount is parked at its release (the
+        # daemon does not look at its links), and its id goes with the record,
+        # whose own descriptor holds the file as long
         ino_c = ops.lookup(ROOT, b"b", CTX).st_ino
         fi = ops.open(ino_c, os.O_RDONLY, CTX)
         os.unlink(area / "b")                        # behind the mount
         ops.release(fi.fh)
+        assert list(io.parked) == [ino_c] and ch.opened == 3 and ch.closed == 2
+        ops.forget([(ino_c, 1)])
         assert not io.parked and ch.live == {} and ch.opened == ch.closed == 3
     finally:
         close(ops)
