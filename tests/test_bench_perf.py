@@ -42,3 +42,20 @@ def test_perf_unknown_tool_or_bad_usage_exits_2(tmp_path):
                        capture_output=True, text=True, timeout=60, env=env)
     assert p.returncode == 2
     assert "--perf needs perf" in p.stderr
+
+
+def test_a_failed_section_stops_its_perf():
+    """C-ll has no PUNCH_HOLE: that section fails on it.  The perf watching it
+    must stop with it (one left running held the temp dir's image mounted:
+    the run could not clean up) and the run goes on to the end."""
+    before = set(subprocess.run(["pgrep", "-x", "perf"], capture_output=True,
+                                text=True).stdout.split())
+    p = subprocess.run([sys.executable, str(BENCH), "--quick", "--only", "kernel", "--no-pt",
+                        "--cpu", "0", "--perf", "C-ll"],
+                       capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "FAIL (Operation not supported)" in p.stdout       # the failed section
+    left = set(subprocess.run(["pgrep", "-x", "perf"], capture_output=True,
+                              text=True).stdout.split()) - before
+    assert not left, f"perf left running: {left}"
+    assert "kept" not in p.stderr and "NOT removing" not in p.stderr

@@ -512,6 +512,20 @@ class Profiler:
         return p, path
 
     @staticmethod
+    def abort(p: subprocess.Popen, path: str) -> None:
+        """The section failed: stop perf and drop its samples (a perf left
+        running would hold the temp dir's filesystem, and the run's clean-up
+        could not unmount it)."""
+        p.send_signal(signal.SIGINT)
+        try:
+            p.wait(30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+    @staticmethod
     def stop(p: subprocess.Popen, path: str, pid: int | list[int]) -> Profile | None:
         """``pid``: the daemon, or all the daemons of a row (the web fleet's)."""
         tids: set[int] = set()
@@ -590,7 +604,12 @@ class Meter:
         c0 = self.t.counts()
         cpu0 = self.t.cpu()
         t0 = time.perf_counter()
-        yield over
+        try:
+            yield over
+        except BaseException:
+            if watch is not None:             # a failed section: perf stops with it
+                prof.abort(*watch)
+            raise
         dt = time.perf_counter() - t0
         cpu1 = self.t.cpu()
         c1 = self.t.counts()
@@ -1135,7 +1154,12 @@ def run_web(res: Results, targets: list[Target], z: Sizes, rnd: int) -> None:
                     watch = prof.start()          # the first round: all the daemons
                 cpu0 = sum(tree_cpu(p) for p in procs)
                 t0 = time.perf_counter()
-                rpm = w.load(cfg)
+                try:
+                    rpm = w.load(cfg)
+                except BaseException:
+                    if watch is not None:
+                        prof.abort(*watch)
+                    raise
                 dt = time.perf_counter() - t0
                 cpu1 = sum(tree_cpu(p) for p in procs)
                 if watch is not None:
