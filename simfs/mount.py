@@ -36,6 +36,12 @@ import time
 from dataclasses import dataclass, field
 
 import anyio
+# anyio (4.16) loads each of its parts at its first use.  A daemon whose
+# first use came while its descriptor table was full (EMFILE: a container
+# holding all it may) could not read the module, and the signal task's
+# failure ended the daemon; what every daemon uses is loaded here, before
+# it serves.
+from anyio import open_signal_receiver, to_thread  # noqa: F401
 from anyio.abc import SocketAttribute, SocketListener, SocketStream
 
 import fusewire

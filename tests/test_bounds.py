@@ -16,6 +16,7 @@ import errno
 import os
 import resource
 import subprocess
+import sys
 import textwrap
 import time
 
@@ -463,3 +464,14 @@ def test_with_file_handles_the_lru_turns_and_every_inode_stays_reachable(world_t
     finally:
         table.close_all()
         os.close(root_fd)
+
+
+def test_the_anyio_parts_a_daemon_uses_are_loaded_before_it_serves():
+    """anyio loads its parts at first use; the signal task's first use came
+    once test_control_channel_survives_emfile_at_accept had filled the
+    daemon's descriptor table (EMFILE reading anyio/_core/_signals.py), and
+    the daemon ended.  Importing the mount module loads them."""
+    code = ("import sys, simfs.mount; "
+            "print(all(m in sys.modules for m in ('anyio._core._signals', 'anyio.to_thread')))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.stdout.strip() == "True", (r.stdout, r.stderr)
