@@ -512,16 +512,21 @@ class Profiler:
         return p, path
 
     @staticmethod
+    def _halt(p: subprocess.Popen) -> None:
+        """perf writes its samples out on SIGINT; killed after 60 s."""
+        p.send_signal(signal.SIGINT)
+        try:
+            p.wait(60)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+    @staticmethod
     def abort(p: subprocess.Popen, path: str) -> None:
         """The section failed: stop perf and drop its samples (a perf left
         running would hold the temp dir's filesystem, and the run's clean-up
         could not unmount it)."""
-        p.send_signal(signal.SIGINT)
-        try:
-            p.wait(30)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+        Profiler._halt(p)
         with contextlib.suppress(OSError):
             os.unlink(path)
 
@@ -534,12 +539,7 @@ class Profiler:
                 tids |= {int(t) for t in os.listdir(f"/proc/{one}/task")}
             except OSError:
                 tids.add(one)
-        p.send_signal(signal.SIGINT)
-        try:
-            p.wait(60)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+        Profiler._halt(p)
         try:
             def report(key: str) -> list[tuple[int, str]]:
                 """(samples, key) of the daemon's threads, heaviest first."""
