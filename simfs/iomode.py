@@ -97,8 +97,10 @@ from __future__ import annotations
 
 import enum
 import errno
+import fcntl
 import logging
 import os
+import signal
 import stat
 from collections import OrderedDict
 
@@ -144,8 +146,6 @@ def written(fd: int) -> bool:
     ignored (not SIGIO, which would end the daemon).  True when no lease
     can be taken at all (leases disabled, a filesystem without them):
     conservative."""
-    import fcntl
-    import signal
     try:
         fcntl.fcntl(fd, fcntl.F_SETSIG, signal.SIGURG)
         fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
@@ -169,7 +169,7 @@ class IoModes:
     registrations and closes of backing ids (ioctls) so far."""
 
     __slots__ = ("enabled", "min_size", "max_parked", "passthrough", "backing", "parked",
-                 "cached", "mapped", "opened", "closed")
+                 "cached", "mapped", "unchecked", "opened", "closed")
 
     def __init__(self, max_parked: int = 0) -> None:
         self.enabled = False
@@ -182,6 +182,10 @@ class IoModes:
         self.parked: OrderedDict[int, tuple[object, int, int]] = OrderedDict()
         self.cached: dict[int, int] = {}        # inode -> its caching-mode handles
         self.mapped: set[int] = set()           # inodes a SHARED writer had open
+        # inodes with a backing id (active or parked) opened for writing or
+        # truncated since ``stay_cached`` last checked them with no writer
+        # open: their next first passthrough open checks again (``ready``)
+        self.unchecked: set[int] = set()
         self.opened = 0                         # backing ids registered so far
         self.closed = 0                         # and closed
 
@@ -205,6 +209,32 @@ class IoModes:
             return CACHING
         return SHARED if acc == os.O_RDWR else WRITE
 
+    def ready(self, node) -> bool:
+        """Whether a READ open of ``node`` can share a backing id as it is,
+        with no descriptor of its own and no check (``ops.LazyHandle``): the
+        inode has passthrough handles (the kernel wants passthrough), or an id
+        is parked on its record (the same record and generation) and nothing
+        has opened the file for writing or truncated it through the mount
+        since ``stay_cached`` found it neither small nor sparse with no writer
+        open.  (A file changed behind the mount meanwhile is not seen: such a
+        change can only make a reader's open passthrough where a check would
+        have kept it cached.)"""
+        ino = node.ino
+        if ino in self.passthrough:
+            return True
+        if not self.parked:
+            return False
+        p = self.parked.get(ino)
+        return (p is not None and p[0] is node and p[1] == node._flags >> 4
+                and ino not in self.unchecked)
+
+    def writing(self, ino: int) -> None:
+        """Inode ``ino`` is being opened for writing (or with O_TRUNC), or
+        truncated, through the mount: a backing id it has needs a check again
+        before an open skips it (``ready``)."""
+        if ino in self.backing or ino in self.parked:
+            self.unchecked.add(ino)
+
     def stay_cached(self, node, fd: int) -> bool:
         """Whether a READ open of ``node`` (descriptor ``fd``) that would be
         the inode's first passthrough open is better served through the page
@@ -212,13 +242,28 @@ class IoModes:
         one: a passthrough reader of it would make its writers' O_RDWR opens
         fail (``refuse_sparse``), and a reader must not lock out writers (any
         user may read a world-readable sparse file, e.g. lastlog)."""
-        if node.ino in self.passthrough:
+        ino = node.ino
+        if ino in self.passthrough:
             return False                  # the kernel wants passthrough now
         # the size by lseek: 0.3 µs, an fstat 1 µs (its stat_result); the
         # descriptor's offset does not matter (every read and write of a
         # handle is positional)
         size = os.lseek(fd, 0, os.SEEK_END)
-        return (self.min_size > 0 and size < self.min_size) or has_hole(fd, size)
+        if (self.min_size > 0 and size < self.min_size) or has_hole(fd, size):
+            return True
+        if ino in self.parked:            # checked: later opens may skip it (``ready``)
+            self._checked(ino, fd)
+        return False
+
+    def _checked(self, ino: int, fd: int) -> None:
+        """Inode ``ino``, which has a backing id, was found neither small nor
+        sparse through its open descriptor ``fd``: later opens may skip the
+        check unless a writer has it open now (an O_DIRECT one is in no mode
+        count: its writes could make a hole unseen here)."""
+        if written(fd):
+            self.unchecked.add(ino)
+        else:
+            self.unchecked.discard(ino)
 
     @staticmethod
     def refuse_sparse(fd: int) -> None:
@@ -274,6 +319,7 @@ class IoModes:
                         self.enabled = False          # never, on this kernel or device
                     return 0
                 self.opened += 1
+                self._checked(ino, h.fd)
             self.backing[ino] = bid
         h.backing = bid
         self.passthrough[ino] = self.passthrough.get(ino, 0) + 1
@@ -303,8 +349,11 @@ class IoModes:
                 parked = self.parked
                 parked[ino] = (node, node._flags >> 4, bid)
                 if len(parked) > self.max_parked:
-                    self._close(channel, parked.popitem(last=False)[1][2])
+                    old, (_, _, obid) = parked.popitem(last=False)
+                    self.unchecked.discard(old)
+                    self._close(channel, obid)
                 return
+            self.unchecked.discard(ino)
             self._close(channel, bid)
         elif h.cached:
             left = self.cached.pop(ino) - 1
@@ -317,6 +366,7 @@ class IoModes:
         closed (``InodeTable.on_unpark``)."""
         parked = self.parked.pop(ino, None)
         if parked is not None:
+            self.unchecked.discard(ino)
             self._close(channel, parked[2])
 
     def _close(self, channel, bid: int) -> None:

@@ -620,10 +620,11 @@ class Ledger:
 
     # ---- the last close, and files followed after it --------------------------
 
-    def closing(self, h) -> None:
-        """The last open handle of ``h.inode`` is being closed: charge what the
-        file holds now, its late allocations forced first if it was written
-        through; a file whose delayed blocks are not allocated yet is
+    def closing(self, h, fd: int) -> None:
+        """The last open handle of ``h.inode`` (its descriptor ``fd``; a reader
+        without one of its own gives the record's) is being closed: charge
+        what the file holds now, its late allocations forced first if it was
+        written through; a file whose delayed blocks are not allocated yet is
         followed (``sweep``), up to ``follow_max`` files at once."""
         node = h.inode
         pending = False
@@ -631,10 +632,10 @@ class Ledger:
             # inline, as the writeback it starts always was (awaited, an
             # unmount could abort the request before its reply)
             _, st, pending = self._force_allocation(
-                h.fd, follow=self.quota is not None
+                fd, follow=self.quota is not None
                 and len(self.followed) < self.config.follow_max)
         else:
-            st = self._fstat(h.fd)
+            st = self._fstat(fd)
         self._reconcile(node, st)
         if pending:
             self.followed[node] = time.monotonic()

@@ -144,15 +144,20 @@ def test_a_record_that_leaves_the_table_or_the_lru_closes_its_parked_id(area):
         # back in the LRU: a new registration
         fi = ops.open(ino, os.O_RDONLY, CTX)
         assert fi.backing_id not in (0, bid) and ch.opened == 3
-        ops.release(fi.fh)
-        assert list(io.parked) == [ino]
-        # a record whose descriptor left the LRU while the file was open
-        # does not park its id at the last close
-        fi = ops.open(ino, os.O_RDONLY, CTX)
-        assert ch.opened == 3 and not io.parked
+        # a record whose descriptor left the LRU while the file was open (by
+        # a descriptor of its own) does not park its id at the last close
         ops.table.evict(ops.table.get(ino))
         ops.release(fi.fh)
         assert not io.parked and ch.live == {} and ch.opened == ch.closed == 3
+        # a reader without a descriptor of its own (an id to share) charges
+        # its last close by the record's, which takes it back: parked then
+        read_once(ops, b"f1")
+        fi = ops.open(ino, os.O_RDONLY, CTX)
+        assert "fd" not in vars(ops.handles[fi.fh]) and ch.opened == 4
+        ops.table.evict(ops.table.get(ino))
+        ops.release(fi.fh)
+        assert ops.table.get(ino)._fd >= 0 and list(io.parked) == [ino]
+        assert ch.opened == 4 and ch.closed == 3
     finally:
         close(ops)
 
@@ -199,5 +204,78 @@ def test_a_new_generation_of_a_number_never_gets_the_old_id(area):
         ops.release(fi.fh)
         assert io.parked[ino][1] == node._flags >> 4
         assert stat.S_ISREG(node.mode)
+    finally:
+        close(ops)
+
+
+def own_fds() -> set[int]:
+    return {int(n) for n in os.listdir("/proc/self/fd")}
+
+
+class Fields:
+    """A stand-in for ``fusewire.SetattrFields`` (a truncate)."""
+    update_atime = update_mtime = update_ctime = False
+    update_mode = update_uid = update_gid = False
+    update_size = True
+
+
+def test_a_reader_sharing_an_id_opens_no_descriptor_until_it_needs_one(area):
+    (area / "f").write_bytes(b"d" * 8192)
+    ops, ch = make(area, Config())
+    try:
+        ino, bid = read_once(ops, b"f")
+        before = own_fds()
+        fi = ops.open(ino, os.O_RDONLY, CTX)       # the parked id: nothing opened
+        fi2 = ops.open(ino, os.O_RDONLY, CTX)      # an active one: the same
+        assert fi.backing_id == fi2.backing_id == bid and own_fds() == before
+        ops.release(fi2.fh)
+        # an lseek (SEEK_DATA/SEEK_HOLE reach the daemon) opens one then
+        assert ops.lseek(fi.fh, 0, os.SEEK_HOLE) == 8192
+        assert len(own_fds() - before) == 1
+        ops.release(fi.fh)
+        assert own_fds() == before and (ch.opened, ch.closed) == (1, 0)
+    finally:
+        close(ops)
+
+
+@pytest.mark.parametrize("how", ["open for writing", "truncate", "O_DIRECT writer"])
+def test_an_id_is_checked_again_after_a_writer_or_a_truncate(area, how):
+    """A parked id skips the size and hole check only while nothing has
+    opened the file for writing or truncated it since its check: a writer
+    that left a hole makes the next reader a caching open, as the check
+    would (a passthrough reader of a sparse file would lock O_RDWR openers
+    out); an O_DIRECT writer, in no mode count, open while the id was
+    registered, too."""
+    (area / "f").write_bytes(b"d" * 8192)
+    ops, ch = make(area, Config())
+    io = ops.iomodes
+    try:
+        ino = ops.lookup(ROOT, b"f", CTX).st_ino
+        w = None
+        if how == "O_DIRECT writer":
+            w = ops.open(ino, os.O_WRONLY | os.O_DIRECT, CTX)
+        ino, bid = read_once(ops, b"f")
+        assert bid and list(io.parked) == [ino]
+        if how == "open for writing":
+            w = ops.open(ino, os.O_WRONLY, CTX)
+        if how == "truncate":
+            attr = SimpleNamespace(st_size=1 << 20)
+            ops.setattr(ino, attr, Fields(), None, CTX)
+        else:
+            os.ftruncate(ops.handles[w.fh].fd, 1 << 20)   # a hole past 8192
+            ops.release(w.fh)
+        assert ino in io.unchecked
+        fi = ops.open(ino, os.O_RDONLY, CTX)
+        assert fi.backing_id == 0 and "fd" in vars(ops.handles[fi.fh])
+        ops.release(fi.fh)
+        # filled again: passthrough by the parked id, checked, then lazy
+        os.truncate(area / "f", 8192)
+        fi = ops.open(ino, os.O_RDONLY, CTX)
+        assert fi.backing_id == bid and ino not in io.unchecked
+        ops.release(fi.fh)
+        fi = ops.open(ino, os.O_RDONLY, CTX)
+        assert fi.backing_id == bid and "fd" not in vars(ops.handles[fi.fh])
+        ops.release(fi.fh)
+        assert (ch.opened, ch.closed) == (1, 0)
     finally:
         close(ops)

@@ -315,7 +315,7 @@ def test_a_file_closed_with_delayed_blocks_is_followed_until_they_are_allocated(
     fs.files[h.fd].write(0, 2 * B, delayed=True)
     led.after_write(h, res, tree)
     assert usage(led) == 0                     # nothing allocated yet
-    led.closing(h)
+    led.closing(h, h.fd)
     assert inode in led.followed
     inode.opens = 0
     led.table.forget(inode.ino, 1)             # kept while followed
@@ -332,7 +332,7 @@ def test_at_a_clean_stop_followed_files_are_charged(led, fs):
     fs.files[inode.fd].write(0, B, delayed=True)
     h = handle(inode)
     h.wrote = True
-    led.closing(h)
+    led.closing(h, h.fd)
     assert inode in led.followed
     led.charge_followed()
     assert usage(led) == B and not led.followed
