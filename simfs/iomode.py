@@ -83,7 +83,12 @@ leaves the table's LRU: ``InodeTable.on_unpark``).  So a parked id never
 keeps a backing inode the daemon would not keep anyway, never outlives its
 record (it is kept with the record and its generation: a number the backing
 filesystem reused can never get an old file's id), and is never the last
-reference to an unlinked file.
+reference to an unlinked file.  A READ open that can share an id (the inode
+has passthrough handles, or a parked id) needs no descriptor of its own
+(``ops.LazyHandle``), and with a parked id no size and hole check either
+(``ready``) unless the file was opened for writing or truncated through the
+mount since its last check, or a writer had it open at that check
+(``unchecked``, kept only for inodes with an id: bounded as the ids are).
 
 Concurrency: called from the plain (never awaiting) open, create, tmpfile,
 release, unlink and rename handlers and the inode table's drop and eviction
