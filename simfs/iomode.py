@@ -233,6 +233,14 @@ class IoModes:
         return (p is not None and p[0] is node and p[1] == node._flags >> 4
                 and ino not in self.unchecked)
 
+    def small(self, node) -> bool:
+        """Whether a READ open of ``node`` that would be its first passthrough
+        open is read through the page cache for its size alone (below
+        ``min_size``), known without an open of the file (``stay_cached``
+        decides the others once the open has its descriptor)."""
+        return (self.min_size > 0 and node.ino not in self.passthrough
+                and os.fstat(node.fd).st_size < self.min_size)
+
     def writing(self, ino: int) -> None:
         """Inode ``ino`` is being opened for writing (or with O_TRUNC), or
         truncated, through the mount: a backing id it has needs a check again

@@ -209,7 +209,9 @@ def test_a_new_generation_of_a_number_never_gets_the_old_id(area):
 
 
 def own_fds() -> set[int]:
-    return {int(n) for n in os.listdir("/proc/self/fd")}
+    """This process's descriptors (not the one the listing itself used)."""
+    return {int(n) for n in os.listdir("/proc/self/fd")
+            if os.path.lexists(f"/proc/self/fd/{n}")}
 
 
 class Fields:
@@ -277,5 +279,45 @@ def test_an_id_is_checked_again_after_a_writer_or_a_truncate(area, how):
         assert fi.backing_id == bid and "fd" not in vars(ops.handles[fi.fh])
         ops.release(fi.fh)
         assert (ch.opened, ch.closed) == (1, 0)
+    finally:
+        close(ops)
+
+
+@pytest.mark.parametrize("passthrough", [True, False])
+def test_a_reader_through_the_page_cache_opens_a_descriptor_at_its_first_read(area, passthrough):
+    """A small file (below min_size), or any file with passthrough off, is
+    read through the page cache: its open needs no descriptor (a hot file's
+    reads never reach the daemon); the first READ opens one, with the
+    open's flags, and the release closes it."""
+    (area / "small").write_bytes(b"s" * 1000)
+    (area / "big").write_bytes(b"b" * 100_000)
+    ops, ch = make(area, Config())
+    io = ops.iomodes
+    io.enabled = passthrough
+    io.min_size = 64 << 10
+    try:
+        small = ops.lookup(ROOT, b"small", CTX).st_ino
+        big = ops.lookup(ROOT, b"big", CTX).st_ino
+        before = own_fds()
+        fi = ops.open(small, os.O_RDONLY, CTX)
+        assert not fi.backing_id and fi.keep_cache and io.cached == {small: 1}
+        assert own_fds() == before
+        assert bytes(ops.read(fi.fh, 0, 4096)) == b"s" * 1000
+        (fd,) = own_fds() - before
+        assert os.readlink(f"/proc/self/fd/{fd}") == str(area / "small")
+        assert os.fstat(fd).st_ino == small and os.get_blocking(fd)
+        ops.release(fi.fh)
+        assert own_fds() == before and not io.cached
+        # a large one: passthrough (a descriptor to register) or, without,
+        # through the page cache like the small one
+        fi = ops.open(big, os.O_RDONLY, CTX)
+        assert bool(fi.backing_id) == passthrough
+        assert len(own_fds() - before) == (1 if passthrough else 0)
+        ops.release(fi.fh)
+        # a writer's open is never lazy
+        fi = ops.open(small, os.O_RDWR, CTX)
+        assert len(own_fds() - before) == 1
+        ops.release(fi.fh)
+        assert ch.opened == (1 if passthrough else 0)
     finally:
         close(ops)
