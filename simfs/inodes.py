@@ -23,7 +23,10 @@ their FORGET.
 Pinned descriptors are never evicted: the root's, those of inodes unlinked
 through the mount while the kernel still holds them (so that they stay alive
 and their numbers cannot be reused, as on a local filesystem), up to
-``Budget.pinned``; and, on a backing filesystem without file handles (checked
+``Budget.pinned`` (past it, those with open handles too: at most one per
+handle, which ``Budget.files`` bounds; a reader's handle may have no
+descriptor of its own, ``ops.LazyHandle``, so the record's holds the file
+for it, reopened before the unlink if it had left the LRU: ``unlinking``); and, on a backing filesystem without file handles (checked
 at start), every inode's, up to ``Budget.pinned``: past it, new lookups fail
 with ENFILE (``has_room``).
 
@@ -82,7 +85,7 @@ class Budget:
     """How the daemon's descriptors are shared out."""
     cached: int      # inode descriptors in the LRU
     pinned: int      # inode descriptors never evicted
-    files: int       # handles of open files and directories (one fd each)
+    files: int       # handles of open files and directories (one fd each at most)
 
     @classmethod
     def plan(cls, limit: int, config: Config = DEFAULT) -> "Budget":
@@ -552,12 +555,27 @@ class InodeTable:
         """An unlinked inode nothing keeps alive: its number may be reused."""
         return inode.unlinked and inode._fd < 0 and inode.opens <= 0
 
+    def unlinking(self, st_ino: int) -> None:
+        """The last link of backing inode ``st_ino`` is about to go: an open
+        one gets its descriptor back now, while its file handle still opens
+        it (an unlinked inode's does not), so that ``keep`` holds the file
+        for its readers (a reader's handle may have no descriptor of its
+        own: ``ops.LazyHandle``)."""
+        inode = self.inodes.get(self.fuse_ino(st_ino))
+        if inode is not None and inode.opens > 0 and inode._fd < 0:
+            try:
+                self.reopen(inode)
+            except OSError:
+                pass                      # gone already: nothing to hold
+
     def keep(self, inode: Inode) -> None:
         """``inode`` lost its last name: pin its descriptor so that it stays alive
-        for the kernel references to it (within ``Budget.pinned``)."""
+        for the kernel references to it (within ``Budget.pinned``; past it
+        too for an inode with open handles, which ``Budget.files`` bounds:
+        its handles may have no descriptor of their own)."""
         if inode._flags & 1:              # pinned already
             return
-        if self.pinned >= self.budget.pinned:
+        if self.pinned >= self.budget.pinned and inode.opens <= 0:
             if not self._warned_pins:
                 self._warned_pins = True
                 log.warning("more than %d unlinked inodes held at once: further ones "

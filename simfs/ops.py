@@ -667,6 +667,8 @@ class SimOperations:
         parent = table.inodes.get(parent_inode) or table.get(parent_inode)
         pfd = parent.fd
         st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+        if st.st_nlink <= 1:
+            table.unlinking(st.st_ino)    # an open file stays readable
         os.unlink(name, dir_fd=pfd)
         if st.st_nlink <= 1 or stat.S_ISDIR(st.st_mode):     # _last_link
             self.ledger.unlinked(st)
@@ -698,6 +700,8 @@ class SimOperations:
                     victim = None     # two links of one inode: rename does nothing
             except FileNotFoundError:
                 pass
+            if victim is not None and self._last_link(victim):
+                self.table.unlinking(victim.st_ino)   # an open file stays readable
         led = self.ledger
         dres = led.before_name(new, ctx.uid) if adds else None
         wres = None

@@ -321,3 +321,31 @@ def test_a_reader_through_the_page_cache_opens_a_descriptor_at_its_first_read(ar
         assert ch.opened == (1 if passthrough else 0)
     finally:
         close(ops)
+
+
+@pytest.mark.parametrize("how", ["unlink", "rename over it"])
+def test_a_reader_without_a_descriptor_reads_a_file_removed_after_its_record_left_the_lru(
+        area, how):
+    """A reader's handle without a descriptor of its own relies on the
+    record's: one whose descriptor had left the LRU gets it back before the
+    last link goes, so the file stays readable until the last close."""
+    (area / "f").write_bytes(b"u" * 1000)
+    (area / "g").write_bytes(b"g")
+    ops, ch = make(area, Config())
+    ops.iomodes.min_size = 64 << 10
+    try:
+        ino = ops.lookup(ROOT, b"f", CTX).st_ino
+        fi = ops.open(ino, os.O_RDONLY, CTX)
+        assert "fd" not in vars(ops.handles[fi.fh])
+        ops.table.evict(ops.table.get(ino))
+        if how == "unlink":
+            ops.unlink(ROOT, b"f", CTX)
+        else:
+            ops.rename(ROOT, b"g", ROOT, b"f", 0, CTX)
+        assert not (area / "f").exists() if how == "unlink" else \
+            (area / "f").read_bytes() == b"g"
+        assert bytes(ops.read(fi.fh, 0, 4096)) == b"u" * 1000
+        assert ops.getattr(ino, CTX).st_size == 1000
+        ops.release(fi.fh)
+    finally:
+        close(ops)
