@@ -112,6 +112,24 @@ def mounted(mounter, area):
     return private, root, m
 
 
+def assert_run_left_nothing(tmp: str) -> None:
+    """A tool's run (tools/fstests, tools/torture) with temp dir ``tmp`` left
+    nothing behind: not the dir, no mount under it, no process naming it."""
+    assert not os.path.exists(tmp), f"{tmp} was left behind"
+    with open("/proc/self/mountinfo") as f:
+        left = [l.split()[4] for l in f if tmp in l]
+    assert not left, f"still mounted: {left}"
+    procs = []
+    for pid in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if tmp.encode() in f.read():
+                    procs.append(pid)
+        except OSError:
+            pass
+    assert not procs, f"processes of the run left: {procs}"
+
+
 # Backing filesystems (ext4/xfs/btrfs/tmpfs loop images) and the invariants:
 # see tests/backing.py.
 from backing import backing, backing_quota  # noqa: E402,F401  (fixtures)

@@ -15,6 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import assert_run_left_nothing
+
 TOOL = Path(__file__).resolve().parent.parent / "tools" / "fstests"
 
 
@@ -142,16 +144,4 @@ def test_sigterm_stops_the_suite_and_cleans_up(fuse, tmp_path):
         time.sleep(0.1)
     else:
         raise AssertionError(f"the suite's script {pid} still runs")
-    assert not os.path.exists(tmp), f"{tmp} was left behind"
-    with open("/proc/self/mountinfo") as f:
-        left = [l.split()[4] for l in f if tmp in l]
-    assert not left, f"still mounted: {left}"
-    procs = []
-    for d in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{d}/cmdline", "rb") as f:
-                if tmp.encode() in f.read():
-                    procs.append(d)
-        except OSError:
-            pass
-    assert not procs, f"processes of the run left: {procs}"
+    assert_run_left_nothing(tmp)

@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import assert_run_left_nothing
+
 TORTURE = Path(__file__).resolve().parent.parent / "tools" / "torture"
 # whiteout (item 3) and big-dir (items 9, 10) still fail on
 # tmpfs: tests/test_attacks.py holds them as strict xfails; add them here once fixed
@@ -93,16 +95,4 @@ def test_torture_from_installed_env_stops_on_sigterm(fuse):
     assert rows and all(r[1] == "ok" for r in rows), out
     assert sum(1 for r in rows if r[0] == "race") >= 1, out
     tmp = re.search(r"\(temp dir (\S+)\)", out).group(1)
-    assert not os.path.exists(tmp), f"{tmp} was left behind"
-    with open("/proc/self/mountinfo") as f:
-        left = [l.split()[4] for l in f if tmp in l.split()[4] or tmp in l]
-    assert not left, f"still mounted: {left}"
-    daemons = []
-    for pid in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if tmp.encode() in f.read():
-                    daemons.append(pid)
-        except OSError:
-            pass
-    assert not daemons, f"processes of the run left: {daemons}"
+    assert_run_left_nothing(tmp)
