@@ -39,6 +39,10 @@ AT_EMPTY_PATH = 0x1000
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 RENAME_WHITEOUT = 4
+# preadv2(2) flag, Linux 6.14: the pages a read brings in are dropped once
+# it is copied (uncached buffered I/O); pages already cached stay.  ext4 and
+# XFS take it, btrfs and tmpfs answer EOPNOTSUPP (6.18)
+RWF_DONTCACHE = getattr(os, "RWF_DONTCACHE", 0x80)
 UTIME_NOW = (1 << 30) - 1
 UTIME_OMIT = (1 << 30) - 2
 

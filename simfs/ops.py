@@ -202,6 +202,8 @@ class SimOperations:
         self.ledger = Ledger(self.table, self.bsize,
                              lower.fs_magic(root_fd) == lower.XFS_SUPER_MAGIC, config=config)
         self._nowait = True       # the backing filesystem takes RWF_NOWAIT reads
+        # and RWF_DONTCACHE ones (0 once it has refused one: btrfs, tmpfs)
+        self._dontcache = lower.RWF_DONTCACHE
         self.handles: dict[int, Handle | DirHandle] = {}
         self._next_fh = 1
         # FUSE requests answered, per operation (a dict increment per request;
@@ -827,13 +829,24 @@ class SimOperations:
         of ``read_nowait`` bytes or more that must wait for the disk returns an
         awaitable instead (the rest is read in a worker thread), which the
         request loop awaits, so a cold read does not stop the loop and
-        readahead's requests reach the disk together."""
-        fd = self.handles[fh].fd
+        readahead's requests reach the disk together.
+
+        A read for a handle in the kernel's caching mode fills the FUSE page
+        cache, which then answers the file's reads: the backing file's pages
+        it brings in are dropped (RWF_DONTCACHE, where the backing filesystem
+        has it), so the page cache holds one copy of what is read, as by
+        passthrough.  Pages the backing file had cached already stay."""
+        h = self.handles[fh]
+        fd = h.fd
+        drop = self._dontcache if h.cached else 0
         if size < self.read_nowait or not self._nowait:
-            return os.pread(fd, size, off)
+            if not drop:
+                return os.pread(fd, size, off)
+            buf = bytearray(size)
+            return memoryview(buf)[:self._preadv(fd, buf, off, drop)]
         buf = bytearray(size)
         try:
-            n = os.preadv(fd, (buf,), off, os.RWF_NOWAIT)
+            n = self._preadv(fd, buf, off, os.RWF_NOWAIT | drop)
             if n == size or n == 0:       # all of it, or the end of the file
                 return memoryview(buf)[:n]
         except BlockingIOError:
@@ -843,14 +856,32 @@ class SimOperations:
                 raise
             self._nowait = False          # the backing filesystem cannot
             n = 0
-        return self._read_rest(fd, buf, n, off)
+        return self._read_rest(fd, buf, n, off, self._dontcache if h.cached else 0)
+
+    def _preadv(self, fd: int, buf, off: int, flags: int) -> int:
+        """preadv2 with ``flags``; where the backing filesystem refuses
+        RWF_DONTCACHE (EOPNOTSUPP), the mount stops asking for it and the read
+        is made without it."""
+        try:
+            return os.preadv(fd, (buf,), off, flags)
+        except OSError as e:
+            if e.errno != errno.EOPNOTSUPP or not flags & lower.RWF_DONTCACHE:
+                raise
+        self._dontcache = 0
+        return os.preadv(fd, (buf,), off, flags & ~lower.RWF_DONTCACHE)
 
     @staticmethod
-    async def _read_rest(fd: int, buf: bytearray, n: int, off: int):
+    async def _read_rest(fd: int, buf: bytearray, n: int, off: int, flags: int = 0):
         """The part of a read the page cache could not serve, from a worker
         thread (past the errno boundary: its own errors become their errno)."""
+        rest = (memoryview(buf)[n:],)
         try:
-            m = await in_thread(os.preadv, fd, (memoryview(buf)[n:],), off + n)
+            try:
+                m = await in_thread(os.preadv, fd, rest, off + n, flags)
+            except OSError as e:
+                if e.errno != errno.EOPNOTSUPP or not flags:
+                    raise
+                m = await in_thread(os.preadv, fd, rest, off + n)  # this file: no DONTCACHE
         except OSError as e:
             raise FUSEError(e.errno or errno.EIO) from None
         return memoryview(buf)[:n + m]

@@ -678,3 +678,66 @@ def test_nopassthrough_reads_through_the_daemon(mounter, area):
     before = counts(root).get("read", 0)
     assert (root / "big").read_bytes() == b"b" * (1 << 20)
     assert counts(root).get("read", 0) > before
+
+
+def uncached(path, data: bytes, kind: str) -> None:
+    """``path`` written with ``data`` and none of it left in the page cache
+    (on tmpfs, whose pages are the file, all of it)."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    assert cached_kib(path) == (len(data) >> 10 if kind == "tmpfs" else 0)
+
+
+# RWF_DONTCACHE (Linux 6.14): ext4 and XFS take it; btrfs and tmpfs refuse it
+# (EOPNOTSUPP), so there the backing file keeps its copy as before (tmpfs's
+# pages are the file itself)
+DROPS_BEHIND = {"ext4": True, "xfs": True, "btrfs": False, "tmpfs": False}
+
+
+def test_a_file_read_through_the_daemon_is_cached_once(backing, backing_quota):
+    """A file read through the FUSE page cache (small files, under
+    passthrough_min; a large one open for writing too, so not passthrough) is
+    one copy in the page cache: the backing file's pages the daemon's READs
+    bring in are dropped (RWF_DONTCACHE) where the backing filesystem can;
+    pages it had cached already stay; an O_DIRECT reader (no FUSE copy) keeps
+    the backing file's."""
+    files = {"s8k": os.urandom(8 << 10), "s64k": os.urandom(64 << 10),
+             "big": os.urandom(4 << 20), "warm": os.urandom(64 << 10),
+             "direct": os.urandom(64 << 10)}
+    backing.private.mkdir(exist_ok=True)
+    for name, d in files.items():
+        uncached(backing.private / name, d, backing.kind)
+    assert (backing.private / "warm").read_bytes() == files["warm"]  # cached behind
+    qm = backing_quota()
+    root, private = qm.root, qm.private
+    c0 = counts(root).get("read", 0)
+    for name in ("s8k", "s64k", "warm"):
+        assert (root / name).read_bytes() == files[name]
+        assert (root / name).read_bytes() == files[name]          # the page cache's
+    with open(root / "big", "r+b") as f:                          # a writer: caching
+        assert f.read() == files["big"]
+        f.seek(0)
+        assert f.read() == files["big"]
+        # while it is open: its last close ends the caching mode (a reader's
+        # open of a file this large is passthrough)
+        assert cached_kib(root / "big") == 4 << 10
+        assert cached_kib(private / "big") == (0 if DROPS_BEHIND[backing.kind] else 4 << 10)
+    assert counts(root).get("read", 0) > c0                       # through the daemon
+    for name in ("s8k", "s64k"):
+        kib = len(files[name]) >> 10
+        assert cached_kib(root / name) == kib, name               # FUSE's copy
+        want = 0 if DROPS_BEHIND[backing.kind] else kib
+        assert cached_kib(private / name) == want, (name, backing.kind)
+    assert cached_kib(private / "warm") == 64                     # it stays cached
+    fd = os.open(root / "direct", os.O_RDONLY | os.O_DIRECT)
+    try:
+        buf = mmap.mmap(-1, 64 << 10)
+        assert os.preadv(fd, (buf,), 0) == 64 << 10 and buf[:] == files["direct"]
+    finally:
+        os.close(fd)
+    assert cached_kib(root / "direct") == 0                       # no FUSE copy
+    assert cached_kib(private / "direct") == 64                   # so the backing's stays
+    qm.assert_exact()
