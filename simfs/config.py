@@ -66,7 +66,8 @@ class Config:
                               "one stays in the FUSE page cache; -o passthrough: 0)")
     backing_parked: int = _f(1024, "passthrough backing ids kept registered after their "
                              "file's last close, so that its next passthrough open needs "
-                             "no ioctl (the least recently closed go first; 0: none)")
+                             "no ioctl (the least recently closed go first; 0: none)",
+                             "maxparked")
     acl_negative: int = _f(4096, "directories remembered (for entry_timeout seconds, "
                            "or until a default ACL is set through the mount) to have no "
                            "default ACL, so that a create there reads none")

@@ -856,7 +856,7 @@ class SimOperations:
                 raise
             self._nowait = False          # the backing filesystem cannot
             n = 0
-        return self._read_rest(fd, buf, n, off, self._dontcache if h.cached else 0)
+        return self._read_rest(fd, buf, n, off, drop and self._dontcache)
 
     def _preadv(self, fd: int, buf, off: int, flags: int) -> int:
         """preadv2 with ``flags``; where the backing filesystem refuses

@@ -24,7 +24,7 @@ FUSE_VALUED = {"fsname", "subtype", "max_read"}
 IGNORED = {"defaults", "auto", "noauto", "user", "users", "nouser", "owner", "group",
            "nofail", "_netdev", "loop"}
 SIMFS_VALUED = {"quotaid", "quotafile", "log", "checkpoint", "runtime", "hook", "maxopen",
-                "fuse", "recounthold", "recountwait", "maxinodes"}
+                "fuse", "recounthold", "recountwait", "maxinodes", "maxparked"}
 # simfs's own flags: quota_off_ok lets a quota id whose quota is off be mounted
 # (unenforced, on purpose); without it such a mount is refused.  A mount
 # reads files of passthrough_min bytes or more by FUSE passthrough (see
@@ -50,6 +50,8 @@ RANGES = {
     "maxopen": (int, 16, 1 << 20, False,
                 f"a number of open files from 16 to {1 << 20}"),
     "maxinodes": (int, 64, 1 << 30, False, f"a number of inodes from 64 to {1 << 30}"),
+    "maxparked": (int, 0, 1 << 16, False,
+                  f"a number of backing ids from 0 to {1 << 16}"),
     "checkpoint": (float, 0.0, MAX_CHECKPOINT, True,
                    f"a number of seconds above 0 and up to {MAX_CHECKPOINT:g}"),
     "recounthold": (float, 0.0, MAX_RECOUNTHOLD, False,
@@ -177,6 +179,8 @@ def _build_parser():
                "passthrough (the kernel reads every file opened read-only from the "
                "backing file itself, not only those of 128 KiB or more), "
                "nopassthrough (every read through the daemon), "
+               "maxparked=N (passthrough registrations kept after their file's last "
+               "close for its next open, default 1024; 0: each ended at the last close), "
                "log=FILE, hook=CMD (run at quota limit events), "
                "quota_admin[=UID] (that uid, 0 by default, may set its container's "
                "per-user and per-group limits from inside), "
@@ -223,6 +227,7 @@ def option_values(own: dict[str, str]) -> dict:
             "recounthold": float(own.get("recounthold", D.recount_hold)),
             "recountwait": float(own.get("recountwait", D.recount_wait)),
             "maxinodes": int(own.get("maxinodes", D.max_inodes)),
+            "maxparked": int(own.get("maxparked", D.backing_parked)),
             "quota_admin": int(own["quota_admin"]) if "quota_admin" in own else None,
             "fuse": own.get("fuse", "builtin"),
             "passthrough": "passthrough" in own,

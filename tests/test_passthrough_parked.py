@@ -25,7 +25,7 @@ import subprocess
 import time
 
 import pytest
-from backing import recount
+from backing import params, recount
 
 pytestmark = pytest.mark.fuse
 
@@ -210,6 +210,39 @@ def test_parked_ids_are_bounded_oldest_first(backing, backing_quota):
     assert (b["opened"], b["parked"], b["closed"]) == (n + 10, BOUND, n + 10 - BOUND)
     assert counts(root).get("read", 0) == c0          # all passthrough
     qm.assert_exact()
+
+
+def test_maxparked_bounds_them_and_0_ends_each_id_at_its_last_close(backing, backing_quota):
+    # -o maxparked=0: issue 17's letter, each registration closed at the last
+    # release of its file (an ioctl at each first open and last close)
+    qm = backing_quota(B=64 << 10, opts=("passthrough", "maxparked=0"))
+    root = qm.root
+    assert json.loads(os.getxattr(root, "trusted.simfs.options"))["maxparked"] == 0
+    write_through(root / "f", b"f" * 8192)
+    b0 = ids(root)
+    with open(root / "f", "rb") as a:
+        with open(root / "f", "rb") as b:             # a second reader shares the id
+            assert a.read() == b.read() == b"f" * 8192
+        b1 = ids(root)
+        assert b1["opened"] - b0["opened"] == 1 and b1["closed"] == b0["closed"]
+        assert b1["active"] == 1
+    b2 = ids(root)                                   # the last close ended it
+    assert (b2["active"], b2["parked"], b2["closed"] - b0["closed"]) == (0, 0, 1)
+    for _ in range(3):
+        assert read_through(root / "f") == b"f" * 8192
+    b3 = ids(root)
+    assert (b3["opened"] - b2["opened"], b3["closed"] - b2["closed"], b3["parked"]) == (3, 3, 0)
+    qm.assert_exact()
+
+
+@pytest.mark.parametrize("backing", params(only=("ext4",)), indirect=True)
+def test_maxparked_3_keeps_the_three_last_closed(backing, backing_quota):
+    root = backing_quota(B=64 << 10, opts=("passthrough", "maxparked=3")).root
+    for i in range(5):
+        write_through(root / f"g{i}", b"%d" % i)
+        assert read_through(root / f"g{i}") == b"%d" % i
+    b = ids(root)
+    assert (b["opened"], b["parked"], b["closed"]) == (5, 3, 2)
 
 
 def test_a_reused_inode_number_never_reads_the_old_files_data(backing, mounter, world_tmp):
