@@ -868,6 +868,8 @@ class SimOperations:
             if e.errno != errno.EOPNOTSUPP or not flags & lower.RWF_DONTCACHE:
                 raise
         self._dontcache = 0
+        log.info("the backing filesystem refuses RWF_DONTCACHE reads: a file read "
+                 "through the FUSE page cache stays cached in the backing file too")
         return os.preadv(fd, (buf,), off, flags & ~lower.RWF_DONTCACHE)
 
     @staticmethod

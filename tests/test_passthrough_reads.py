@@ -741,3 +741,5 @@ def test_a_file_read_through_the_daemon_is_cached_once(backing, backing_quota):
     assert cached_kib(root / "direct") == 0                       # no FUSE copy
     assert cached_kib(private / "direct") == 64                   # so the backing's stays
     qm.assert_exact()
+    said = "refuses RWF_DONTCACHE" in qm.mount.logtext()       # the admin is told
+    assert said is not DROPS_BEHIND[backing.kind]
