@@ -39,10 +39,12 @@ Run as root (mounting, drop_caches):
 
 The ``kernel`` workload has the rows of what the kernel offers through the
 quota (issue 17): 4 KiB random reads of a hot file, a small page opened, read
-and closed (a web server's request), the page cache grown per byte read cold
-("x": KiB grown / KiB read, lower is better; through the daemon about 2x: the
-FUSE copy and the backing file's; the file's own pages, by cachestat(2)),
-fallocate and punch, and copy_file_range.
+and closed (a web server's request), the page cache grown per byte read cold,
+of a large file and of small ones (``--files``/5 of 16 KiB, under
+passthrough_min: read through the FUSE page cache on a default mount) ("x": KiB
+grown / KiB read, lower is better; the files' own pages, by cachestat(2), the
+mount's copy and the backing file's: 2x where both stay), fallocate and punch,
+and copy_file_range.
 
 The ``writes`` workload counts the FUSE requests per ``pwrite(2)`` of 4 KiB
 (simfs: its own counts; another FUSE mount: the kernel's
@@ -846,6 +848,8 @@ def copies_kib(t: "Target", path: str) -> int | None:
 
 _libc = None
 PAGE = os.sysconf("SC_PAGE_SIZE")
+SMALL_FILE = 16 << 10        # the small files of the page-cache row: read through the
+                             # FUSE page cache on a default mount (passthrough_min)
 
 
 def punch(fd: int, off: int, length: int) -> None:
@@ -906,6 +910,14 @@ def wl_kernel(m: Meter, d: str, z: Sizes) -> None:
         os.close(fd)
     # the page cache grown by a cold read, per byte read
     if CAN_DROP:
+        # and by small files (under passthrough_min: read through the FUSE
+        # page cache on a default mount), written before the caches are dropped
+        small = os.path.join(d, "small")
+        os.mkdir(small)
+        smalls = [os.path.join(small, f"s{i:04d}") for i in range(z.files // 5)]
+        for p in smalls:
+            with open(p, "wb") as f:
+                f.write(os.urandom(SMALL_FILE))
         drop_caches()
         name = f"page cache grown / bytes read ({z.rand // MiB} MiB, cold)"
         # the file's own pages (its copy in the mount and the backing file's),
@@ -923,6 +935,22 @@ def wl_kernel(m: Meter, d: str, z: Sizes) -> None:
         f1 = copies_kib(m.t, path) if f0 is not None else None
         grown = f1 - f0 if f1 is not None else cached_kib() - c0
         m.res.rows[name].values[m.t.name][-1] = grown / (z.rand // 1024)
+        name = (f"page cache grown / bytes read ({len(smalls):,} files of "
+                f"{SMALL_FILE >> 10} KiB, cold)")
+        f0 = [copies_kib(m.t, p) for p in smalls]
+        c0 = cached_kib()
+        with m.section(name, "x", "<=1.1", 1, len(smalls) * SMALL_FILE / MiB, "MiB"):
+            for p in smalls:
+                fd = os.open(p, os.O_RDONLY)
+                try:
+                    while os.readv(fd, rbuf):
+                        pass
+                finally:
+                    os.close(fd)
+        grown = (sum(copies_kib(m.t, p) for p in smalls) - sum(f0) if None not in f0
+                 else cached_kib() - c0)
+        m.res.rows[name].values[m.t.name][-1] = grown / (len(smalls) * SMALL_FILE >> 10)
+        shutil.rmtree(small)
     # copy_file_range of the whole file, 1 MiB calls
     dst = os.path.join(d, "copy.dat")
     fi = os.open(path, os.O_RDONLY)
