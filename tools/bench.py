@@ -864,6 +864,27 @@ def punch(fd: int, off: int, length: int) -> None:
         raise OSError(e, os.strerror(e))
 
 
+def page_cache_row(m: Meter, name: str, paths: list[str], buf: list, size: int) -> None:
+    """Row ``name``: the page cache grown by reading the cold files at
+    ``paths`` (``size`` bytes in all) whole, per byte read.  The files' own
+    pages (their copy in the mount and the backing file's), by cachestat(2):
+    what other jobs cache meanwhile does not count; without cachestat, the
+    machine's "Cached:" (which does)."""
+    f0 = [copies_kib(m.t, p) for p in paths]
+    c0 = cached_kib()
+    with m.section(name, "x", "<=1.1", 1, size / MiB, "MiB"):
+        for p in paths:
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                while os.readv(fd, buf):
+                    pass
+            finally:
+                os.close(fd)
+    grown = (sum(copies_kib(m.t, p) for p in paths) - sum(f0) if None not in f0
+             else cached_kib() - c0)
+    m.res.rows[name].values[m.t.name][-1] = grown / (size >> 10)
+
+
 def wl_kernel(m: Meter, d: str, z: Sizes) -> None:
     # a web server's request: open, read a 4 KiB page, close (100 pages)
     top = os.path.join(d, "pages")
@@ -919,37 +940,10 @@ def wl_kernel(m: Meter, d: str, z: Sizes) -> None:
             with open(p, "wb") as f:
                 f.write(os.urandom(SMALL_FILE))
         drop_caches()
-        name = f"page cache grown / bytes read ({z.rand // MiB} MiB, cold)"
-        # the file's own pages (its copy in the mount and the backing file's),
-        # by cachestat(2): what other jobs cache meanwhile does not count;
-        # without cachestat, the machine's "Cached:" (which does)
-        f0 = copies_kib(m.t, path)
-        c0 = cached_kib()
-        with m.section(name, "x", "<=1.1", 1, z.rand / MiB, "MiB"):
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                while os.readv(fd, big):
-                    pass
-            finally:
-                os.close(fd)
-        f1 = copies_kib(m.t, path) if f0 is not None else None
-        grown = f1 - f0 if f1 is not None else cached_kib() - c0
-        m.res.rows[name].values[m.t.name][-1] = grown / (z.rand // 1024)
-        name = (f"page cache grown / bytes read ({len(smalls):,} files of "
-                f"{SMALL_FILE >> 10} KiB, cold)")
-        f0 = [copies_kib(m.t, p) for p in smalls]
-        c0 = cached_kib()
-        with m.section(name, "x", "<=1.1", 1, len(smalls) * SMALL_FILE / MiB, "MiB"):
-            for p in smalls:
-                fd = os.open(p, os.O_RDONLY)
-                try:
-                    while os.readv(fd, rbuf):
-                        pass
-                finally:
-                    os.close(fd)
-        grown = (sum(copies_kib(m.t, p) for p in smalls) - sum(f0) if None not in f0
-                 else cached_kib() - c0)
-        m.res.rows[name].values[m.t.name][-1] = grown / (len(smalls) * SMALL_FILE >> 10)
+        page_cache_row(m, f"page cache grown / bytes read ({z.rand // MiB} MiB, cold)",
+                       [path], big, z.rand)
+        page_cache_row(m, f"page cache grown / bytes read ({len(smalls):,} files of "
+                       f"{SMALL_FILE >> 10} KiB, cold)", smalls, rbuf, len(smalls) * SMALL_FILE)
         shutil.rmtree(small)
     # copy_file_range of the whole file, 1 MiB calls
     dst = os.path.join(d, "copy.dat")
