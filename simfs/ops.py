@@ -876,14 +876,10 @@ class SimOperations:
     async def _read_rest(fd: int, buf: bytearray, n: int, off: int, flags: int = 0):
         """The part of a read the page cache could not serve, from a worker
         thread (past the errno boundary: its own errors become their errno)."""
-        rest = (memoryview(buf)[n:],)
+        # ``flags`` passed the kernel's check already: the RWF_NOWAIT read
+        # before this one had them (its refusal turned RWF_DONTCACHE off)
         try:
-            try:
-                m = await in_thread(os.preadv, fd, rest, off + n, flags)
-            except OSError as e:
-                if e.errno != errno.EOPNOTSUPP or not flags:
-                    raise
-                m = await in_thread(os.preadv, fd, rest, off + n)  # this file: no DONTCACHE
+            m = await in_thread(os.preadv, fd, (memoryview(buf)[n:],), off + n, flags)
         except OSError as e:
             raise FUSEError(e.errno or errno.EIO) from None
         return memoryview(buf)[:n + m]
