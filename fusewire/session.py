@@ -973,7 +973,8 @@ class Session:
 
     def _op_fallocate(self, unique, nodeid, uid, gid, pid, buf, off, end, extlen):
         fh, offset, length, mode, _ = k.FALLOCATE_IN.unpack_from(buf, off)
-        self._run(unique, self.ops.fallocate, (fh, mode, offset, length), None)
+        self._run(unique, self.ops.fallocate,
+                  (fh, mode, offset, length, BasicContext(uid, gid, pid)), None)
 
     def _op_lseek(self, unique, nodeid, uid, gid, pid, buf, off, end, extlen):
         fh, offset, whence, _ = k.LSEEK_IN.unpack_from(buf, off)

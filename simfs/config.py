@@ -73,7 +73,7 @@ class Config:
                            "default ACL, so that a create there reads none")
     gap_zeros: int = _f(1 << 20, "bytes of a gap past the end of a file kept without "
                         "holes (a shared writer beside passthrough readers) written with "
-                        "zeros; a larger gap is allocated by fallocate")
+                        "zeros; a write past a larger gap is refused (ETXTBSY)")
     readahead_kb: int = _f(1024, "KiB the kernel reads ahead in a file of the mount "
                            "(its read_ahead_kb, set once INIT is answered; default "
                            "binding only): 1024 is one READ of the largest size")

@@ -29,9 +29,10 @@ blocks where the file has holes.  So, per open of a regular file:
   with ETXTBSY if the file has a hole (SEEK_HOLE before its size; unwritten
   extents count as holes: conservative), and from then on the daemon keeps
   the file hole-free (``mapped``; ``SimOperations``: a write past the end
-  fills the gap with charged zeros first; a truncate that grows it is
-  refused with ETXTBSY; a punch, an insert or a fallocate past the end with
-  EOPNOTSUPP; a copy_file_range into it with EOPNOTSUPP, which the kernel
+  fills the gap with charged zeros first, and one past a gap of more than
+  ``gap_zeros`` is refused with ETXTBSY, as a truncate that grows it is; a
+  punch, a zeroed range (unwritten extents), an insert or a fallocate past
+  the end with EOPNOTSUPP; a copy_file_range into it with EOPNOTSUPP, which the kernel
   turns into its splice copy: plain writes).  Not only while it is open: a
   mapping outlives its descriptor and the open's RELEASE (tried: mmap(2),
   close, RELEASE, truncate up, a store allocated a block with no request;

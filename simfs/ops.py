@@ -917,12 +917,16 @@ class SimOperations:
         the same reservation, so that the file stays without holes (a shared
         mapping's store into a hole would allocate a block no quota sees).
         EDQUOT when not even the gap and one byte fit; nothing is written
-        then.  A gap of more than ``config.gap_zeros`` is allocated by fallocate
-        instead (every backing filesystem simfs runs on has mode 0): its
-        unwritten blocks are allocated, so a store into them allocates
-        nothing, and SEEK_HOLE counts them as a hole, so a later O_RDWR open
-        beside passthrough readers is refused (conservative)."""
+        then.  A gap of more than ``config.gap_zeros`` is refused with
+        ETXTBSY, as a truncate that makes such a file longer is: writing its
+        zeros would hold the request loop for as long as that takes, and
+        allocating it (fallocate) would leave unwritten extents, which a
+        store through the mapping splits (tree blocks no request shows) and
+        which SEEK_HOLE counts as a hole (a later O_RDWR open beside the
+        readers would be refused)."""
         gap = off - size
+        if gap > self.config.gap_zeros:
+            raise OSError(errno.ETXTBSY, "a gap past the end of a file mapped by passthrough")
         led = self.ledger
         n, res, tree = led.before_write(h, size, gap + len(buf))
         if n <= gap:
@@ -930,16 +934,10 @@ class SimOperations:
             err = errno.EDQUOT if led.quota is not None else errno.ENOSPC
             raise OSError(err, os.strerror(err))
         try:
-            if gap > self.config.gap_zeros:
-                # allocated at once, not written: a request of a few system
-                # calls however large the gap (zeros would hold the request
-                # loop for as long as writing them takes)
-                lower.fallocate(h.fd, 0, size, gap)
-            else:
-                zeros = bytes(gap)
-                pos = size
-                while pos < off:
-                    pos += os.pwrite(h.fd, zeros[pos - size:], pos)
+            zeros = bytes(gap)
+            pos = size
+            while pos < off:
+                pos += os.pwrite(h.fd, zeros[pos - size:], pos)
             written = os.pwrite(h.fd, buf if n - gap == len(buf) else buf[:n - gap], off)
         except BaseException:
             led.failed_write(h, res)
@@ -951,20 +949,28 @@ class SimOperations:
         return written
 
     @errno_boundary
-    def fallocate(self, fh, mode, off, length):
+    def fallocate(self, fh, mode, off, length, ctx=None):
         """fallocate(2) with its modes, at both quota levels: the ledger
         reserves the blocks the range may take before the call (EDQUOT, or
         ENOSPC at the host's root reserve, before anything is allocated) and
         commits what the file really gained or lost after (a punch or a
         collapse credits).  A mode the backing filesystem lacks fails with
-        its own EOPNOTSUPP, charging nothing."""
+        its own EOPNOTSUPP, charging nothing.  As on a local filesystem, a
+        caller without CAP_FSETID (``ctx``: anyone but root) takes the file's
+        set-user-ID and set-group-ID bits with it: the FALLOCATE request
+        carries no kill flag, so under HANDLE_KILLPRIV_V2 that is the
+        daemon's to do (``privs.kill_privs``)."""
         h = self.handles[fh]
         if off < 0 or length <= 0:
             raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
         if self.iomodes.mapped and h.inode.ino in self.iomodes.mapped and (
-                mode & (lower.FALLOC_FL_PUNCH_HOLE | lower.FALLOC_FL_INSERT_RANGE)
+                mode & (lower.FALLOC_FL_PUNCH_HOLE | lower.FALLOC_FL_INSERT_RANGE
+                        | lower.FALLOC_FL_ZERO_RANGE)
                 or not mode & lower.FALLOC_FL_KEEP_SIZE and off > os.fstat(h.fd).st_size):
-            # a hole in a file a SHARED writer may map (simfs.iomode)
+            # a hole in a file a SHARED writer may map (simfs.iomode); a
+            # zeroed range is one too: ext4 and XFS make it unwritten, and a
+            # store into it through the mapping splits extents, allocating
+            # tree blocks no request shows
             raise OSError(errno.EOPNOTSUPP, "a hole while the file is mapped by passthrough")
         led = self.ledger
         res = led.before_fallocate(h, mode, off, length)
@@ -973,7 +979,10 @@ class SimOperations:
         except BaseException:
             led.failed_write(h, res)
             raise
-        led.after_write(h, res)
+        st = led.after_write(h, res)
+        if ctx is not None and ctx.uid != 0:
+            if kill_privs(h.inode, st or os.fstat(h.fd), (ctx.uid, ctx.gid, ctx.pid)):
+                self._attrs_changed(h.inode)
 
     @errno_boundary
     def lseek(self, fh, off, whence):

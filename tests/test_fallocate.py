@@ -357,3 +357,37 @@ def test_fallocate_keeps_out_of_the_root_reserve(backing, backing_quota):
     out = step(0, "fallocate", qm.root / "r", 0, 0, 8 * MiB)
     assert out["r"] == 0, out
     qm.assert_exact()
+
+
+@pytest.mark.parametrize("backing", bk.params(), indirect=True)
+def test_fallocate_by_anyone_but_root_clears_set_id_bits(backing_quota):
+    """A fallocate, of any mode, by a caller without CAP_FSETID takes
+    set-user-ID and a group-executable set-group-ID with it, as on the
+    backing filesystem itself (ext4, XFS, btrfs and tmpfs all do); root's
+    keeps them.  The FALLOCATE request carries no kill flag (under
+    HANDLE_KILLPRIV_V2 the kernel leaves the kill to the daemon), so before
+    this the bits stayed."""
+    qm = backing_quota()
+    d = qm.root / "d"
+    d.mkdir()
+    os.chmod(d, 0o1777)
+    native = qm.private.parent / "native"          # the backing filesystem itself
+    native.mkdir()
+    os.chmod(native, 0o1777)
+    steps = [(1000, 0, 0, MiB), (1000, KEEP_SIZE, MiB, MiB),
+             (1000, PUNCH_HOLE | KEEP_SIZE, 0, 64 * K), (0, 0, 0, MiB)]
+    if qm.backing.kind != "tmpfs":
+        steps.append((1000, ZERO_RANGE, 0, 64 * K))
+    for i, (who, *args) in enumerate(steps):
+        seen = []
+        for where in (d, native):
+            f = where / f"f{i}"
+            f.write_bytes(bytes(128 * K))
+            os.chown(f, 1001, 1001)
+            os.chmod(f, 0o6777)
+            out = step(who, "fallocate", f, *args)
+            assert out["r"] == 0, (who, args, out)
+            seen.append(os.stat(f).st_mode & 0o7777)
+        assert seen[0] == seen[1] == (0o6777 if who == 0 else 0o777), (who, args, seen)
+        assert os.stat(qm.private / "d" / f"f{i}").st_mode & 0o7777 == seen[0]
+    qm.assert_exact()

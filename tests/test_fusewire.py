@@ -287,7 +287,9 @@ def test_open_create_read_write_release(wire):
 
 def test_fallocate_lseek_copy_file_range(wire):
     wire.ok(k.FALLOCATE, k.FALLOCATE_IN.pack(3, 4096, 8192, 0x02, 0))
-    assert wire.ops.calls[-1] == ("fallocate", 3, 0x02, 4096, 8192)
+    assert wire.ops.calls[-1][:5] == ("fallocate", 3, 0x02, 4096, 8192)
+    ctx = wire.ops.calls[-1][5]           # the caller: set-id bits go by it
+    assert (ctx.uid, ctx.gid, ctx.pid) == (UID, GID, PID)
     wire.ops.answers["lseek"] = 12288
     assert k.LSEEK_OUT.unpack(wire.ok(k.LSEEK, k.LSEEK_IN.pack(3, 100, 3, 0))) == (12288,)
     wire.ops.answers["copy_file_range"] = 65536

@@ -611,10 +611,11 @@ def test_a_gap_that_does_not_fit_is_refused_whole(backing, backing_quota):
     qm = backing_quota(B=6 << 10, opts=())
     root = qm.root
     write_through(root / "f", os.urandom(BIG))
+    write_through(root / "filler", os.urandom(2 << 20))    # about 900 KiB left
     with beside_a_reader(root / "f") as (r, fd):
         size = os.fstat(fd).st_size
-        with pytest.raises(OSError) as e:       # zeros up to 64 MiB do not fit
-            os.pwrite(fd, b"z", 64 << 20)
+        with pytest.raises(OSError) as e:       # a 1 MiB gap of zeros does not fit
+            os.pwrite(fd, b"z", size + (1 << 20))
         assert e.value.errno == errno.EDQUOT
         assert os.fstat(fd).st_size == size
         assert os.pwrite(fd, b"z", size + 8192) == 1     # a small gap does
@@ -623,19 +624,35 @@ def test_a_gap_that_does_not_fit_is_refused_whole(backing, backing_quota):
     qm.assert_exact()
 
 
-def test_a_large_gap_is_allocated_not_written(backing, backing_quota):
-    # a write 100 MiB past the end of a file kept without holes: the gap is
-    # allocated at once (fallocate), not written with zeros by the request
-    # loop, and charged exactly; the file reads zeros there
-    qm = backing_quota(B=256 << 10, opts=())
+def test_a_large_gap_or_a_zeroed_range_is_refused(backing, backing_quota):
+    # a file kept without holes (a shared writer beside a passthrough reader):
+    # a write past a gap of more than gap_zeros (1 MiB) gets ETXTBSY, as a
+    # growing truncate does, and nothing changes: its zeros would hold the
+    # request loop, and a gap allocated by fallocate would be unwritten
+    # extents, which stores through the mapping split (ext4, XFS: tree
+    # blocks no request shows) and SEEK_HOLE counts as a hole.  A zeroed
+    # range (unwritten extents too) gets EOPNOTSUPP, as a punch does.  A gap
+    # of exactly 1 MiB is written with zeros and charged.
+    qm = backing_quota(B=64 << 10, opts=())
     root = qm.root
-    write_through(root / "f", os.urandom(BIG))
+    data = os.urandom(BIG)
+    write_through(root / "f", data)
     with beside_a_reader(root / "f") as (r, fd):   # marks the file
-        assert os.pwrite(fd, b"T" * 10, BIG + (100 << 20)) == 10
-        assert os.fstat(fd).st_size == BIG + (100 << 20) + 10
-        assert os.pread(r.fileno(), 4096, BIG + (50 << 20)) == bytes(4096)
-    st = os.stat(qm.private / "f")
-    assert st.st_blocks * 512 >= BIG + (100 << 20)    # allocated, not a hole
+        for gap in (100 << 20, (1 << 20) + 1):
+            with pytest.raises(OSError) as e:
+                os.pwrite(fd, b"T" * 10, BIG + gap)
+            assert e.value.errno == errno.ETXTBSY, gap
+            assert os.fstat(fd).st_size == BIG
+        with pytest.raises(OSError) as e:
+            lower_fallocate(fd, 0x10, 0, 64 << 10)       # FALLOC_FL_ZERO_RANGE
+        assert e.value.errno == errno.EOPNOTSUPP
+        assert os.pread(r.fileno(), 64 << 10, 0) == data[:64 << 10]
+        qm.assert_exact()
+        assert os.pwrite(fd, b"T" * 10, BIG + (1 << 20)) == 10
+        assert os.fstat(fd).st_size == BIG + (1 << 20) + 10
+        assert os.pread(r.fileno(), 4096, BIG + 4096) == bytes(4096)
+    assert not holes(qm.private / "f")
+    assert os.stat(qm.private / "f").st_blocks * 512 >= BIG + (1 << 20) + 10
     qm.assert_exact()
 
 
