@@ -49,10 +49,10 @@ REMOUNT_KEEPS = {"remount", "defaults", "allow_other", "default_permissions", "f
 
 
 def remount(root: str, words: list[str]) -> int:
-    """``mount -o remount,...`` of a simfs mount: fuse3's mount helper hands it
-    to us, and the kernel does it (the daemon keeps serving, unaware).  The
-    per-mount flags start from the mount's current ones, because a remount
-    sets all of them."""
+    """``mount -o remount,...`` of a simfs mount: mount.fuse.simfs (or fuse3's
+    helper) hands it to us, and the kernel does it (the daemon keeps serving,
+    unaware).  The per-mount flags start from the mount's current ones,
+    because a remount sets all of them."""
     import ctypes
 
     # the mount(2) flags a remount may change: the words a mount takes
@@ -111,11 +111,107 @@ def remount(root: str, words: list[str]) -> int:
     return 0
 
 
+# mount(8)'s options that take a value as the next argument (util-linux 2.38)
+_MOUNT_ARG_SHORT = set("oOtLUTN")
+_MOUNT_ARG_LONG = {"--options", "--test-opts", "--types", "--label", "--uuid", "--fstab",
+                   "--namespace", "--source", "--target", "--target-prefix",
+                   "--options-mode", "--options-source", "--map-users", "--map-groups"}
+# The words libmount leaves out of a helper's -o (the mount(2) flags they would
+# clear are not set, which is all it keeps of them).
+_DROPPED = ("dev", "suid", "exec")
+
+
+def _fstab_words(path: str, target: str) -> list[str]:
+    """The options of ``path``'s last line for mount point ``target``."""
+    words: list[str] = []
+    try:
+        with open(path) as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) < 4 or fields[0].startswith("#"):
+                    continue
+                where = fields[1].replace("\\040", " ").replace("\\011", "\t")
+                if os.path.realpath(where) == target:
+                    words = fields[3].split(",")
+    except OSError:
+        pass
+    return words
+
+
+def _asked_words(target: str) -> list[str]:
+    """The option words mount(8), our parent, was asked for: its ``-o``
+    words, and its fstab line's when fstab gave the options (fewer than two
+    paths on its command line).  Empty when the parent is not mount(8)."""
+    ppid = os.getppid()
+    try:
+        if os.path.basename(os.readlink(f"/proc/{ppid}/exe")) != "mount":
+            return []
+        with open(f"/proc/{ppid}/cmdline", "rb") as f:
+            args = [a.decode(errors="replace") for a in f.read().split(b"\0")[:-1]]
+    except OSError:
+        return []
+    words: list[str] = []
+    fstab = os.environ.get("LIBMOUNT_FSTAB", "/etc/fstab")
+    paths = 0
+    i = 1
+    while i < len(args):
+        a = args[i]
+        val = None
+        if a == "--":
+            paths += len(args) - i - 1
+            break
+        if a.startswith("--"):
+            name, eq, v = a.partition("=")
+            if eq:
+                val = v
+            elif name in _MOUNT_ARG_LONG and i + 1 < len(args):
+                val = args[i + 1]
+                i += 1
+            if name in ("--source", "--target"):
+                paths += 1
+            elif name == "--options":
+                words += (val or "").split(",")
+            elif name == "--fstab" and val:
+                fstab = val
+        elif a.startswith("-") and len(a) > 1:
+            for j, c in enumerate(a[1:], 1):
+                if c in _MOUNT_ARG_SHORT:
+                    val = a[j + 1:]
+                    if not val and i + 1 < len(args):
+                        val = args[i + 1]
+                        i += 1
+                    if c == "o":
+                        words += val.split(",")
+                    elif c == "T":
+                        fstab = val
+                    break
+        else:
+            paths += 1
+        i += 1
+    if paths < 2:
+        words = _fstab_words(fstab, target) + words
+    return words
+
+
 def mount_helper(argv: list[str] | None = None) -> int:
     """``mount.fuse.simfs SOURCE DIR [-sfnv] [-N NS] [-t TYPE] [-o OPTS]``: the
-    calling convention mount(8) uses for helpers, turned into ``simfs``'s."""
+    calling convention mount(8) uses for helpers, turned into ``simfs``'s.
+
+    mount(8) (libmount) hands a helper the mount(2) flags it set (``nodev``,
+    ``nosuid``, ``noexec``) but never ``dev``, ``suid`` or ``exec``: for it
+    their absence means them.  simfs's default is ``nodev,nosuid``, so when
+    mount(8) runs us, the ``dev``, ``suid`` and ``exec`` it was asked for (its
+    command line's ``-o``, or its fstab line) are put back, unless the
+    options we got say ``nodev``, ``nosuid``, ``noexec`` (which one of the
+    asked words won is libmount's say)."""
     argv = sys.argv[1:] if argv is None else argv
     keep: list[str] = []
+    if len(argv) >= 2 and os.getuid() == 0:
+        got = {w for i, a in enumerate(argv[:-1]) if a == "-o" for w in argv[i + 1].split(",")}
+        asked = set(_asked_words(os.path.realpath(argv[1])))
+        back = [w for w in _DROPPED if w in asked and "no" + w not in got]
+        if back:
+            keep += ["-o", ",".join(back)]
     i = 0
     while i < len(argv):
         a = argv[i]

@@ -1,8 +1,8 @@
 """simfs's command line and ``-o`` options: the words it takes (the same
-fuse3's mount helper passes for ``mount -t fuse.simfs`` and fstab lines), their
-checks (``parse_options``: a ``UsageError`` says what is wrong, exit 2), the
-argparse parser, and the values a mount runs with (``option_values``), which a
-remount compares against (``changed_options``).
+mount.fuse.simfs and fuse3's mount helper pass for ``mount -t fuse.simfs`` and
+fstab lines), their checks (``parse_options``: a ``UsageError`` says what is
+wrong, exit 2), the argparse parser, and the values a mount runs with
+(``option_values``), which a remount compares against (``changed_options``).
 
 Role: a library of the ``simfs`` command, of the daemon's start (the mount
 service's children parse the command line again) and of remount.  It imports

@@ -258,7 +258,7 @@ def test_remount_ro_and_rw(mounter, area):
     assert e.value.errno == 30                 # EROFS
     assert (root / "a").read_text() == "a"     # still serving
     # through fuse3's mount helper, which mount(8) runs for `mount -o remount,rw`
-    # (mount(8) itself would run the simfs installed in /usr/local/sbin)
+    # when /sbin/mount.fuse.simfs is missing (tools/setup.sh links it there)
     helper = shutil.which("mount.fuse3", path="/sbin:/usr/sbin")
     assert helper, "fuse3's mount helper is missing (apt-get install fuse3)"
     r = subprocess.run([helper, "/dev/simfs", str(root), "-t", "fuse.simfs",

@@ -59,6 +59,11 @@ def test_install_path_into_a_temp_prefix(tmp_path):
     for tool in TOOLS:
         assert os.readlink(sbin / tool) == str(env / "bin" / tool), tool
         assert os.access(sbin / tool, os.X_OK), tool
+    # mount(8) looks for /sbin/mount.TYPE: without ours there it runs fuse3's
+    # helper, which adds dev,suid
+    helper = dest / "sbin/mount.fuse.simfs"
+    assert os.readlink(helper) == str(env / "bin/mount.fuse.simfs")
+    assert os.access(helper, os.X_OK)
     # man finds and renders every page from the installed tree
     manpath = dest / "usr/local/share/man"
     for page in PAGES:

@@ -2,23 +2,25 @@
 # Set up simfs + vzquota on a Debian machine, as root.  Prints what it does.
 #
 #   bash tools/setup.sh          what the demo and a host need:
-#     - system packages: fuse3 (mount -t fuse.simfs and fstab lines go through its
-#       mount helper), attr and acl (getfattr/setfacl), groff-base and man-db
+#     - system packages: fuse3 (fusermount3, and its mount helper for a mount
+#       without /sbin/mount.fuse.simfs), attr and acl (getfattr/setfacl), groff-base and man-db
 #       (man pages), logrotate (rotates /var/log/simfs.log); python3 and
 #       python3-venv when no Python >= 3.11 with venv is there;
 #     - the project installed like software (`pip install .`, dependencies from
 #       binary wheels only: nothing is compiled) in its own virtual environment
 #       /usr/local/lib/simfs-vzquota, with simfs, vzquota, simfs-service,
 #       mount.fuse.simfs, vzquota-metrics, vzdqcheck, vzdqdump and vzdqload
-#       linked into /usr/local/sbin (mount(8) runs fuse3's helper with a standard
-#       PATH, which then runs `simfs`), the man pages into
+#       linked into /usr/local/sbin, mount.fuse.simfs also into /sbin (mount(8)
+#       looks for /sbin/mount.fuse.simfs first; without it, it runs fuse3's
+#       /sbin/mount.fuse, which adds dev,suid unless nodev,nosuid are given and
+#       runs `simfs` from a standard PATH), the man pages into
 #       /usr/local/share/man/man8, copies of the units into
 #       /usr/local/lib/systemd/system and of simfs-generator into
 #       /usr/local/lib/systemd/system-generators, and a copy of the logrotate
 #       file into /etc/logrotate.d/simfs.
 #       Nothing there points into the checkout.  SIMFS_PREFIX=DIR installs the
 #       environment elsewhere, SIMFS_DESTDIR=DIR puts those links and copies
-#       under DIR (DIR/usr/local/sbin, DIR/etc/logrotate.d...).
+#       under DIR (DIR/usr/local/sbin, DIR/sbin, DIR/etc/logrotate.d...).
 #   bash tools/setup.sh --test   also what the tests need:
 #     - e2fsprogs, xfsprogs, btrfs-progs (loop-image backings), busybox and wrk
 #       (tools/webbench), dbench (tools/bench.py's dbench row), linux-perf
@@ -140,6 +142,12 @@ mkdir -p "$DEST/usr/local/sbin" "$DEST/usr/local/share/man/man8" \
 for tool in simfs vzquota simfs-service mount.fuse.simfs vzquota-metrics vzdqcheck vzdqdump vzdqload; do
     ln -sfn "$SYS/bin/$tool" "$DEST/usr/local/sbin/$tool"
 done
+# mount(8) (libmount) runs /sbin/mount.TYPE and only that directory: without our
+# helper there it falls back to fuse3's /sbin/mount.fuse, which adds dev,suid
+# to the options unless nodev/nosuid are given (simfs's own default is
+# nodev,nosuid).  On a merged-/usr Debian /sbin is a link to usr/sbin.
+mkdir -p "$DEST/sbin"
+ln -sfn "$SYS/bin/mount.fuse.simfs" "$DEST/sbin/mount.fuse.simfs"
 # every page: simfs, vzquota, vzquota-metrics, vzdqcheck, vzdqdump and vzdqload
 # (vzdqload.8 is `.so man8/vzdqdump.8`, found next to it)
 for page in "$SYS"/share/man/man8/*.8; do
