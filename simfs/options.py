@@ -41,6 +41,11 @@ MAX_UGID = 2**32 - 2
 MAX_CHECKPOINT = 86400.0
 MAX_RECOUNTHOLD = 60.0
 MAX_RECOUNTWAIT = 3600.0
+# The kernel takes max_read as a u32 (fs/fuse/inode.c, fsparam_u32); 0 is
+# refused here, as a value that cannot mean a read size.
+MAX_MAX_READ = 2**32 - 1
+# fsname= and subtype=: what mountinfo, df and fstab can show as one word.
+MAX_NAME = 255
 # The numeric options: (type, low, high, whether low itself is refused, what
 # the value is, for the error).  A float takes ASCII digits with at most one
 # point; an int digits only.
@@ -58,7 +63,11 @@ RANGES = {
                     f"a number of seconds from 0 to {MAX_RECOUNTHOLD:g}"),
     "recountwait": (float, 0.0, MAX_RECOUNTWAIT, False,
                     f"a number of seconds from 0 to {MAX_RECOUNTWAIT:g}"),
+    # a FUSE option, checked here too: the kernel would refuse it only at the
+    # mount(2) (EINVAL, exit 1)
+    "max_read": (int, 0, MAX_MAX_READ, True, f"a number of bytes from 1 to {MAX_MAX_READ}"),
 }
+NAMES = ("fsname", "subtype")
 
 
 def _digits(text: str) -> bool:
@@ -81,6 +90,7 @@ def parse_options(words: list[str], private: str) -> tuple[set[str], dict[str, s
     fuse = {"allow_other", "default_permissions", f"fsname={DEFAULT_FSNAME}",
             "subtype=simfs"}
     own: dict[str, str] = {}
+    valued: dict[str, str] = {}         # the FUSE options' values, to check
     for opt in words:
         key, eq, val = opt.partition("=")
         if not key:
@@ -90,6 +100,7 @@ def parse_options(words: list[str], private: str) -> tuple[set[str], dict[str, s
         elif key in FUSE_VALUED and eq:
             fuse = {o for o in fuse if not o.startswith(key + "=")}
             fuse.add(opt)
+            valued[key] = val
         elif key in SIMFS_VALUED and eq:
             own[key] = val
         elif key in SIMFS_OPTIONAL:
@@ -102,8 +113,14 @@ def parse_options(words: list[str], private: str) -> tuple[set[str], dict[str, s
             continue
         else:
             raise UsageError(f"unknown mount option: {opt}")
+    for key in NAMES:
+        v = valued.get(key)
+        if v is not None and (not v or len(v) > MAX_NAME or not v.isprintable()
+                              or any(c.isspace() or c == "," for c in v)):
+            raise UsageError(f"{key}= takes a name of 1 to {MAX_NAME} printable characters "
+                             f"without spaces or commas, not {v!r}")
     for key, (kind, low, high, above, what) in RANGES.items():
-        v = own.get(key)
+        v = own.get(key, valued.get(key))
         if v is None:
             continue
         n = kind(v) if (_digits(v) if kind is int else _decimal(v)) else None
