@@ -6,8 +6,9 @@ Role: one small interface (``mount``, ``main``, ``terminate``, ``close``,
 ``run``) over both, so ``simfs.mount`` does not care which serves.  The
 handlers (``simfs.ops``) are written against fusewire's types; for pyfuse3 a
 thin adapter converts its calls and their answers.  What pyfuse3 cannot do
-(fallocate, lseek, copy_file_range, passthrough, KILLPRIV_V2, POSIX ACLs: handlers it has
-no slot for) is answered by libfuse as before (ENOSYS/EOPNOTSUPP).
+(fallocate, lseek, copy_file_range, O_TMPFILE, passthrough, KILLPRIV_V2, POSIX
+ACLs: handlers it has no slot for) is answered by libfuse as before
+(ENOSYS/EOPNOTSUPP; an O_TMPFILE open fails with EOPNOTSUPP).
 
 Concurrency: ``run`` starts the loop (anyio).  fusewire by default
 (``runtime=thread``) answers requests on a reader thread that holds the loop's
