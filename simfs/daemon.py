@@ -80,6 +80,51 @@ def precheck(private: str, root: str) -> None:
               file=sys.stderr)
 
 
+class ErrorBurst(logging.Filter):
+    """Bounds what unexpected errors may write to the log, whatever a
+    container's users make the daemon do: per ``window`` seconds, the first
+    ``tracebacks`` errors with an exception are logged whole, the next ones
+    up to ``lines`` as their message alone, and the rest not at all, counted;
+    the first record of a later window says how many were left out.  Records
+    without an exception always pass.  Thread-safe (worker threads log)."""
+
+    def __init__(self, tracebacks: int = 20, lines: int = 200, window: float = 60.0):
+        super().__init__()
+        import threading
+        import time
+        self._clock = time.monotonic
+        self._lock = threading.Lock()
+        self.tracebacks, self.lines, self.window = tracebacks, lines, window
+        self._start = -window
+        self._seen = 0
+        self.dropped = 0              # left out in the current window
+        self._carry = 0               # left out in the windows before
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        with self._lock:
+            now = self._clock()
+            if now - self._start >= self.window:
+                self._start, self._seen = now, 0
+                self._carry += self.dropped
+                self.dropped = 0
+            if record.exc_info:
+                self._seen += 1
+                if self._seen > self.lines:
+                    self.dropped += 1
+                    return False
+                if self._seen > self.tracebacks:
+                    record.exc_info = record.exc_text = None
+                    record.msg = f"{record.getMessage()} (traceback left out: more than " \
+                                 f"{self.tracebacks} errors in {self.window:g} s)"
+                    record.args = None
+            if self._carry:
+                record.msg = f"{record.getMessage()} [{self._carry} unexpected errors " \
+                             f"not logged before this]"
+                record.args = None
+                self._carry = 0
+        return True
+
+
 def setup_logging(debug: bool, logfile, daemon: bool) -> None:
     from logging.handlers import SysLogHandler
     root = logging.getLogger()
@@ -96,6 +141,7 @@ def setup_logging(debug: bool, logfile, daemon: bool) -> None:
     else:
         h = logging.StreamHandler(sys.stderr)
     h.setFormatter(fmt)
+    h.addFilter(ErrorBurst())
     root.handlers[:] = [h]
 
 
