@@ -187,15 +187,17 @@ S = struct.Struct
 IN_HEADER = S("<IIQQIIIHH")          # len opcode unique nodeid uid gid pid total_extlen pad
 OUT_HEADER = S("<IiQ")               # len error unique
 # fuse_attr: ino size blocks atime mtime ctime atimensec mtimensec ctimensec mode
-#            nlink uid gid rdev blksize flags
-ATTR_FMT = "QQQQQQIIIIIIIIII"
+#            nlink uid gid rdev blksize flags; the seconds are __u64 on the wire
+#            but the kernel reads them as time64_t: a time before 1970 is their
+#            two's complement, so they are packed signed
+ATTR_FMT = "QQQqqqIIIIIIIIII"
 ENTRY_OUT = S("<QQQQII" + ATTR_FMT)  # nodeid generation entry_valid attr_valid (+nsec) attr
 ATTR_OUT = S("<QII" + ATTR_FMT)      # attr_valid attr_valid_nsec dummy attr
 FORGET_IN = S("<Q")
 BATCH_FORGET_IN = S("<II")
 FORGET_ONE = S("<QQ")
 GETATTR_IN = S("<IIQ")               # getattr_flags dummy fh
-SETATTR_IN = S("<IIQQQQQQIIIIIIII")  # valid pad fh size lock_owner atime mtime ctime
+SETATTR_IN = S("<IIQQQqqqIIIIIIII")  # valid pad fh size lock_owner atime mtime ctime (signed)
                                      # atimensec mtimensec ctimensec mode unused4 uid gid unused5
 MKNOD_IN = S("<IIII")                # mode rdev umask padding
 MKDIR_IN = S("<II")                  # mode umask

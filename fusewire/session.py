@@ -496,13 +496,20 @@ class Session:
                 else:
                     self._suspend(unique, r, y, encode, undo, owns_buffer)
                     return
-            body = encode(r) if encode is not None else _EMPTY
         except FUSEError as e:
             self._reply_error(unique, e.errno)
             return
         except Exception:
             log.exception("handler %s raised", getattr(fn, "__name__", fn))
             self._reply_error(unique, errno.EIO)
+            return
+        try:
+            body = encode(r) if encode is not None else _EMPTY
+        except FUSEError as e:                 # an encoder's own answer (ERANGE...)
+            self._reply_error(unique, e.errno)
+            return
+        except Exception:
+            self._unencodable(unique, fn, r, undo)
             return
         try:                                   # _reply, inline: every request passes here
             n = len(body)
@@ -537,13 +544,20 @@ class Session:
             return
         try:
             r = task.result()
-            body = encode(r) if encode is not None else _EMPTY
         except FUSEError as e:
             self._reply_error(unique, e.errno)
             return
         except Exception:
             log.exception("handler of request %d raised", unique)
             self._reply_error(unique, errno.EIO)
+            return
+        try:
+            body = encode(r) if encode is not None else _EMPTY
+        except FUSEError as e:                 # an encoder's own answer (ERANGE...)
+            self._reply_error(unique, e.errno)
+            return
+        except Exception:
+            self._unencodable(unique, coro, r, undo)
             return
         if not self._reply(unique, body) and undo is not None:
             self._undo(undo, r)
@@ -552,7 +566,6 @@ class Session:
         try:
             try:
                 r = await coro
-                body = encode(r) if encode is not None else _EMPTY
             except FUSEError as e:
                 self._reply_error(unique, e.errno)
                 return
@@ -563,6 +576,14 @@ class Session:
             except BaseException:
                 self._reply_error(unique, errno.EINTR)     # cancelled (INTERRUPT, stop)
                 raise
+            try:
+                body = encode(r) if encode is not None else _EMPTY
+            except FUSEError as e:             # an encoder's own answer (ERANGE...)
+                self._reply_error(unique, e.errno)
+                return
+            except Exception:
+                self._unencodable(unique, coro, r, undo)
+                return
             if not self._reply(unique, body) and undo is not None:
                 self._undo(undo, r)
         finally:
@@ -582,9 +603,11 @@ class Session:
         if type(r) is not _CORO:
             try:
                 body = encode(r) if encode is not None else _EMPTY
+            except FUSEError as e:             # an encoder's own answer (ERANGE...)
+                self._reply_error(unique, e.errno)
+                return
             except Exception:
-                log.exception("encoding a reply failed")
-                self._reply_error(unique, errno.EIO)
+                self._unencodable(unique, fn, r, undo)
                 return
             if not self._reply(unique, body) and undo is not None:
                 self._undo(undo, r)
@@ -599,6 +622,17 @@ class Session:
                 await self._finish_trio(unique, r, encode, undo)
         self._pending[unique] = scope
         self._spawn(run)
+
+    def _unencodable(self, unique: int, fn, result, undo: Callable | None) -> None:
+        """The handler's answer cannot be encoded (a bug, or a value the
+        protocol cannot carry): EIO, and what the answer handed out (a lookup,
+        an open handle) is taken back, as for an answer the kernel no longer
+        waits for."""
+        log.exception("the answer of %s cannot be encoded",
+                      getattr(fn, "__qualname__", None) or getattr(fn, "__name__", fn))
+        self._reply_error(unique, errno.EIO)
+        if undo is not None:
+            self._undo(undo, result)
 
     def _undo(self, undo: Callable, result) -> None:
         try:

@@ -1121,7 +1121,19 @@ class SimOperations:
                     os.close(fd)
                 h.pos += reclen
                 continue
-            if not readdir_reply(token, name, self._attrs(st, None, gen), d_off):
+            try:
+                taken = readdir_reply(token, name, self._attrs(st, None, gen), d_off)
+            except Exception:
+                # an entry that cannot be encoded: the ones before it are
+                # counted and go out (the kernel asks again from this one);
+                # as the first, the listing fails (EIO), nothing counted
+                if fd >= 0:
+                    os.close(fd)
+                if emitted:
+                    log.exception("readdir: entry %r cannot be encoded", name)
+                    return
+                raise
+            if not taken:
                 if fd >= 0:
                     os.close(fd)
                 return

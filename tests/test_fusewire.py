@@ -449,6 +449,37 @@ def test_undelivered_entries_are_forgotten_and_handles_released(wire, monkeypatc
     assert len(wire.ops.calls) == n + 1
 
 
+def test_times_before_1970_go_out_signed(wire):
+    """The kernel reads fuse_attr's seconds as time64_t: a time before 1970
+    is their two's complement (a struct error before: the caller got EIO
+    after the handler had done its work)."""
+    a = attrs(ino=40)
+    a.st_mtime_ns = -1_500_000_000                 # 1969-12-31 23:59:58.5
+    a.st_atime_ns = -(1 << 40) * 1_000_000_000     # long before
+    wire.ops.answers["lookup"] = a
+    f = decode_entry(wire.ok(k.LOOKUP, b"old\0"))
+    atime, mtime, mtimens = f[9], f[10], f[13]
+    assert (mtime, mtimens) == (-2, 500_000_000) and atime == -(1 << 40)
+    # and a setattr's times come in signed
+    body = k.SETATTR_IN.pack(k.FATTR_MTIME | k.FATTR_ATIME, 0, 0, 0, 0, -5, -2, 0,
+                             0, 500_000_000, 0, 0, 0, 0, 0, 0)
+    wire.ops.answers["setattr"] = attrs()
+    wire.ok(k.SETATTR, body, nodeid=40)
+    attr = wire.ops.calls[-1][2]
+    assert (attr.st_atime_ns, attr.st_mtime_ns) == (-5_000_000_000, -1_500_000_000)
+
+
+def test_an_answer_that_cannot_be_encoded_is_eio_and_taken_back(wire):
+    """A value the protocol cannot carry (an nlink past 32 bits) is EIO, and
+    the lookup the handler counted is forgotten, as for an answer the kernel
+    no longer waits for: no count the kernel never got."""
+    a = attrs(ino=41)
+    a.st_nlink = 1 << 40
+    wire.ops.answers["lookup"] = a
+    assert wire.error(k.LOOKUP, b"bad\0") == errno.EIO
+    assert wire.ops.calls[-1] == ("forget", [(41, 1)])
+
+
 # ---- suspended handlers: interrupt, bound, abort ---------------------------------------
 
 async def settle() -> None:
