@@ -33,7 +33,9 @@ blocks where the file has holes.  So, per open of a regular file:
   ``gap_zeros`` is refused with ETXTBSY, as a truncate that grows it is; a
   punch, a zeroed range (unwritten extents), an insert or a fallocate past
   the end with EOPNOTSUPP; a copy_file_range into it with EOPNOTSUPP, which the kernel
-  turns into its splice copy: plain writes).  Not only while it is open: a
+  turns into its splice copy: plain writes; what it frees stays charged
+  while it is marked, ``Ledger.pinned``: the mapping can free blocks with
+  MADV_REMOVE and fill them again unseen).  Not only while it is open: a
   mapping outlives its descriptor and the open's RELEASE (tried: mmap(2),
   close, RELEASE, truncate up, a store allocated a block with no request;
   Python's mmap keeps a duplicate descriptor, its RELEASE comes at munmap).
@@ -286,15 +288,20 @@ class IoModes:
         if has_hole(fd):
             raise OSError(errno.ETXTBSY, "a sparse file open for passthrough reading")
 
-    def forgotten(self, table, inos) -> None:
+    def forgotten(self, table, inos) -> list:
         """The kernel dropped references to ``inos``: one it forgot has no
         mapping left (a mapping of a passthrough file holds the file's path,
         so the kernel keeps the inode while one exists), and may have holes
-        again."""
+        again.  Returns the records still in the table whose mark ended (their
+        charge may go down now: ``Ledger.pinned``)."""
+        ended = []
         for ino in inos:
             node = table.inodes.get(ino)
-            if node is None or node.lookups <= 0:
+            if (node is None or node.lookups <= 0) and ino in self.mapped:
                 self.mapped.discard(ino)
+                if node is not None:
+                    ended.append(node)
+        return ended
 
     def caching(self, h) -> None:
         """Handle ``h`` was answered in the caching mode."""

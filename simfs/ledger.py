@@ -159,6 +159,12 @@ class Ledger:
         # written files whose allocation may still change (delayed blocks at
         # their last close), oldest first, with the time they were closed
         self.followed: collections.OrderedDict = collections.OrderedDict()
+        # inode numbers whose charge is never lowered (the ops' set of files a
+        # shared passthrough mapping may write unseen, simfs.iomode ``mapped``):
+        # such a mapping can free blocks (MADV_REMOVE punches the backing
+        # file) and fill them again with no request, so what it frees stays
+        # charged until the mark ends (then ``changed``)
+        self.pinned: set = set()
         table.on_leave = self.leaving
         table.on_dropped = self.dropped
         table.on_reused = self.reused
@@ -224,6 +230,8 @@ class Ledger:
         delta = new - inode.space
         if delta > 0:
             delta = min(delta, q.room(inode.uid, inode.gid, soft=False))
+        elif delta < 0 and inode.ino in self.pinned:
+            delta = 0                 # freed under a mapping that may fill it again
         if delta:
             q.charge(inode.uid, inode.gid, delta)
             inode.space += delta
@@ -267,6 +275,9 @@ class Ledger:
         ``gaps_held`` such inodes) or its allocation is still followed."""
         if inode.unlinked or inode in self.held:
             return False
+        # no lookup left: no mapping (which holds the kernel's inode) either,
+        # so what one freed may be credited now
+        self.pinned.discard(inode.ino)
         try:
             self._reconcile(inode, self.fs.fstat(inode.fd))
         except OSError:

@@ -214,6 +214,9 @@ class SimOperations:
         # the kernel's io mode of each open file: passthrough or caching
         # (simfs.iomode; enabled by the mount unless -o nopassthrough)
         self.iomodes = IoModes(config.backing_parked)
+        # what a shared passthrough mapping frees stays charged while it may
+        # fill it again unseen (simfs.iomode ``mapped``)
+        self.ledger.pinned = self.iomodes.mapped
         # a parked backing id lives no longer than its record's descriptor
         self.table.parked = self.iomodes.parked
         self.table.on_unpark = lambda node: self.iomodes.unpark(self.channel, node.ino)
@@ -353,6 +356,7 @@ class SimOperations:
         finally:
             os.close(fd)
         self.iomodes.mapped.discard(node.ino)
+        self._mark_ended((node,))
         return False
 
     def _unopened_mapped(self, ino: int) -> bool:
@@ -432,7 +436,8 @@ class SimOperations:
             except Exception:
                 log.exception("forget of inode %d failed", ino)
         if self.iomodes.mapped:
-            self.iomodes.forgotten(self.table, (ino for ino, _ in inode_list))
+            self._mark_ended(self.iomodes.forgotten(self.table,
+                                                    (ino for ino, _ in inode_list)))
 
     def forget_now(self, inode_list) -> None:
         for ino, n in inode_list:
@@ -441,7 +446,18 @@ class SimOperations:
             except Exception:
                 log.exception("forget of inode %d failed", ino)
         if self.iomodes.mapped:
-            self.iomodes.forgotten(self.table, (ino for ino, _ in inode_list))
+            self._mark_ended(self.iomodes.forgotten(self.table,
+                                                    (ino for ino, _ in inode_list)))
+
+    def _mark_ended(self, nodes) -> None:
+        """No shared passthrough mapping can write these files any more: what
+        such a mapping freed (``Ledger.pinned``) may be credited now."""
+        for node in nodes:
+            if not node.freed:
+                try:
+                    self.ledger.changed(node)
+                except OSError:           # gone (ESTALE): dropped as it leaves
+                    pass
 
     @errno_boundary
     def getattr(self, inode, ctx):

@@ -656,6 +656,50 @@ def test_a_large_gap_or_a_zeroed_range_is_refused(backing, backing_quota):
     qm.assert_exact()
 
 
+def test_what_a_shared_mapping_frees_stays_charged_until_it_is_gone(backing, backing_quota):
+    # madvise(MADV_REMOVE) through a shared passthrough mapping punches the
+    # backing file with no request, and a store fills the hole again with
+    # none either: an audit credited the punch at the last close and then
+    # took uid 1000 to 40 times its hard limit.  What such a mapping frees now
+    # stays charged while the file is marked; once nothing can map it (the
+    # kernel forgot the inode) the charge follows the file again.
+    qm = backing_quota(B=64 << 10, opts=(), ugid={1000: (8 << 10, 100)})
+    root = qm.root
+    d = root / "u"
+    d.mkdir()
+    os.chown(d, 1000, 1000)
+    f = d / "f"
+    write_through(f, os.urandom(4 << 20))
+    os.chown(f, 1000, 1000)
+    qm.assert_exact()
+    charged = qm.live().users[1000][0]
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    with beside_a_reader(f) as (r, fd):
+        addr = map_shared(fd, 4 << 20)
+        assert libc.madvise(addr, 4 << 20, mmap.MADV_REMOVE) == 0, ctypes.get_errno()
+        assert os.stat(qm.private / "u/f").st_blocks * 512 < 1 << 20     # punched
+    try:
+        time.sleep(0.3)                                 # every handle released
+        assert qm.live().users[1000][0] == charged      # not credited
+        ctypes.memset(addr, 0x41, 4 << 20)              # filled again, no request
+    finally:
+        unmap(addr, 4 << 20)
+    assert qm.live().users[1000][0] == charged
+    assert qm.live().users[1000][0] <= 8 << 20
+    deadline = time.monotonic() + 10                    # the kernel forgets it
+    while time.monotonic() < deadline:
+        try:
+            qm.assert_exact(timeout=0.5)
+            break
+        except AssertionError:
+            time.sleep(0.2)
+    qm.assert_exact()
+    f.unlink()
+    qm.assert_exact()
+    assert qm.live().users.get(1000, (0, 0))[0] <= 8 << 10
+
+
 def lower_fallocate(fd: int, mode: int, off: int, length: int) -> None:
     from simfs import lower
     lower.fallocate(fd, mode, off, length)
