@@ -55,7 +55,8 @@ def test_the_config_reaches_the_table_the_shares_the_ledger_and_the_pruner(tmp_p
 # Module constants of simfs that are facts, not tunables: protocol and kernel
 # numbers, names, and the bounds the command line checks options against.
 FACTS = {"ROOT", "EXTENTS_IN_INODE", "EXTENT_MAX", "MAX_QUOTAID", "MAX_UGID",
-         "MAX_CHECKPOINT", "MAX_RECOUNTHOLD", "MAX_RECOUNTWAIT"}
+         "MAX_CHECKPOINT", "MAX_RECOUNTHOLD", "MAX_RECOUNTWAIT",
+         "MAX_MAX_READ", "MAX_NAME"}     # the kernel's u32 max_read; a name in mountinfo
 
 
 def _number(e) -> bool:
