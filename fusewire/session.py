@@ -505,11 +505,8 @@ class Session:
             return
         try:
             body = encode(r) if encode is not None else _EMPTY
-        except FUSEError as e:                 # an encoder's own answer (ERANGE...)
-            self._reply_error(unique, e.errno)
-            return
-        except Exception:
-            self._unencodable(unique, fn, r, undo)
+        except Exception as e:
+            self._unencodable(unique, fn, r, undo, e)
             return
         try:                                   # _reply, inline: every request passes here
             n = len(body)
@@ -553,11 +550,8 @@ class Session:
             return
         try:
             body = encode(r) if encode is not None else _EMPTY
-        except FUSEError as e:                 # an encoder's own answer (ERANGE...)
-            self._reply_error(unique, e.errno)
-            return
-        except Exception:
-            self._unencodable(unique, coro, r, undo)
+        except Exception as e:
+            self._unencodable(unique, coro, r, undo, e)
             return
         if not self._reply(unique, body) and undo is not None:
             self._undo(undo, r)
@@ -578,11 +572,8 @@ class Session:
                 raise
             try:
                 body = encode(r) if encode is not None else _EMPTY
-            except FUSEError as e:             # an encoder's own answer (ERANGE...)
-                self._reply_error(unique, e.errno)
-                return
-            except Exception:
-                self._unencodable(unique, coro, r, undo)
+            except Exception as e:
+                self._unencodable(unique, coro, r, undo, e)
                 return
             if not self._reply(unique, body) and undo is not None:
                 self._undo(undo, r)
@@ -603,11 +594,8 @@ class Session:
         if type(r) is not _CORO:
             try:
                 body = encode(r) if encode is not None else _EMPTY
-            except FUSEError as e:             # an encoder's own answer (ERANGE...)
-                self._reply_error(unique, e.errno)
-                return
-            except Exception:
-                self._unencodable(unique, fn, r, undo)
+            except Exception as e:
+                self._unencodable(unique, fn, r, undo, e)
                 return
             if not self._reply(unique, body) and undo is not None:
                 self._undo(undo, r)
@@ -623,11 +611,16 @@ class Session:
         self._pending[unique] = scope
         self._spawn(run)
 
-    def _unencodable(self, unique: int, fn, result, undo: Callable | None) -> None:
-        """The handler's answer cannot be encoded (a bug, or a value the
-        protocol cannot carry): EIO, and what the answer handed out (a lookup,
-        an open handle) is taken back, as for an answer the kernel no longer
-        waits for."""
+    def _unencodable(self, unique: int, fn, result, undo: Callable | None,
+                     e: Exception) -> None:
+        """Encoding the handler's answer raised ``e`` (in an ``except``): an
+        encoder's own answer (FUSEError: ERANGE for a small buffer) is sent
+        as it is; anything else (a bug, or a value the protocol cannot carry)
+        is EIO, and what the answer handed out (a lookup, an open handle) is
+        taken back, as for an answer the kernel no longer waits for."""
+        if isinstance(e, FUSEError):
+            self._reply_error(unique, e.errno)
+            return
         log.exception("the answer of %s cannot be encoded",
                       getattr(fn, "__qualname__", None) or getattr(fn, "__name__", fn))
         self._reply_error(unique, errno.EIO)
